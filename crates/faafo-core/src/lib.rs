@@ -1,14 +1,9 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Domain types of faafo, shared by every process: the validated fractal spec, the
+//! stored record and its lifecycle, and the JSON shapes of the HTTP API. No I/O.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod fractal;
+pub mod spec;
+pub mod wire;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use fractal::{Fractal, FractalState, LeaseToken};
+pub use spec::{FractalSpec, Limits, SpecError, Window};

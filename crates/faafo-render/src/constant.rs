@@ -26,7 +26,14 @@ pub struct ConstantChoice {
 ///
 /// The randomness comes from `seed` through SplitMix64, written out here so the choice
 /// never changes with a dependency's version.
-pub fn choose_constant(xa: f64, xb: f64, ya: f64, yb: f64, iterations: u32, seed: u64) -> ConstantChoice {
+pub fn choose_constant(
+    xa: f64,
+    xb: f64,
+    ya: f64,
+    yb: f64,
+    iterations: u32,
+    seed: u64,
+) -> ConstantChoice {
     // Steps of 100 or more are all rejected, so 101 iterations decide the rule exactly
     // while bounding the cost of each candidate.
     let budget = iterations.clamp(1, 101);
@@ -36,7 +43,12 @@ pub fn choose_constant(xa: f64, xb: f64, ya: f64, yb: f64, iterations: u32, seed
         let cx = unit_interval(splitmix64(&mut state)) * (xb - xa) + xa;
         let cy = unit_interval(splitmix64(&mut state)) * (yb - ya) + ya;
         let step = escape_step(cx, cy, cx, cy, budget);
-        let candidate = ConstantChoice { cx, cy, escape_step: step, met_rule: ACCEPTED_STEPS.contains(&step) };
+        let candidate = ConstantChoice {
+            cx,
+            cy,
+            escape_step: step,
+            met_rule: ACCEPTED_STEPS.contains(&step),
+        };
         if candidate.met_rule {
             return candidate;
         }

@@ -45,7 +45,11 @@ pub enum RenderError {
 ///
 /// `cancel` is looked at between bands; once it is set the render stops with
 /// [`RenderError::Cancelled`].
-pub fn render_png(params: &JuliaParams, engine: Engine, cancel: &AtomicBool) -> Result<RenderedPng, RenderError> {
+pub fn render_png(
+    params: &JuliaParams,
+    engine: Engine,
+    cancel: &AtomicBool,
+) -> Result<RenderedPng, RenderError> {
     let mut bytes = Vec::new();
     render_png_to(params, engine, cancel, &mut bytes)?;
     let checksum = hex::encode(Sha256::digest(&bytes));
@@ -92,7 +96,17 @@ mod tests {
     use super::*;
 
     fn params() -> JuliaParams {
-        JuliaParams { width: 37, height: 23, iterations: 64, xa: -2.0, xb: 2.0, ya: -1.5, yb: 1.5, cx: -0.8, cy: 0.156 }
+        JuliaParams {
+            width: 37,
+            height: 23,
+            iterations: 64,
+            xa: -2.0,
+            xb: 2.0,
+            ya: -1.5,
+            yb: 1.5,
+            cx: -0.8,
+            cy: 0.156,
+        }
     }
 
     #[test]
@@ -100,7 +114,14 @@ mod tests {
         for step in 0u32..200 {
             let k = step as usize % 32;
             let rgb = [PALETTE[3 * k], PALETTE[3 * k + 1], PALETTE[3 * k + 2]];
-            assert_eq!(rgb, [(step % 8 * 32) as u8, (step % 16 * 16) as u8, (step % 32 * 8) as u8]);
+            assert_eq!(
+                rgb,
+                [
+                    (step % 8 * 32) as u8,
+                    (step % 16 * 16) as u8,
+                    (step % 32 * 8) as u8
+                ]
+            );
         }
     }
 

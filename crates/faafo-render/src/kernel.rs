@@ -59,7 +59,10 @@ fn magnitude_exceeds_two(re: f64, im: f64) -> bool {
 /// Panics if `out.len()` is not a whole number of rows inside the image; callers size it.
 pub fn render_rows(params: &JuliaParams, engine: Engine, first_row: u32, out: &mut [u8]) {
     let width = params.width as usize;
-    assert!(width > 0 && out.len() % width == 0, "output is not whole rows");
+    assert!(
+        width > 0 && out.len() % width == 0,
+        "output is not whole rows"
+    );
     let rows = (out.len() / width) as u32;
     assert!(first_row + rows <= params.height, "rows past the image");
     match engine {
@@ -68,7 +71,8 @@ pub fn render_rows(params: &JuliaParams, engine: Engine, first_row: u32, out: &m
                 let im = params.row_im(first_row + offset as u32);
                 for (x, pixel) in row.iter_mut().enumerate() {
                     let re = params.column_re(x as u32);
-                    *pixel = palette_index(escape_step(re, im, params.cx, params.cy, params.iterations));
+                    *pixel =
+                        palette_index(escape_step(re, im, params.cx, params.cy, params.iterations));
                 }
             }
         }

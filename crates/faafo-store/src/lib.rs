@@ -1,14 +1,142 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Durable state of faafo: fractal records and their render queue.
+//!
+//! The queue is the fractal table itself: a fractal is inserted `queued`, so there is no
+//! moment when a fractal exists without its task or the reverse. Workers claim tasks with
+//! a lease (token and expiry) and every later write must present the token (fencing).
+//!
+//! [`Store`] is what the API serves from; [`SqliteStore`] is the embedded default.
+
+mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use faafo_core::fractal::RenderResult;
+use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken};
+use uuid::Uuid;
+
+pub use sqlite::SqliteStore;
+
+/// A fractal about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewFractal {
+    pub uuid: Uuid,
+    pub spec: FractalSpec,
+    pub max_attempts: u32,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a create did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateOutcome {
+    Created(Fractal),
+    /// A fractal with this uuid already existed; the caller decides whether it is the same.
+    Existing(Fractal),
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// A task handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub fractal: Fractal,
+    pub token: LeaseToken,
+}
+
+/// One page of the fractal list, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub fractals: Vec<Fractal>,
+    /// All fractals, not just this page.
+    pub total: u64,
+}
+
+/// What a sweep of expired leases did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiredLeases {
+    /// Tasks put back in the queue for another worker.
+    pub requeued: u64,
+    /// Tasks that used up their attempts and are now `failed`.
+    pub failed: u64,
+}
+
+/// The queue's shape, for metrics and status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueStats {
+    pub by_state: Vec<(FractalState, u64)>,
+    /// Age of the oldest task still waiting for a worker.
+    pub oldest_queued_age: Option<Duration>,
+}
+
+impl QueueStats {
+    pub fn count(&self, state: FractalState) -> u64 {
+        self.by_state
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| *n)
     }
+}
+
+/// Why a store operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the operation; retrying later may work.
+    #[error("the store is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No fractal has this uuid (any more).
+    #[error("no fractal {0}")]
+    NotFound(Uuid),
+    /// The caller's lease is no longer valid: it expired and the task moved on, or the
+    /// task finished or was deleted. The write was refused.
+    #[error("the lease on fractal {uuid} is no longer held by this token (the fractal is {state})")]
+    LeaseLost { uuid: Uuid, state: FractalState },
+    /// Stored data does not parse; a bug or outside tampering.
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// The durable record of fractals and their queue. Implementations must make each
+/// method atomic and must apply the fencing rule to every lease-holder write.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a queued fractal, or returns the one that already has this uuid.
+    async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError>;
+
+    async fn get(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError>;
+
+    /// Fractals in creation order, skipping `offset`, at most `limit`.
+    async fn list(&self, offset: u64, limit: u64) -> Result<Page, StoreError>;
+
+    /// Removes a fractal, cancelling its task; returns what was removed.
+    async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError>;
+
+    /// Gives the oldest queued task to `worker` for `lease`, counting an attempt.
+    async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Lease>, StoreError>;
+
+    /// Extends a held lease by `lease` from now.
+    async fn renew(&self, uuid: Uuid, token: LeaseToken, lease: Duration)
+    -> Result<(), StoreError>;
+
+    /// Fails unless `token` still holds the lease on `uuid`.
+    async fn check_lease(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError>;
+
+    /// Marks a leased task done with its result.
+    async fn complete(
+        &self,
+        uuid: Uuid,
+        token: LeaseToken,
+        result: RenderResult,
+    ) -> Result<Fractal, StoreError>;
+
+    /// Marks a leased task failed for good: rendering it cannot succeed.
+    async fn fail(&self, uuid: Uuid, token: LeaseToken, reason: &str) -> Result<(), StoreError>;
+
+    /// Gives a leased task back to the queue without counting the attempt (a worker that
+    /// is shutting down).
+    async fn release(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError>;
+
+    /// Returns tasks whose lease expired to the queue, or fails those out of attempts.
+    async fn expire_leases(&self) -> Result<ExpiredLeases, StoreError>;
+
+    async fn stats(&self) -> Result<QueueStats, StoreError>;
+
+    /// Succeeds when the store can serve requests.
+    async fn ping(&self) -> Result<(), StoreError>;
 }

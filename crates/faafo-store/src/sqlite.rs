@@ -1,0 +1,497 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Several `faafo api` processes on one host may share the file: every write is an
+//! `IMMEDIATE` transaction and waits for the others through SQLite's busy timeout.
+//! `synchronous = NORMAL` keeps committed work across a killed process (the WAL is in
+//! the OS page cache); only a power cut can lose the last commits.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use faafo_core::fractal::RenderResult;
+use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, Window};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use uuid::Uuid;
+
+use crate::{CreateOutcome, ExpiredLeases, Lease, NewFractal, Page, QueueStats, Store, StoreError};
+
+/// Schema versions in order; `PRAGMA user_version` records how many have been applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE fractals (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid             TEXT    NOT NULL UNIQUE,
+    width            INTEGER NOT NULL,
+    height           INTEGER NOT NULL,
+    iterations       INTEGER NOT NULL,
+    xa               REAL    NOT NULL,
+    xb               REAL    NOT NULL,
+    ya               REAL    NOT NULL,
+    yb               REAL    NOT NULL,
+    cx               REAL    NOT NULL,
+    cy               REAL    NOT NULL,
+    seed             INTEGER,
+    state            TEXT    NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    max_attempts     INTEGER NOT NULL,
+    lease_token      TEXT,
+    lease_expires_at INTEGER,
+    leased_by        TEXT,
+    checksum         TEXT,
+    size             INTEGER,
+    duration         REAL,
+    generated_by     TEXT,
+    error            TEXT,
+    created_at       INTEGER NOT NULL,
+    finished_at      INTEGER
+);
+CREATE INDEX fractals_queued ON fractals (id) WHERE state = 'queued';
+CREATE INDEX fractals_leased ON fractals (lease_expires_at) WHERE state = 'running';
+CREATE INDEX fractals_state ON fractals (state);
+"#];
+
+const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
+                       max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
+
+/// The SQLite store. Cloning shares the connection.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    connection: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let opened = path.clone();
+        let connection = tokio::task::spawn_blocking(move || open_and_migrate(&opened))
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+            .map_err(unavailable)?;
+        Ok(SqliteStore {
+            connection: Arc::new(Mutex::new(connection)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `operation` on the connection in a blocking thread.
+    async fn run<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves the connection itself usable.
+            let mut connection = connection
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            operation(&mut connection)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+    }
+}
+
+fn open_and_migrate(path: &Path) -> rusqlite::Result<Connection> {
+    let mut connection = Connection::open(path)?;
+    connection.busy_timeout(Duration::from_secs(10))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    // IMMEDIATE takes the write lock first, so two processes starting at once apply each
+    // migration exactly once: the second waits, then sees the new version.
+    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (version, migration) in (1i64..).zip(MIGRATIONS).skip(applied as usize) {
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", version)?;
+    }
+    tx.commit()?;
+    Ok(connection)
+}
+
+fn unavailable(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(Box::new(error))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn fractal_from_row(row: &Row<'_>) -> rusqlite::Result<Fractal> {
+    let conversion = |index: usize, message: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            message.into(),
+        )
+    };
+    let uuid: String = row.get(0)?;
+    let uuid = Uuid::parse_str(&uuid).map_err(|e| conversion(0, e.to_string()))?;
+    let window = Window {
+        xa: row.get(4)?,
+        xb: row.get(5)?,
+        ya: row.get(6)?,
+        yb: row.get(7)?,
+    };
+    let seed: Option<i64> = row.get(10)?;
+    let spec = FractalSpec::from_stored(
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        window,
+        row.get(8)?,
+        row.get(9)?,
+        seed.map(|s| s as u64),
+    );
+    let state: String = row.get(11)?;
+    let state: FractalState = state
+        .parse()
+        .map_err(|e: faafo_core::fractal::UnknownState| conversion(11, e.to_string()))?;
+    let checksum: Option<String> = row.get(14)?;
+    let result = match checksum {
+        Some(checksum) => Some(RenderResult {
+            checksum,
+            size: row.get::<_, i64>(15)? as u64,
+            duration: row.get(16)?,
+            generated_by: row.get(17)?,
+        }),
+        None => None,
+    };
+    Ok(Fractal {
+        uuid,
+        spec,
+        state,
+        attempts: row.get(12)?,
+        max_attempts: row.get(13)?,
+        result,
+        error: row.get(18)?,
+        created_at_ms: row.get(19)?,
+        finished_at_ms: row.get(20)?,
+    })
+}
+
+fn select_fractal(connection: &Connection, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
+    connection
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = ?1"))
+        .and_then(|mut statement| {
+            statement
+                .query_row([uuid.to_string()], fractal_from_row)
+                .optional()
+        })
+        .map_err(unavailable)
+}
+
+/// Explains why a fenced write changed no row: the fractal is gone, or its lease is
+/// held by someone else or by no one.
+fn lease_refusal(connection: &Connection, uuid: Uuid) -> StoreError {
+    let state: rusqlite::Result<Option<String>> = connection
+        .query_row(
+            "SELECT state FROM fractals WHERE uuid = ?1",
+            [uuid.to_string()],
+            |row| row.get(0),
+        )
+        .optional();
+    match state {
+        Ok(None) => StoreError::NotFound(uuid),
+        Ok(Some(state)) => match state.parse() {
+            Ok(state) => StoreError::LeaseLost { uuid, state },
+            Err(e) => StoreError::Corrupt(format!("fractal {uuid}: {e}")),
+        },
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Runs a write that only the lease holder may make; refuses it when the lease moved on.
+fn fenced_write(
+    connection: &Connection,
+    uuid: Uuid,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<(), StoreError> {
+    let changed = connection
+        .prepare_cached(sql)
+        .and_then(|mut s| s.execute(params))
+        .map_err(unavailable)?;
+    if changed == 0 {
+        return Err(lease_refusal(connection, uuid));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
+        self.run(move |connection| {
+            let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+            if let Some(existing) = select_fractal(&tx, new.uuid)? {
+                return Ok(CreateOutcome::Existing(existing));
+            }
+            let spec = &new.spec;
+            let window = spec.window();
+            tx.prepare_cached(
+                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, \
+                 max_attempts, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12, ?13)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    new.uuid.to_string(),
+                    spec.width(),
+                    spec.height(),
+                    spec.iterations(),
+                    window.xa,
+                    window.xb,
+                    window.ya,
+                    window.yb,
+                    spec.cx(),
+                    spec.cy(),
+                    spec.seed().map(|s| s as i64),
+                    new.max_attempts,
+                    now_ms(),
+                ])
+            })
+            .map_err(unavailable)?;
+            let created = select_fractal(&tx, new.uuid)?.ok_or(StoreError::NotFound(new.uuid))?;
+            tx.commit().map_err(unavailable)?;
+            Ok(CreateOutcome::Created(created))
+        })
+        .await
+    }
+
+    async fn get(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
+        self.run(move |connection| select_fractal(connection, uuid))
+            .await
+    }
+
+    async fn list(&self, offset: u64, limit: u64) -> Result<Page, StoreError> {
+        self.run(move |connection| {
+            let tx = connection.transaction().map_err(unavailable)?;
+            let total: i64 = tx
+                .query_row("SELECT count(*) FROM fractals", [], |row| row.get(0))
+                .map_err(unavailable)?;
+            let fractals = tx
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM fractals ORDER BY id LIMIT ?1 OFFSET ?2"
+                ))
+                .and_then(|mut statement| {
+                    statement
+                        .query_map(params![limit as i64, offset as i64], fractal_from_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            Ok(Page {
+                fractals,
+                total: total as u64,
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
+        self.run(move |connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let existing = select_fractal(&tx, uuid)?;
+            if existing.is_some() {
+                tx.execute("DELETE FROM fractals WHERE uuid = ?1", [uuid.to_string()])
+                    .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(existing)
+        })
+        .await
+    }
+
+    async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Lease>, StoreError> {
+        let worker = worker.to_owned();
+        self.run(move |connection| {
+            let token = LeaseToken::generate();
+            let expires_at = now_ms() + lease.as_millis() as i64;
+            let fractal = connection
+                .prepare_cached(&format!(
+                    "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = ?1, \
+                     lease_expires_at = ?2, leased_by = ?3 \
+                     WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1) \
+                     RETURNING {COLUMNS}"
+                ))
+                .and_then(|mut statement| statement.query_row(params![token.to_string(), expires_at, worker], fractal_from_row).optional())
+                .map_err(unavailable)?;
+            Ok(fractal.map(|fractal| Lease { fractal, token }))
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        uuid: Uuid,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.run(move |connection| {
+            let expires_at = now_ms() + lease.as_millis() as i64;
+            fenced_write(
+                connection,
+                uuid,
+                "UPDATE fractals SET lease_expires_at = ?3 WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'",
+                &[&uuid.to_string(), &token.to_string(), &expires_at],
+            )
+        })
+        .await
+    }
+
+    async fn check_lease(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
+        self.run(move |connection| {
+            let held: Option<i64> = connection
+                .prepare_cached("SELECT 1 FROM fractals WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'")
+                .and_then(|mut s| s.query_row([uuid.to_string(), token.to_string()], |row| row.get(0)).optional())
+                .map_err(unavailable)?;
+            match held {
+                Some(_) => Ok(()),
+                None => Err(lease_refusal(connection, uuid)),
+            }
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        uuid: Uuid,
+        token: LeaseToken,
+        result: RenderResult,
+    ) -> Result<Fractal, StoreError> {
+        self.run(move |connection| {
+            let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+            fenced_write(
+                &tx,
+                uuid,
+                "UPDATE fractals SET state = 'done', checksum = ?3, size = ?4, duration = ?5, generated_by = ?6, \
+                 finished_at = ?7, error = NULL, lease_token = NULL, lease_expires_at = NULL \
+                 WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'",
+                &[
+                    &uuid.to_string(),
+                    &token.to_string(),
+                    &result.checksum,
+                    &(result.size as i64),
+                    &result.duration,
+                    &result.generated_by,
+                    &now_ms(),
+                ],
+            )?;
+            let done = select_fractal(&tx, uuid)?.ok_or(StoreError::NotFound(uuid))?;
+            tx.commit().map_err(unavailable)?;
+            Ok(done)
+        })
+        .await
+    }
+
+    async fn fail(&self, uuid: Uuid, token: LeaseToken, reason: &str) -> Result<(), StoreError> {
+        let reason = reason.to_owned();
+        self.run(move |connection| {
+            fenced_write(
+                connection,
+                uuid,
+                "UPDATE fractals SET state = 'failed', error = ?3, finished_at = ?4, lease_token = NULL, \
+                 lease_expires_at = NULL WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'",
+                &[&uuid.to_string(), &token.to_string(), &reason, &now_ms()],
+            )
+        })
+        .await
+    }
+
+    async fn release(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
+        self.run(move |connection| {
+            fenced_write(
+                connection,
+                uuid,
+                "UPDATE fractals SET state = 'queued', attempts = max(attempts - 1, 0), lease_token = NULL, \
+                 lease_expires_at = NULL, leased_by = NULL WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'",
+                &[&uuid.to_string(), &token.to_string()],
+            )
+        })
+        .await
+    }
+
+    async fn expire_leases(&self) -> Result<ExpiredLeases, StoreError> {
+        self.run(move |connection| {
+            let now = now_ms();
+            let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+            let failed = tx
+                .execute(
+                    "UPDATE fractals SET state = 'failed', finished_at = ?1, \
+                     error = 'gave up after ' || attempts || ' attempts: the lease of worker ' || \
+                             coalesce(leased_by, '?') || ' expired without a result', \
+                     lease_token = NULL, lease_expires_at = NULL \
+                     WHERE state = 'running' AND lease_expires_at < ?1 AND attempts >= max_attempts",
+                    [now],
+                )
+                .map_err(unavailable)?;
+            let requeued = tx
+                .execute(
+                    "UPDATE fractals SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, leased_by = NULL \
+                     WHERE state = 'running' AND lease_expires_at < ?1",
+                    [now],
+                )
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(ExpiredLeases { requeued: requeued as u64, failed: failed as u64 })
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.run(move |connection| {
+            let tx = connection.transaction().map_err(unavailable)?;
+            let mut by_state = Vec::new();
+            {
+                let mut statement = tx
+                    .prepare_cached("SELECT state, count(*) FROM fractals GROUP BY state")
+                    .map_err(unavailable)?;
+                let mut rows = statement.query([]).map_err(unavailable)?;
+                while let Some(row) = rows.next().map_err(unavailable)? {
+                    let state: String = row.get(0).map_err(unavailable)?;
+                    let count: i64 = row.get(1).map_err(unavailable)?;
+                    let state = state
+                        .parse()
+                        .map_err(|e: faafo_core::fractal::UnknownState| {
+                            StoreError::Corrupt(e.to_string())
+                        })?;
+                    by_state.push((state, count as u64));
+                }
+            }
+            let oldest: Option<i64> = tx
+                .query_row(
+                    "SELECT created_at FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1",
+                    [],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let oldest_queued_age =
+                oldest.map(|created| Duration::from_millis((now_ms() - created).max(0) as u64));
+            Ok(QueueStats {
+                by_state,
+                oldest_queued_age,
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|connection| {
+            connection
+                .query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}
