@@ -1,14 +1,100 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The faafo HTTP API: the v1 fractal API (compatible with the original faafo), the PNG
+//! images, the worker protocol, and `/healthz`, `/readyz`, `/metrics`.
+//!
+//! The server is stateless: everything durable is in the [`Store`] and the [`Images`]
+//! object store, so any number of API processes can serve the same data.
+
+mod error;
+mod images;
+mod json;
+mod metrics;
+mod queue;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use faafo_core::{Limits, WorkerToken};
+use faafo_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::ApiError;
+pub use images::{Images, ImagesError};
+use metrics::Metrics;
+use queue::WorkSignal;
+
+/// Settings of one API process.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub worker_token: WorkerToken,
+    /// How long a lease lasts without a heartbeat.
+    pub lease: Duration,
+    /// Leases a task may be given before it is failed.
+    pub max_attempts: u32,
+    pub limits: Limits,
+    /// Largest PNG a worker may upload.
+    pub max_upload_bytes: usize,
+    /// How often expired leases are looked for.
+    pub sweep_interval: Duration,
+    /// How often a waiting lease request looks at the queue when no wake-up arrives
+    /// (work created by another API process sends no wake-up here).
+    pub poll_interval: Duration,
+    /// The longest a lease request may wait for work.
+    pub max_lease_wait: Duration,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl ApiConfig {
+    pub fn new(worker_token: WorkerToken) -> Self {
+        ApiConfig {
+            worker_token,
+            lease: Duration::from_secs(10),
+            max_attempts: 5,
+            limits: Limits::default(),
+            max_upload_bytes: 512 << 20,
+            sweep_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(250),
+            max_lease_wait: Duration::from_secs(30),
+        }
     }
+}
+
+/// Everything a request handler can reach.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    store: Arc<dyn Store>,
+    images: Images,
+    config: ApiConfig,
+    metrics: Metrics,
+    work: WorkSignal,
+    /// Cancelled when the process begins to shut down: `/readyz` turns 503 and waiting
+    /// lease requests return at once.
+    shutdown: CancellationToken,
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then finishes the
+/// requests in flight and returns.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    images: Images,
+    config: ApiConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState {
+        store,
+        images,
+        config,
+        metrics: Metrics::new(),
+        work: WorkSignal::default(),
+        shutdown: shutdown.clone(),
+    });
+    let background = TaskTracker::new();
+    background.spawn(queue::sweep_expired_leases(Arc::clone(&state)));
+    let app = routes::router(Arc::clone(&state));
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    background.close();
+    background.wait().await;
+    result
 }

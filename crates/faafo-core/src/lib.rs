@@ -7,3 +7,24 @@ pub mod wire;
 
 pub use fractal::{Fractal, FractalState, LeaseToken};
 pub use spec::{FractalSpec, Limits, SpecError, Window};
+
+/// The shared secret workers present to the API. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WorkerToken(String);
+
+impl WorkerToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        WorkerToken(token.into())
+    }
+
+    /// The token itself, for the one place that sends or compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for WorkerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerToken(***)")
+    }
+}

@@ -142,3 +142,10 @@ mod tests {
         assert!(matches!(result, Err(RenderError::Cancelled)));
     }
 }
+
+/// The width and height a PNG declares, read from its header only.
+pub fn png_dimensions(bytes: &[u8]) -> Result<(u32, u32), png::DecodingError> {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;
+    let info = reader.info();
+    Ok((info.width, info.height))
+}

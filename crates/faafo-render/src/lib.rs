@@ -14,7 +14,7 @@ mod encode;
 mod kernel;
 
 pub use constant::{ConstantChoice, choose_constant};
-pub use encode::{PALETTE, RenderError, RenderedPng, render_png, render_png_to};
+pub use encode::{PALETTE, RenderError, RenderedPng, png_dimensions, render_png, render_png_to};
 pub use kernel::{Engine, escape_step, palette_index, render_rows};
 
 /// Everything a render depends on. Validation of user input happens in `faafo-core`;

@@ -95,7 +95,7 @@ pub enum StoreError {
 /// The durable record of fractals and their queue. Implementations must make each
 /// method atomic and must apply the fencing rule to every lease-holder write.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Inserts a queued fractal, or returns the one that already has this uuid.
     async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError>;
 

@@ -1,0 +1,48 @@
+//! Waking lease requests when work appears, and returning expired leases to the queue.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::AppState;
+
+/// An in-process hint that the queue may have work. Hints can be missed (work created
+/// by another process sends none), so waiters also poll.
+#[derive(Debug, Default)]
+pub struct WorkSignal(Notify);
+
+impl WorkSignal {
+    pub fn notify(&self) {
+        self.0.notify_waiters();
+    }
+
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.notified()
+    }
+}
+
+/// Returns expired leases to the queue (or fails tasks out of attempts) every
+/// `sweep_interval`, until shutdown. Lease expiry produces no event, so this polls.
+pub async fn sweep_expired_leases(state: Arc<AppState>) {
+    let mut interval = tokio::time::interval(state.config.sweep_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match state.store.expire_leases().await {
+            Ok(expired) => {
+                let total = expired.requeued + expired.failed;
+                if total > 0 {
+                    state.metrics.lease_expiries.inc_by(total);
+                    tracing::info!(requeued = expired.requeued, failed = expired.failed, "expired leases swept");
+                }
+                if expired.requeued > 0 {
+                    state.work.notify();
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "sweeping expired leases failed"),
+        }
+    }
+}

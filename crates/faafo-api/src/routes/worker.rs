@@ -1,0 +1,206 @@
+//! The worker protocol: lease (long poll), heartbeat, upload, fail, release.
+//!
+//! Every call needs the worker token; every call about a task needs the lease token,
+//! and the store refuses it once the lease has moved on (409).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use faafo_core::fractal::RenderResult;
+use faafo_core::wire::{FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers};
+use faafo_core::LeaseToken;
+use faafo_store::{Lease, StoreError};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::parse_uuid;
+use crate::{ApiError, AppState, json};
+
+/// Longest `error` text a worker may report.
+const MAX_ERROR_CHARS: usize = 2000;
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let expected = state.config.worker_token.expose().as_bytes();
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), expected) => Ok(()),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Gives the caller one task, waiting up to `wait_ms` for one to appear. Answers 204 when
+/// none appeared in time or the server is shutting down.
+pub async fn lease(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let request: LeaseRequest = json::read_json(body).await?;
+    if request.worker.is_empty() || request.worker.len() > 200 {
+        return Err(ApiError::invalid("worker", "worker name must be 1 to 200 bytes"));
+    }
+    let deadline = Instant::now() + Duration::from_millis(request.wait_ms).min(state.config.max_lease_wait);
+    loop {
+        // Register for the wake-up before looking, so work created in between is not missed.
+        let notified = state.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if state.shutdown.is_cancelled() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        if let Some(lease) = state.store.claim(&request.worker, state.config.lease).await? {
+            state.metrics.leases_granted.inc();
+            tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %request.worker, attempt = lease.fractal.attempts, "lease granted");
+            return Ok(Json(grant(&lease, state.config.lease)).into_response());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let nap = (deadline - now).min(state.config.poll_interval);
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(nap) => {}
+            _ = state.shutdown.cancelled() => {}
+        }
+    }
+}
+
+fn grant(lease: &Lease, duration: Duration) -> LeaseGrant {
+    let spec = &lease.fractal.spec;
+    let window = spec.window();
+    LeaseGrant {
+        uuid: lease.fractal.uuid,
+        lease_token: lease.token.0,
+        lease_ms: duration.as_millis() as u64,
+        attempt: lease.fractal.attempts,
+        width: spec.width(),
+        height: spec.height(),
+        iterations: spec.iterations(),
+        xa: window.xa,
+        xb: window.xb,
+        ya: window.ya,
+        yb: window.yb,
+        cx: spec.cx(),
+        cy: spec.cy(),
+    }
+}
+
+pub async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let uuid = parse_uuid(&uuid)?;
+    let held: LeaseHeld = json::read_json(body).await?;
+    state.store.renew(uuid, LeaseToken(held.lease_token), state.config.lease).await?;
+    Ok(Json(json!({ "lease_ms": state.config.lease.as_millis() as u64 })))
+}
+
+pub async fn release(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &headers)?;
+    let uuid = parse_uuid(&uuid)?;
+    let held: LeaseHeld = json::read_json(body).await?;
+    state.store.release(uuid, LeaseToken(held.lease_token)).await?;
+    state.work.notify();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn fail(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &headers)?;
+    let uuid = parse_uuid(&uuid)?;
+    let failure: FailTask = json::read_json(body).await?;
+    let reason: String = failure.error.chars().take(MAX_ERROR_CHARS).collect();
+    state.store.fail(uuid, LeaseToken(failure.lease_token), &reason).await?;
+    tracing::warn!(fractal.uuid = %uuid, reason = %reason, "worker reported a failed render");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes a finished PNG: checks the lease, the checksum and the image size, stores the
+/// image, then marks the fractal done. Storing the same image twice is harmless: a
+/// fractal's PNG is a pure function of its record.
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let uuid = parse_uuid(&uuid)?;
+    let header_text = |name: &'static str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .ok_or_else(|| ApiError::BadRequest { message: format!("missing or non-text header {name}"), field: Some(name.into()) })
+    };
+    let token = header_text(upload_headers::LEASE_TOKEN)?;
+    let token = Uuid::parse_str(token).map(LeaseToken).map_err(|_| ApiError::bad_request(format!("{} is not a UUID", upload_headers::LEASE_TOKEN)))?;
+    let claimed_checksum = header_text(upload_headers::CHECKSUM)?.to_ascii_lowercase();
+    let duration: f64 = header_text(upload_headers::DURATION)?
+        .parse()
+        .ok()
+        .filter(|d: &f64| d.is_finite() && *d >= 0.0)
+        .ok_or_else(|| ApiError::bad_request(format!("{} must be a number of seconds", upload_headers::DURATION)))?;
+    let generated_by = header_text(upload_headers::GENERATED_BY)?.to_owned();
+
+    // Refuse early, before reading a large body, when the lease is already gone.
+    let fractal = state.store.get(uuid).await?.ok_or(StoreError::NotFound(uuid))?;
+    state.store.check_lease(uuid, token).await?;
+
+    let png = json::read_body(body, state.config.max_upload_bytes).await?;
+    let checksum = hex::encode(Sha256::digest(&png));
+    if checksum != claimed_checksum {
+        return Err(ApiError::invalid(
+            upload_headers::CHECKSUM,
+            format!("the body hashes to {checksum}, not {claimed_checksum}: the upload was damaged, send it again"),
+        ));
+    }
+    let expected = (fractal.spec.width(), fractal.spec.height());
+    match faafo_render::png_dimensions(&png) {
+        Ok(dimensions) if dimensions == expected => {}
+        Ok((w, h)) => {
+            return Err(ApiError::invalid("body", format!("the PNG is {w}x{h}, the fractal is {}x{}", expected.0, expected.1)));
+        }
+        Err(error) => return Err(ApiError::invalid("body", format!("the body is not a PNG: {error}"))),
+    }
+
+    let size = png.len() as u64;
+    state.images.put(uuid, png).await.map_err(|e| ApiError::Unavailable(format!("could not store the image ({e}); retry")))?;
+    let result = RenderResult { checksum, size, duration, generated_by: generated_by.clone() };
+    match state.store.complete(uuid, token, result).await {
+        Ok(done) => {
+            state.metrics.render_seconds.with_label_values(&[&generated_by]).observe(duration);
+            tracing::info!(fractal.uuid = %uuid, worker = %generated_by, duration_s = duration, size_bytes = size, "fractal done");
+            Ok(Json(FractalView::new(&done)).into_response())
+        }
+        Err(StoreError::NotFound(_)) => {
+            // Deleted while the image was being stored: do not leave the image behind.
+            let _ = state.images.delete(uuid).await;
+            Err(ApiError::NotFound(format!("fractal {uuid} was deleted")))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
