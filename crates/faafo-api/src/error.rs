@@ -12,10 +12,16 @@ use faafo_store::StoreError;
 pub enum ApiError {
     /// The request cannot be read at all (not JSON, a bad header or path).
     #[error("{message}")]
-    BadRequest { message: String, field: Option<String> },
+    BadRequest {
+        message: String,
+        field: Option<String>,
+    },
     /// The request is well-formed but its values are not acceptable.
     #[error("{message}")]
-    Invalid { message: String, field: Option<String> },
+    Invalid {
+        message: String,
+        field: Option<String>,
+    },
     #[error("missing or wrong worker token")]
     Unauthorized,
     #[error("{0}")]
@@ -33,11 +39,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError::BadRequest { message: message.into(), field: None }
+        ApiError::BadRequest {
+            message: message.into(),
+            field: None,
+        }
     }
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::Invalid { message: message.into(), field: Some(field.into()) }
+        ApiError::Invalid {
+            message: message.into(),
+            field: Some(field.into()),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -59,7 +71,9 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::Unavailable(source) => {
                 tracing::warn!(error = %source, "store unavailable");
-                ApiError::Unavailable(format!("the store is unavailable ({source}); retry shortly"))
+                ApiError::Unavailable(format!(
+                    "the store is unavailable ({source}); retry shortly"
+                ))
             }
             StoreError::NotFound(uuid) => ApiError::NotFound(format!("no fractal {uuid}")),
             error @ StoreError::LeaseLost { .. } => ApiError::Conflict(error.to_string()),
@@ -77,16 +91,23 @@ impl IntoResponse for ApiError {
             }
             ApiError::Internal(source) => {
                 tracing::error!(error = %source, source = ?source, "internal error");
-                ("internal error; the details are in the server log".to_owned(), None)
+                (
+                    "internal error; the details are in the server log".to_owned(),
+                    None,
+                )
             }
             other => (other.to_string(), None),
         };
         let mut response = (status, Json(ErrorBody { message, field })).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -17,7 +17,10 @@ pub enum ImagesError {
     #[error("the object store is unavailable")]
     Unavailable(#[source] object_store::Error),
     #[error("cannot prepare the image directory {path}")]
-    Directory { path: String, source: std::io::Error },
+    Directory {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Where fractal images live. Cloning shares the store.
@@ -32,16 +35,29 @@ const PROBE: &str = ".faafo-ready";
 impl Images {
     /// Opens the object store a URL names. Only `file://` is supported so far.
     pub async fn open(url: &str) -> Result<Images, ImagesError> {
-        let directory = url.strip_prefix("file://").filter(|path| path.starts_with('/'));
+        let directory = url
+            .strip_prefix("file://")
+            .filter(|path| path.starts_with('/'));
         let Some(directory) = directory else {
             return Err(ImagesError::UnsupportedUrl(url.to_owned()));
         };
-        let directory_error = |source| ImagesError::Directory { path: directory.to_owned(), source };
-        tokio::fs::create_dir_all(directory).await.map_err(directory_error)?;
+        let directory_error = |source| ImagesError::Directory {
+            path: directory.to_owned(),
+            source,
+        };
+        tokio::fs::create_dir_all(directory)
+            .await
+            .map_err(directory_error)?;
         let store = object_store::local::LocalFileSystem::new_with_prefix(directory)
             .map_err(|e| directory_error(std::io::Error::other(e)))?;
-        let images = Images { store: Arc::new(store) };
-        images.store.put(&Path::from(PROBE), PutPayload::from_static(b"ok")).await.map_err(ImagesError::Unavailable)?;
+        let images = Images {
+            store: Arc::new(store),
+        };
+        images
+            .store
+            .put(&Path::from(PROBE), PutPayload::from_static(b"ok"))
+            .await
+            .map_err(ImagesError::Unavailable)?;
         Ok(images)
     }
 
@@ -51,7 +67,10 @@ impl Images {
 
     /// Stores the PNG of `uuid`, atomically: readers see the whole image or none.
     pub async fn put(&self, uuid: Uuid, png: Bytes) -> Result<(), ImagesError> {
-        self.store.put(&Self::key(uuid), PutPayload::from_bytes(png)).await.map_err(ImagesError::Unavailable)?;
+        self.store
+            .put(&Self::key(uuid), PutPayload::from_bytes(png))
+            .await
+            .map_err(ImagesError::Unavailable)?;
         Ok(())
     }
 
@@ -74,6 +93,10 @@ impl Images {
 
     /// Succeeds when the store answers reads.
     pub async fn probe(&self) -> Result<(), ImagesError> {
-        self.store.head(&Path::from(PROBE)).await.map(|_| ()).map_err(ImagesError::Unavailable)
+        self.store
+            .head(&Path::from(PROBE))
+            .await
+            .map(|_| ())
+            .map_err(ImagesError::Unavailable)
     }
 }

@@ -11,7 +11,8 @@ pub const MAX_JSON_BYTES: usize = 64 * 1024;
 /// Reads at most `limit` bytes of `body`.
 pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let over_limit = std::error::Error::source(&error).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        let over_limit = std::error::Error::source(&error)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if over_limit {
             return ApiError::PayloadTooLarge { limit };
         }
@@ -54,7 +55,9 @@ mod tests {
         match parse::<CreateFractal>(body.as_bytes()).unwrap_err() {
             e @ (ApiError::BadRequest { .. } | ApiError::Invalid { .. }) => {
                 let status = e.status().as_u16();
-                let (ApiError::BadRequest { message, field } | ApiError::Invalid { message, field }) = e else {
+                let (ApiError::BadRequest { message, field }
+                | ApiError::Invalid { message, field }) = e
+                else {
                     unreachable!()
                 };
                 (status, message, field)
@@ -65,16 +68,21 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_field() {
-        let (status, message, field) =
-            error_of(r#"{"width": "abc", "height": 1, "iterations": 1, "xa": 0, "xb": 1, "ya": 0, "yb": 1}"#);
+        let (status, message, field) = error_of(
+            r#"{"width": "abc", "height": 1, "iterations": 1, "xa": 0, "xb": 1, "ya": 0, "yb": 1}"#,
+        );
         assert_eq!((status, field.as_deref()), (422, Some("width")));
-        assert!(message.starts_with("width: invalid type: string \"abc\""), "{message}");
+        assert!(
+            message.starts_with("width: invalid type: string \"abc\""),
+            "{message}"
+        );
     }
 
     #[test]
     fn negative_size_names_the_field() {
-        let (status, _, field) =
-            error_of(r#"{"width": -5, "height": 1, "iterations": 1, "xa": 0, "xb": 1, "ya": 0, "yb": 1}"#);
+        let (status, _, field) = error_of(
+            r#"{"width": -5, "height": 1, "iterations": 1, "xa": 0, "xb": 1, "ya": 0, "yb": 1}"#,
+        );
         assert_eq!((status, field.as_deref()), (422, Some("width")));
     }
 

@@ -93,7 +93,9 @@ pub async fn serve(
     let background = TaskTracker::new();
     background.spawn(queue::sweep_expired_leases(Arc::clone(&state)));
     let app = routes::router(Arc::clone(&state));
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
     background.close();
     background.wait().await;
     result

@@ -8,7 +8,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use faafo_core::FractalState;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::AppState;
@@ -28,15 +29,24 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new_custom(Some("faafo".into()), None).expect("static metric prefix is valid");
+        let registry = Registry::new_custom(Some("faafo".into()), None)
+            .expect("static metric prefix is valid");
         let requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by route, method and status"),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
             &["method", "route", "status"],
         )
         .expect("static metric definition");
         let request_seconds = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route").buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
             ]),
             &["method", "route"],
         )
@@ -47,15 +57,22 @@ impl Metrics {
             &["worker"],
         )
         .expect("static metric definition");
-        let leases_granted = IntCounter::new("leases_granted_total", "Tasks handed to workers").expect("static");
-        let lease_expiries =
-            IntCounter::new("lease_expiries_total", "Leases that expired without a result").expect("static");
-        let fractals =
-            IntGaugeVec::new(Opts::new("fractals", "Fractals by state"), &["state"]).expect("static metric definition");
-        let queue_depth = IntGauge::new("queue_depth", "Tasks waiting for a worker").expect("static");
-        let oldest_queued_seconds =
-            prometheus::Gauge::new("queue_oldest_age_seconds", "Age of the oldest task waiting for a worker")
-                .expect("static");
+        let leases_granted =
+            IntCounter::new("leases_granted_total", "Tasks handed to workers").expect("static");
+        let lease_expiries = IntCounter::new(
+            "lease_expiries_total",
+            "Leases that expired without a result",
+        )
+        .expect("static");
+        let fractals = IntGaugeVec::new(Opts::new("fractals", "Fractals by state"), &["state"])
+            .expect("static metric definition");
+        let queue_depth =
+            IntGauge::new("queue_depth", "Tasks waiting for a worker").expect("static");
+        let oldest_queued_seconds = prometheus::Gauge::new(
+            "queue_oldest_age_seconds",
+            "Age of the oldest task waiting for a worker",
+        )
+        .expect("static");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -66,7 +83,9 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(oldest_queued_seconds.clone()),
         ] {
-            registry.register(collector).expect("each metric is registered once");
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
         }
         Metrics {
             registry,
@@ -84,28 +103,48 @@ impl Metrics {
     /// Sets the queue gauges from a fresh look at the store.
     pub fn set_queue(&self, stats: &faafo_store::QueueStats) {
         for state in FractalState::ALL {
-            self.fractals.with_label_values(&[state.as_str()]).set(stats.count(state) as i64);
+            self.fractals
+                .with_label_values(&[state.as_str()])
+                .set(stats.count(state) as i64);
         }
-        self.queue_depth.set(stats.count(FractalState::Queued) as i64);
-        self.oldest_queued_seconds.set(stats.oldest_queued_age.map_or(0.0, |age| age.as_secs_f64()));
+        self.queue_depth
+            .set(stats.count(FractalState::Queued) as i64);
+        self.oldest_queued_seconds
+            .set(stats.oldest_queued_age.map_or(0.0, |age| age.as_secs_f64()));
     }
 
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("writing to a Vec cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("writing to a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
 }
 
 /// Counts and times every request by its route pattern (not its path, which would
 /// make one series per fractal).
-pub async fn track_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn track_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = request.method().as_str().to_owned();
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |path| path.as_str()).to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
     let response = next.run(request).await;
     let metrics = &state.metrics;
-    metrics.requests.with_label_values(&[&method, &route, response.status().as_str()]).inc();
-    metrics.request_seconds.with_label_values(&[&method, &route]).observe(started.elapsed().as_secs_f64());
+    metrics
+        .requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    metrics
+        .request_seconds
+        .with_label_values(&[&method, &route])
+        .observe(started.elapsed().as_secs_f64());
     response
 }

@@ -36,13 +36,19 @@ pub async fn sweep_expired_leases(state: Arc<AppState>) {
                 let total = expired.requeued + expired.failed;
                 if total > 0 {
                     state.metrics.lease_expiries.inc_by(total);
-                    tracing::info!(requeued = expired.requeued, failed = expired.failed, "expired leases swept");
+                    tracing::info!(
+                        requeued = expired.requeued,
+                        failed = expired.failed,
+                        "expired leases swept"
+                    );
                 }
                 if expired.requeued > 0 {
                     state.work.notify();
                 }
             }
-            Err(error) => tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "sweeping expired leases failed"),
+            Err(error) => {
+                tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "sweeping expired leases failed")
+            }
         }
     }
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use faafo_core::WorkerToken;
 use faafo_core::wire::{
-    CreateFractal, ErrorBody, FailTask, FractalPage, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
+    CreateFractal, ErrorBody, FailTask, FractalPage, FractalView, LeaseGrant, LeaseHeld,
+    LeaseRequest, upload_headers,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -50,7 +51,11 @@ pub enum ClientError {
     InvalidEndpoint { url: String, reason: String },
     /// No endpoint gave an answer in the time allowed.
     #[error("no endpoint answered within {waited:?} (tried {}): {last_error}", tried.join(", "))]
-    Unreachable { tried: Vec<String>, waited: Duration, last_error: String },
+    Unreachable {
+        tried: Vec<String>,
+        waited: Duration,
+        last_error: String,
+    },
     /// The API answered with an error.
     #[error("{message} (HTTP {status})")]
     Api { status: StatusCode, message: String },
@@ -107,9 +112,18 @@ impl Client {
             .connect_timeout(policy.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| ClientError::InvalidEndpoint { url: endpoints.join(","), reason: e.to_string() })?;
+            .map_err(|e| ClientError::InvalidEndpoint {
+                url: endpoints.join(","),
+                reason: e.to_string(),
+            })?;
         let start = rand::random_range(0..endpoints.len());
-        Ok(Client { endpoints, current: AtomicUsize::new(start), http, policy, worker_token: None })
+        Ok(Client {
+            endpoints,
+            current: AtomicUsize::new(start),
+            http,
+            policy,
+            worker_token: None,
+        })
     }
 
     /// Sends `token` with the worker protocol's calls.
@@ -129,23 +143,41 @@ impl Client {
 
     pub async fn create(&self, request: &CreateFractal) -> Result<FractalView, ClientError> {
         let body = Bytes::from(serde_json::to_vec(request).expect("a fractal request serializes"));
-        let reply = self.send(Method::POST, "/v1/fractal", Body::Json(body), None).await?;
+        let reply = self
+            .send(Method::POST, "/v1/fractal", Body::Json(body), None)
+            .await?;
         decode(expect_success(reply)?)
     }
 
     pub async fn get(&self, uuid: Uuid) -> Result<FractalView, ClientError> {
-        let reply = self.send(Method::GET, &format!("/v1/fractal/{uuid}"), Body::Empty, None).await?;
+        let reply = self
+            .send(
+                Method::GET,
+                &format!("/v1/fractal/{uuid}"),
+                Body::Empty,
+                None,
+            )
+            .await?;
         decode(expect_success(reply)?)
     }
 
     pub async fn list_page(&self, page: u64, per_page: u64) -> Result<FractalPage, ClientError> {
         let path = format!("/v1/fractal?page={page}&results_per_page={per_page}");
-        decode(expect_success(self.send(Method::GET, &path, Body::Empty, None).await?)?)
+        decode(expect_success(
+            self.send(Method::GET, &path, Body::Empty, None).await?,
+        )?)
     }
 
     /// Deletes a fractal. A 404 after an attempt that may have gone through counts as done.
     pub async fn delete(&self, uuid: Uuid) -> Result<(), ClientError> {
-        let reply = self.send(Method::DELETE, &format!("/v1/fractal/{uuid}"), Body::Empty, None).await?;
+        let reply = self
+            .send(
+                Method::DELETE,
+                &format!("/v1/fractal/{uuid}"),
+                Body::Empty,
+                None,
+            )
+            .await?;
         if reply.status == StatusCode::NOT_FOUND && reply.maybe_repeated {
             return Ok(());
         }
@@ -154,52 +186,109 @@ impl Client {
 
     /// The PNG of a done fractal.
     pub async fn image(&self, uuid: Uuid) -> Result<Bytes, ClientError> {
-        let reply = self.send(Method::GET, &format!("/fractal/{uuid}"), Body::Empty, None).await?;
+        let reply = self
+            .send(Method::GET, &format!("/fractal/{uuid}"), Body::Empty, None)
+            .await?;
         Ok(expect_success(reply)?.body)
     }
 
     /// Asks for one task, waiting up to `wait` for one to appear.
-    pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<LeaseGrant>, ClientError> {
-        let request = LeaseRequest { worker: worker.to_owned(), wait_ms: wait.as_millis() as u64 };
+    pub async fn lease(
+        &self,
+        worker: &str,
+        wait: Duration,
+    ) -> Result<Option<LeaseGrant>, ClientError> {
+        let request = LeaseRequest {
+            worker: worker.to_owned(),
+            wait_ms: wait.as_millis() as u64,
+        };
         let body = Bytes::from(serde_json::to_vec(&request).expect("serializes"));
         let timeout = wait + self.policy.request_timeout;
-        let reply = self.send(Method::POST, "/v1/worker/lease", Body::Json(body), Some(timeout)).await?;
+        let reply = self
+            .send(
+                Method::POST,
+                "/v1/worker/lease",
+                Body::Json(body),
+                Some(timeout),
+            )
+            .await?;
         if reply.status == StatusCode::NO_CONTENT {
             return Ok(None);
         }
         decode(expect_success(reply)?).map(Some)
     }
 
-    pub async fn heartbeat(&self, uuid: Uuid, lease_token: Uuid) -> Result<LeaseOutcome, ClientError> {
-        self.lease_call(&format!("/v1/worker/tasks/{uuid}/heartbeat"), &LeaseHeld { lease_token }).await
+    pub async fn heartbeat(
+        &self,
+        uuid: Uuid,
+        lease_token: Uuid,
+    ) -> Result<LeaseOutcome, ClientError> {
+        self.lease_call(
+            &format!("/v1/worker/tasks/{uuid}/heartbeat"),
+            &LeaseHeld { lease_token },
+        )
+        .await
     }
 
-    pub async fn release(&self, uuid: Uuid, lease_token: Uuid) -> Result<LeaseOutcome, ClientError> {
-        self.lease_call(&format!("/v1/worker/tasks/{uuid}/release"), &LeaseHeld { lease_token }).await
+    pub async fn release(
+        &self,
+        uuid: Uuid,
+        lease_token: Uuid,
+    ) -> Result<LeaseOutcome, ClientError> {
+        self.lease_call(
+            &format!("/v1/worker/tasks/{uuid}/release"),
+            &LeaseHeld { lease_token },
+        )
+        .await
     }
 
-    pub async fn fail(&self, uuid: Uuid, lease_token: Uuid, error: &str) -> Result<LeaseOutcome, ClientError> {
-        let failure = FailTask { lease_token, error: error.to_owned() };
-        self.lease_call(&format!("/v1/worker/tasks/{uuid}/fail"), &failure).await
+    pub async fn fail(
+        &self,
+        uuid: Uuid,
+        lease_token: Uuid,
+        error: &str,
+    ) -> Result<LeaseOutcome, ClientError> {
+        let failure = FailTask {
+            lease_token,
+            error: error.to_owned(),
+        };
+        self.lease_call(&format!("/v1/worker/tasks/{uuid}/fail"), &failure)
+            .await
     }
 
     /// Uploads a finished PNG. [`LeaseOutcome::Lost`] means the server refused it because
     /// the lease moved on.
     pub async fn upload(&self, upload: &Upload<'_>) -> Result<LeaseOutcome, ClientError> {
         let path = format!("/v1/worker/tasks/{}/image", upload.uuid);
-        let body = Body::Png { png: upload.png.clone(), headers: upload.headers() };
+        let body = Body::Png {
+            png: upload.png.clone(),
+            headers: upload.headers(),
+        };
         let timeout = self.policy.request_timeout.max(Duration::from_secs(60));
         lease_outcome(self.send(Method::PUT, &path, body, Some(timeout)).await?)
     }
 
-    async fn lease_call<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<LeaseOutcome, ClientError> {
+    async fn lease_call<T: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<LeaseOutcome, ClientError> {
         let body = Bytes::from(serde_json::to_vec(body).expect("serializes"));
-        lease_outcome(self.send(Method::POST, path, Body::Json(body), None).await?)
+        lease_outcome(
+            self.send(Method::POST, path, Body::Json(body), None)
+                .await?,
+        )
     }
 
     /// Sends one call, failing over across endpoints until an endpoint answers with
     /// something other than 502/503/504 or the time is up.
-    async fn send(&self, method: Method, path: &str, body: Body, timeout: Option<Duration>) -> Result<Reply, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, ClientError> {
         let started = Instant::now();
         let mut tried: Vec<String> = Vec::new();
         let mut backoff = self.policy.initial_backoff;
@@ -210,7 +299,12 @@ impl Client {
             let endpoint = &self.endpoints[index];
             let last_error = match self.attempt(&method, endpoint, path, &body, timeout).await {
                 Ok((status, body)) if !is_retryable(status) => {
-                    return Ok(Reply { endpoint: endpoint.clone(), status, body, maybe_repeated: maybe_sent });
+                    return Ok(Reply {
+                        endpoint: endpoint.clone(),
+                        status,
+                        body,
+                        maybe_repeated: maybe_sent,
+                    });
                 }
                 Ok((status, body)) => {
                     maybe_sent = true;
@@ -227,7 +321,12 @@ impl Client {
             }
             tracing::debug!(%endpoint, error = %last_error, "request failed; trying the next endpoint");
             // Move on from the failed endpoint, unless another call already has.
-            let _ = self.current.compare_exchange(index, (index + 1) % self.endpoints.len(), Ordering::Relaxed, Ordering::Relaxed);
+            let _ = self.current.compare_exchange(
+                index,
+                (index + 1) % self.endpoints.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             failures_in_round += 1;
             let pause = if failures_in_round >= self.endpoints.len() {
                 failures_in_round = 0;
@@ -239,7 +338,11 @@ impl Client {
             };
             let waited = started.elapsed();
             if waited + pause >= self.policy.total {
-                return Err(ClientError::Unreachable { tried, waited, last_error });
+                return Err(ClientError::Unreachable {
+                    tried,
+                    waited,
+                    last_error,
+                });
             }
             tokio::time::sleep(pause).await;
         }
@@ -262,9 +365,13 @@ impl Client {
         }
         request = match body {
             Body::Empty => request,
-            Body::Json(json) => request.header(reqwest::header::CONTENT_TYPE, "application/json").body(json.clone()),
+            Body::Json(json) => request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(json.clone()),
             Body::Png { png, headers } => {
-                let mut request = request.header(reqwest::header::CONTENT_TYPE, "image/png").body(png.clone());
+                let mut request = request
+                    .header(reqwest::header::CONTENT_TYPE, "image/png")
+                    .body(png.clone());
                 for (name, value) in headers {
                     request = request.header(*name, value);
                 }
@@ -294,7 +401,10 @@ impl Upload<'_> {
         vec![
             (upload_headers::LEASE_TOKEN, self.lease_token.to_string()),
             (upload_headers::CHECKSUM, self.checksum.to_owned()),
-            (upload_headers::DURATION, format!("{:.6}", self.duration.as_secs_f64())),
+            (
+                upload_headers::DURATION,
+                format!("{:.6}", self.duration.as_secs_f64()),
+            ),
             (upload_headers::GENERATED_BY, self.generated_by.to_owned()),
         ]
     }
@@ -304,7 +414,10 @@ impl Upload<'_> {
 enum Body {
     Empty,
     Json(Bytes),
-    Png { png: Bytes, headers: Vec<(&'static str, String)> },
+    Png {
+        png: Bytes,
+        headers: Vec<(&'static str, String)>,
+    },
 }
 
 fn parse_endpoints(list: &str) -> Result<Vec<String>, ClientError> {
@@ -313,22 +426,33 @@ fn parse_endpoints(list: &str) -> Result<Vec<String>, ClientError> {
         .map(str::trim)
         .filter(|url| !url.is_empty())
         .map(|url| {
-            let parsed = reqwest::Url::parse(url)
-                .map_err(|e| ClientError::InvalidEndpoint { url: url.to_owned(), reason: e.to_string() })?;
+            let parsed = reqwest::Url::parse(url).map_err(|e| ClientError::InvalidEndpoint {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
             if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-                return Err(ClientError::InvalidEndpoint { url: url.to_owned(), reason: "expected http://host:port".into() });
+                return Err(ClientError::InvalidEndpoint {
+                    url: url.to_owned(),
+                    reason: "expected http://host:port".into(),
+                });
             }
             Ok(url.trim_end_matches('/').to_owned())
         })
         .collect::<Result<_, _>>()?;
     if endpoints.is_empty() {
-        return Err(ClientError::InvalidEndpoint { url: list.to_owned(), reason: "no endpoint given".into() });
+        return Err(ClientError::InvalidEndpoint {
+            url: list.to_owned(),
+            reason: "no endpoint given".into(),
+        });
     }
     Ok(endpoints)
 }
 
 fn is_retryable(status: StatusCode) -> bool {
-    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 /// Up to half again as long, so that many clients do not retry in step.
@@ -365,21 +489,28 @@ fn expect_success(reply: Reply) -> Result<Reply, ClientError> {
     if reply.status.is_success() {
         Ok(reply)
     } else {
-        Err(ClientError::Api { status: reply.status, message: error_message(&reply.body) })
+        Err(ClientError::Api {
+            status: reply.status,
+            message: error_message(&reply.body),
+        })
     }
 }
 
 fn lease_outcome(reply: Reply) -> Result<LeaseOutcome, ClientError> {
     match reply.status {
         status if status.is_success() => Ok(LeaseOutcome::Held),
-        StatusCode::CONFLICT | StatusCode::NOT_FOUND => Ok(LeaseOutcome::Lost(error_message(&reply.body))),
+        StatusCode::CONFLICT | StatusCode::NOT_FOUND => {
+            Ok(LeaseOutcome::Lost(error_message(&reply.body)))
+        }
         _ => expect_success(reply).map(|_| LeaseOutcome::Held),
     }
 }
 
 fn decode<T: DeserializeOwned>(reply: Reply) -> Result<T, ClientError> {
-    serde_json::from_slice(&reply.body)
-        .map_err(|e| ClientError::Protocol { endpoint: reply.endpoint.clone(), reason: e.to_string() })
+    serde_json::from_slice(&reply.body).map_err(|e| ClientError::Protocol {
+        endpoint: reply.endpoint.clone(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -390,20 +521,34 @@ mod tests {
     fn endpoints_are_parsed_and_checked() {
         let endpoints = parse_endpoints("http://a:1/, http://b:2").unwrap();
         assert_eq!(endpoints, ["http://a:1", "http://b:2"]);
-        assert!(matches!(parse_endpoints(""), Err(ClientError::InvalidEndpoint { .. })));
-        assert!(matches!(parse_endpoints("ftp://a"), Err(ClientError::InvalidEndpoint { .. })));
-        assert!(matches!(parse_endpoints("not a url"), Err(ClientError::InvalidEndpoint { .. })));
+        assert!(matches!(
+            parse_endpoints(""),
+            Err(ClientError::InvalidEndpoint { .. })
+        ));
+        assert!(matches!(
+            parse_endpoints("ftp://a"),
+            Err(ClientError::InvalidEndpoint { .. })
+        ));
+        assert!(matches!(
+            parse_endpoints("not a url"),
+            Err(ClientError::InvalidEndpoint { .. })
+        ));
     }
 
     #[tokio::test]
     async fn unreachable_endpoints_are_named_and_the_wait_is_bounded() {
         // Port 9 on loopback: nothing listens, connections are refused at once.
-        let policy = RetryPolicy { total: Duration::from_millis(300), ..RetryPolicy::default() };
+        let policy = RetryPolicy {
+            total: Duration::from_millis(300),
+            ..RetryPolicy::default()
+        };
         let client = Client::new("http://127.0.0.1:9,http://127.0.0.2:9", policy).unwrap();
         let started = Instant::now();
         let error = client.get(Uuid::nil()).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
-        let ClientError::Unreachable { tried, .. } = &error else { panic!("{error:?}") };
+        let ClientError::Unreachable { tried, .. } = &error else {
+            panic!("{error:?}")
+        };
         assert_eq!(tried.len(), 2);
         assert!(error.to_string().contains("http://127.0.0.1:9"), "{error}");
     }

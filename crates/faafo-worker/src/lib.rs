@@ -1,14 +1,269 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The faafo worker: takes render tasks from the API over HTTP and uploads the PNGs.
+//!
+//! A worker never touches the database or the object store; it needs only API endpoints
+//! and the worker token. It claims a task only when it can start it at once, keeps the
+//! lease alive while rendering, and when an upload fails it retries the upload (on
+//! another endpoint) rather than rendering again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use faafo_client::{Client, ClientError, LeaseOutcome, Upload};
+use faafo_core::wire::LeaseGrant;
+use faafo_render::{Engine, JuliaParams, RenderError, render_png};
+use tokio_util::sync::CancellationToken;
+
+/// Settings of one worker loop.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Recorded as `generated_by` on the fractals this worker renders.
+    pub name: String,
+    pub engine: Engine,
+    /// How long one lease request waits on the server for work.
+    pub lease_wait: Duration,
+    /// On shutdown, how long a render in progress may go on before it is abandoned and
+    /// its task given back.
+    pub shutdown_grace: Duration,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl WorkerConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        WorkerConfig {
+            name: name.into(),
+            engine: Engine::default(),
+            lease_wait: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// The name a worker gets when none is given: the host, as the original showed it, and
+/// the process id, so that several workers on one host can be told apart.
+pub fn default_name() -> String {
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+pub fn host_name() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Takes and renders tasks until `shutdown` is cancelled.
+pub async fn run(client: Arc<Client>, config: WorkerConfig, shutdown: CancellationToken) {
+    tracing::info!(worker = %config.name, endpoints = ?client.endpoints(), "worker started");
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let grant = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            grant = client.lease(&config.name, config.lease_wait) => grant,
+        };
+        match grant {
+            Ok(Some(grant)) => {
+                backoff = Duration::from_millis(100);
+                run_task(&client, &config, grant, &shutdown).await;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(worker = %config.name, error = %error, "cannot get work; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!(worker = %config.name, "worker stopped");
+}
+
+/// How a task ended, for the log.
+#[derive(Debug)]
+enum TaskEnd {
+    Done,
+    LeaseLost(String),
+    Released,
+    Failed(String),
+}
+
+async fn run_task(
+    client: &Arc<Client>,
+    config: &WorkerConfig,
+    grant: LeaseGrant,
+    shutdown: &CancellationToken,
+) {
+    let uuid = grant.uuid;
+    tracing::info!(fractal.uuid = %uuid, attempt = grant.attempt, width = grant.width, height = grant.height, iterations = grant.iterations, "rendering");
+    let cancel = Arc::new(AtomicBool::new(false));
+    let lease_lost = CancellationToken::new();
+    let heartbeat = tokio::spawn(keep_lease(
+        Arc::clone(client),
+        grant.clone(),
+        Arc::clone(&cancel),
+        lease_lost.clone(),
+    ));
+
+    let end = render_and_upload(client, config, &grant, &cancel, &lease_lost, shutdown).await;
+    heartbeat.abort();
+    match &end {
+        TaskEnd::Done => tracing::info!(fractal.uuid = %uuid, "uploaded"),
+        TaskEnd::LeaseLost(why) => {
+            tracing::warn!(fractal.uuid = %uuid, reason = %why, "lease lost; task abandoned")
+        }
+        TaskEnd::Released => tracing::info!(fractal.uuid = %uuid, "shutting down; task given back"),
+        TaskEnd::Failed(why) => {
+            tracing::warn!(fractal.uuid = %uuid, reason = %why, "render failed; reported")
+        }
+    }
+}
+
+async fn render_and_upload(
+    client: &Client,
+    config: &WorkerConfig,
+    grant: &LeaseGrant,
+    cancel: &Arc<AtomicBool>,
+    lease_lost: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> TaskEnd {
+    let params = params_of(grant);
+    let engine = config.engine;
+    let started = Instant::now();
+    let render_cancel = Arc::clone(cancel);
+    let mut render =
+        tokio::task::spawn_blocking(move || render_png(&params, engine, &render_cancel));
+    let rendered = tokio::select! {
+        result = &mut render => result,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(config.shutdown_grace).await } => {
+            cancel.store(true, Ordering::Relaxed);
+            let _ = render.await;
+            return give_back(client, grant).await;
+        }
+    };
+    let duration = started.elapsed();
+    let png = match rendered {
+        Ok(Ok(png)) => png,
+        Ok(Err(RenderError::Cancelled)) => return TaskEnd::LeaseLost(lost_reason(lease_lost)),
+        Ok(Err(error)) => {
+            return report_failure(
+                client,
+                grant,
+                &format!("{error}: {:?}", std::error::Error::source(&error)),
+            )
+            .await;
+        }
+        Err(join_error) => {
+            return report_failure(
+                client,
+                grant,
+                &format!("the renderer crashed: {join_error}"),
+            )
+            .await;
+        }
+    };
+    let upload = Upload {
+        uuid: grant.uuid,
+        lease_token: grant.lease_token,
+        png: Bytes::from(png.bytes),
+        checksum: &png.checksum,
+        duration,
+        generated_by: &config.name,
+    };
+    // The client fails over within its own time bound; beyond it, keep trying until the
+    // lease is known to be lost, so a rendered image is not thrown away for an outage.
+    loop {
+        if lease_lost.is_cancelled() {
+            return TaskEnd::LeaseLost(lost_reason(lease_lost));
+        }
+        match client.upload(&upload).await {
+            Ok(LeaseOutcome::Held) => return TaskEnd::Done,
+            Ok(LeaseOutcome::Lost(why)) => {
+                return already_ours(client, grant, &png.checksum, why).await;
+            }
+            Err(error @ ClientError::Api { .. }) => {
+                return report_failure(client, grant, &format!("upload refused: {error}")).await;
+            }
+            Err(error) => {
+                tracing::warn!(fractal.uuid = %grant.uuid, error = %error, "upload failed; retrying");
+                if shutdown.is_cancelled() {
+                    return TaskEnd::LeaseLost("shutting down with the API unreachable".into());
+                }
+            }
+        }
+    }
+}
+
+/// A refused upload may be our own earlier attempt that went through before its answer
+/// was lost: then the fractal is done with our checksum, and all is well.
+async fn already_ours(client: &Client, grant: &LeaseGrant, checksum: &str, why: String) -> TaskEnd {
+    match client.get(grant.uuid).await {
+        Ok(view) if view.checksum.as_deref() == Some(checksum) => TaskEnd::Done,
+        _ => TaskEnd::LeaseLost(why),
+    }
+}
+
+async fn give_back(client: &Client, grant: &LeaseGrant) -> TaskEnd {
+    match client.release(grant.uuid, grant.lease_token).await {
+        Ok(LeaseOutcome::Held) => TaskEnd::Released,
+        Ok(LeaseOutcome::Lost(why)) => TaskEnd::LeaseLost(why),
+        // The lease will expire and the task go to another worker.
+        Err(error) => TaskEnd::LeaseLost(format!("could not give the task back: {error}")),
+    }
+}
+
+async fn report_failure(client: &Client, grant: &LeaseGrant, reason: &str) -> TaskEnd {
+    match client.fail(grant.uuid, grant.lease_token, reason).await {
+        Ok(LeaseOutcome::Held) => TaskEnd::Failed(reason.to_owned()),
+        Ok(LeaseOutcome::Lost(why)) => TaskEnd::LeaseLost(why),
+        Err(error) => {
+            TaskEnd::LeaseLost(format!("could not report the failure ({reason}): {error}"))
+        }
+    }
+}
+
+fn lost_reason(lease_lost: &CancellationToken) -> String {
+    if lease_lost.is_cancelled() {
+        "the server took the lease back".into()
+    } else {
+        "cancelled".into()
+    }
+}
+
+/// Renews the lease every third of its length; when the server says it is gone (the
+/// fractal was deleted, or the lease expired and moved on), stops the render.
+async fn keep_lease(
+    client: Arc<Client>,
+    grant: LeaseGrant,
+    cancel: Arc<AtomicBool>,
+    lease_lost: CancellationToken,
+) {
+    let period = Duration::from_millis(grant.lease_ms / 3).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(period).await;
+        match client.heartbeat(grant.uuid, grant.lease_token).await {
+            Ok(LeaseOutcome::Held) => {}
+            Ok(LeaseOutcome::Lost(why)) => {
+                tracing::warn!(fractal.uuid = %grant.uuid, reason = %why, "lease lost; stopping the render");
+                lease_lost.cancel();
+                cancel.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(fractal.uuid = %grant.uuid, error = %error, "heartbeat failed; will retry")
+            }
+        }
+    }
+}
+
+fn params_of(grant: &LeaseGrant) -> JuliaParams {
+    JuliaParams {
+        width: grant.width,
+        height: grant.height,
+        iterations: grant.iterations,
+        xa: grant.xa,
+        xb: grant.xb,
+        ya: grant.ya,
+        yb: grant.yb,
+        cx: grant.cx,
+        cy: grant.cy,
     }
 }

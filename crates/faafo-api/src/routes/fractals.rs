@@ -18,14 +18,22 @@ use crate::{ApiError, AppState, json};
 const DEFAULT_PER_PAGE: u64 = 10;
 const MAX_PER_PAGE: u64 = 100;
 
-pub async fn list(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Result<Json<FractalPage>, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<FractalPage>, ApiError> {
     let mut page = 1;
     let mut per_page = DEFAULT_PER_PAGE;
     for (key, value) in form_pairs(query.as_deref().unwrap_or("")) {
         let number = || {
-            value.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                ApiError::BadRequest { message: format!("{key} must be a whole number of at least 1, got {value:?}"), field: Some(key.clone()) }
-            })
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| ApiError::BadRequest {
+                    message: format!("{key} must be a whole number of at least 1, got {value:?}"),
+                    field: Some(key.clone()),
+                })
         };
         match key.as_str() {
             "page" => page = number()?,
@@ -46,10 +54,13 @@ pub async fn list(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery)
 }
 
 fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|pair| !pair.is_empty()).map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key.to_owned(), value.to_owned())
-    })
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key.to_owned(), value.to_owned())
+        })
 }
 
 pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
@@ -59,13 +70,22 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     let seed = uuid.as_u64_pair().1;
     let spec = FractalSpec::parse(&request, &state.config.limits, seed)
         .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
-    let outcome = state.store.create(NewFractal { uuid, spec, max_attempts: state.config.max_attempts }).await?;
+    let outcome = state
+        .store
+        .create(NewFractal {
+            uuid,
+            spec,
+            max_attempts: state.config.max_attempts,
+        })
+        .await?;
     let (status, fractal) = match outcome {
         CreateOutcome::Created(fractal) => {
             state.work.notify();
             (StatusCode::CREATED, fractal)
         }
-        CreateOutcome::Existing(fractal) if fractal.spec.matches_request(&request) => (StatusCode::OK, fractal),
+        CreateOutcome::Existing(fractal) if fractal.spec.matches_request(&request) => {
+            (StatusCode::OK, fractal)
+        }
         CreateOutcome::Existing(_) => {
             return Err(ApiError::Conflict(format!(
                 "fractal {uuid} already exists with a different spec; use a new uuid for a new fractal"
@@ -73,20 +93,39 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
         }
     };
     let location = format!("/v1/fractal/{uuid}");
-    Ok((status, [(header::LOCATION, location)], Json(FractalView::new(&fractal))).into_response())
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(FractalView::new(&fractal)),
+    )
+        .into_response())
 }
 
-pub async fn show(State(state): State<Arc<AppState>>, Path(uuid): Path<String>) -> Result<Json<FractalView>, ApiError> {
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+) -> Result<Json<FractalView>, ApiError> {
     let uuid = parse_uuid(&uuid)?;
-    let fractal = state.store.get(uuid).await?.ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
+    let fractal = state
+        .store
+        .get(uuid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
     Ok(Json(FractalView::new(&fractal)))
 }
 
-pub async fn delete(State(state): State<Arc<AppState>>, Path(uuid): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let uuid = parse_uuid(&uuid)?;
     // The record goes first: an image without a record is garbage, a record without its
     // image would be a broken promise.
-    state.store.delete(uuid).await?.ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
+    state
+        .store
+        .delete(uuid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
     if let Err(error) = state.images.delete(uuid).await {
         tracing::warn!(fractal.uuid = %uuid, error = %error, "deleted fractal left its image behind");
     }

@@ -19,7 +19,8 @@ pub async fn alive() -> Json<serde_json::Value> {
 /// object store answer. Load balancers route only to ready instances.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.shutdown.is_cancelled() {
-        let body = json!({ "status": "draining", "message": "shutting down; send requests elsewhere" });
+        let body =
+            json!({ "status": "draining", "message": "shutting down; send requests elsewhere" });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     let (store, images) = tokio::join!(state.store.ping(), state.images.probe());
@@ -33,7 +34,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         "store": describe(store.map_err(|e| error_chain(&e))),
         "object_store": describe(images.map_err(|e| error_chain(&e))),
     });
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
@@ -54,5 +59,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         Ok(stats) => state.metrics.set_queue(&stats),
         Err(error) => tracing::warn!(error = %error, "queue statistics unavailable for /metrics"),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }

@@ -16,7 +16,10 @@ use crate::{ApiError, AppState};
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/fractal", get(fractals::list).post(fractals::create))
-        .route("/v1/fractal/{uuid}", get(fractals::show).delete(fractals::delete))
+        .route(
+            "/v1/fractal/{uuid}",
+            get(fractals::show).delete(fractals::delete),
+        )
         .route("/fractal/{uuid}", get(image::download))
         .route("/v1/worker/lease", post(worker::lease))
         .route("/v1/worker/tasks/{uuid}/heartbeat", post(worker::heartbeat))
@@ -27,7 +30,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(health::ready))
         .route("/metrics", get(health::metrics))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), crate::metrics::track_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            crate::metrics::track_requests,
+        ))
         .with_state(state)
 }
 
@@ -37,5 +43,6 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 /// A uuid from the path; anything else is the client's mistake.
 fn parse_uuid(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::bad_request(format!("{text:?} is not a valid UUID")))
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a valid UUID")))
 }

@@ -11,9 +11,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use faafo_core::fractal::RenderResult;
-use faafo_core::wire::{FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers};
 use faafo_core::LeaseToken;
+use faafo_core::fractal::RenderResult;
+use faafo_core::wire::{
+    FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
+};
 use faafo_store::{Lease, StoreError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -44,13 +46,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Gives the caller one task, waiting up to `wait_ms` for one to appear. Answers 204 when
 /// none appeared in time or the server is shutting down.
-pub async fn lease(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn lease(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let request: LeaseRequest = json::read_json(body).await?;
     if request.worker.is_empty() || request.worker.len() > 200 {
-        return Err(ApiError::invalid("worker", "worker name must be 1 to 200 bytes"));
+        return Err(ApiError::invalid(
+            "worker",
+            "worker name must be 1 to 200 bytes",
+        ));
     }
-    let deadline = Instant::now() + Duration::from_millis(request.wait_ms).min(state.config.max_lease_wait);
+    let deadline =
+        Instant::now() + Duration::from_millis(request.wait_ms).min(state.config.max_lease_wait);
     loop {
         // Register for the wake-up before looking, so work created in between is not missed.
         let notified = state.work.notified();
@@ -59,7 +69,11 @@ pub async fn lease(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
         if state.shutdown.is_cancelled() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        if let Some(lease) = state.store.claim(&request.worker, state.config.lease).await? {
+        if let Some(lease) = state
+            .store
+            .claim(&request.worker, state.config.lease)
+            .await?
+        {
             state.metrics.leases_granted.inc();
             tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %request.worker, attempt = lease.fractal.attempts, "lease granted");
             return Ok(Json(grant(&lease, state.config.lease)).into_response());
@@ -106,8 +120,13 @@ pub async fn heartbeat(
     authorize(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let held: LeaseHeld = json::read_json(body).await?;
-    state.store.renew(uuid, LeaseToken(held.lease_token), state.config.lease).await?;
-    Ok(Json(json!({ "lease_ms": state.config.lease.as_millis() as u64 })))
+    state
+        .store
+        .renew(uuid, LeaseToken(held.lease_token), state.config.lease)
+        .await?;
+    Ok(Json(
+        json!({ "lease_ms": state.config.lease.as_millis() as u64 }),
+    ))
 }
 
 pub async fn release(
@@ -119,7 +138,10 @@ pub async fn release(
     authorize(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let held: LeaseHeld = json::read_json(body).await?;
-    state.store.release(uuid, LeaseToken(held.lease_token)).await?;
+    state
+        .store
+        .release(uuid, LeaseToken(held.lease_token))
+        .await?;
     state.work.notify();
     Ok(StatusCode::NO_CONTENT)
 }
@@ -134,7 +156,10 @@ pub async fn fail(
     let uuid = parse_uuid(&uuid)?;
     let failure: FailTask = json::read_json(body).await?;
     let reason: String = failure.error.chars().take(MAX_ERROR_CHARS).collect();
-    state.store.fail(uuid, LeaseToken(failure.lease_token), &reason).await?;
+    state
+        .store
+        .fail(uuid, LeaseToken(failure.lease_token), &reason)
+        .await?;
     tracing::warn!(fractal.uuid = %uuid, reason = %reason, "worker reported a failed render");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -154,20 +179,34 @@ pub async fn upload(
         headers
             .get(name)
             .and_then(|value| value.to_str().ok())
-            .ok_or_else(|| ApiError::BadRequest { message: format!("missing or non-text header {name}"), field: Some(name.into()) })
+            .ok_or_else(|| ApiError::BadRequest {
+                message: format!("missing or non-text header {name}"),
+                field: Some(name.into()),
+            })
     };
     let token = header_text(upload_headers::LEASE_TOKEN)?;
-    let token = Uuid::parse_str(token).map(LeaseToken).map_err(|_| ApiError::bad_request(format!("{} is not a UUID", upload_headers::LEASE_TOKEN)))?;
+    let token = Uuid::parse_str(token).map(LeaseToken).map_err(|_| {
+        ApiError::bad_request(format!("{} is not a UUID", upload_headers::LEASE_TOKEN))
+    })?;
     let claimed_checksum = header_text(upload_headers::CHECKSUM)?.to_ascii_lowercase();
     let duration: f64 = header_text(upload_headers::DURATION)?
         .parse()
         .ok()
         .filter(|d: &f64| d.is_finite() && *d >= 0.0)
-        .ok_or_else(|| ApiError::bad_request(format!("{} must be a number of seconds", upload_headers::DURATION)))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{} must be a number of seconds",
+                upload_headers::DURATION
+            ))
+        })?;
     let generated_by = header_text(upload_headers::GENERATED_BY)?.to_owned();
 
     // Refuse early, before reading a large body, when the lease is already gone.
-    let fractal = state.store.get(uuid).await?.ok_or(StoreError::NotFound(uuid))?;
+    let fractal = state
+        .store
+        .get(uuid)
+        .await?
+        .ok_or(StoreError::NotFound(uuid))?;
     state.store.check_lease(uuid, token).await?;
 
     let png = json::read_body(body, state.config.max_upload_bytes).await?;
@@ -175,24 +214,50 @@ pub async fn upload(
     if checksum != claimed_checksum {
         return Err(ApiError::invalid(
             upload_headers::CHECKSUM,
-            format!("the body hashes to {checksum}, not {claimed_checksum}: the upload was damaged, send it again"),
+            format!(
+                "the body hashes to {checksum}, not {claimed_checksum}: the upload was damaged, send it again"
+            ),
         ));
     }
     let expected = (fractal.spec.width(), fractal.spec.height());
     match faafo_render::png_dimensions(&png) {
         Ok(dimensions) if dimensions == expected => {}
         Ok((w, h)) => {
-            return Err(ApiError::invalid("body", format!("the PNG is {w}x{h}, the fractal is {}x{}", expected.0, expected.1)));
+            return Err(ApiError::invalid(
+                "body",
+                format!(
+                    "the PNG is {w}x{h}, the fractal is {}x{}",
+                    expected.0, expected.1
+                ),
+            ));
         }
-        Err(error) => return Err(ApiError::invalid("body", format!("the body is not a PNG: {error}"))),
+        Err(error) => {
+            return Err(ApiError::invalid(
+                "body",
+                format!("the body is not a PNG: {error}"),
+            ));
+        }
     }
 
     let size = png.len() as u64;
-    state.images.put(uuid, png).await.map_err(|e| ApiError::Unavailable(format!("could not store the image ({e}); retry")))?;
-    let result = RenderResult { checksum, size, duration, generated_by: generated_by.clone() };
+    state
+        .images
+        .put(uuid, png)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("could not store the image ({e}); retry")))?;
+    let result = RenderResult {
+        checksum,
+        size,
+        duration,
+        generated_by: generated_by.clone(),
+    };
     match state.store.complete(uuid, token, result).await {
         Ok(done) => {
-            state.metrics.render_seconds.with_label_values(&[&generated_by]).observe(duration);
+            state
+                .metrics
+                .render_seconds
+                .with_label_values(&[&generated_by])
+                .observe(duration);
             tracing::info!(fractal.uuid = %uuid, worker = %generated_by, duration_s = duration, size_bytes = size, "fractal done");
             Ok(Json(FractalView::new(&done)).into_response())
         }

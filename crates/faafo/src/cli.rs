@@ -1,0 +1,142 @@
+//! Command-line interface: flags, environment variables and dispatch.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use faafo_core::{Limits, WorkerToken};
+
+use crate::{bench, roles};
+
+/// Fractals as a Service: Julia-set images rendered by a fleet of workers.
+#[derive(Debug, Parser)]
+#[command(name = "faafo", version, propagate_version = true)]
+pub struct Cli {
+    /// API endpoints to talk to, comma-separated; the client fails over between them.
+    #[arg(
+        long,
+        global = true,
+        env = "FAAFO_ENDPOINT_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub endpoint_url: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole service on this machine: the API and workers in one process, on an
+    /// embedded database and image directory. Nothing to set up.
+    Up(UpArgs),
+    /// Run one API server.
+    Api(ApiArgs),
+    /// Run one worker, taking tasks from the API endpoints.
+    Worker(WorkerArgs),
+    /// Measure the service.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where to listen.
+    #[arg(long, env = "FAAFO_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+    /// Where the database and the images are kept.
+    #[arg(long, env = "FAAFO_DATA_DIR", default_value = "./faafo-data")]
+    pub data_dir: PathBuf,
+    /// Render workers to run (default: one per core).
+    #[arg(long, env = "FAAFO_WORKERS")]
+    pub workers: Option<usize>,
+    #[command(flatten)]
+    pub tuning: ApiTuning,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    #[arg(long, env = "FAAFO_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+    /// The store: sqlite:///path/to/faafo.db (or sqlite:relative/path.db).
+    #[arg(long, env = "FAAFO_DATABASE_URL")]
+    pub database_url: String,
+    /// Where images are kept: file:///absolute/directory.
+    #[arg(long, env = "FAAFO_OBJECT_STORE")]
+    pub object_store: String,
+    /// The secret workers must present.
+    #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: String,
+    #[command(flatten)]
+    pub tuning: ApiTuning,
+}
+
+/// Settings shared by `api` and `up`.
+#[derive(Debug, Args)]
+pub struct ApiTuning {
+    /// How long a task's lease lasts without a heartbeat, in milliseconds.
+    #[arg(long, env = "FAAFO_LEASE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub lease_ms: u64,
+    /// How often expired leases are swept, in milliseconds.
+    #[arg(long, env = "FAAFO_SWEEP_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
+    pub sweep_interval_ms: u64,
+    /// How many times a task may be leased before the fractal is failed.
+    #[arg(long, env = "FAAFO_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    #[arg(long, env = "FAAFO_MAX_WIDTH", default_value_t = Limits::default().max_width)]
+    pub max_width: u32,
+    #[arg(long, env = "FAAFO_MAX_HEIGHT", default_value_t = Limits::default().max_height)]
+    pub max_height: u32,
+    #[arg(long, env = "FAAFO_MAX_ITERATIONS", default_value_t = Limits::default().max_iterations)]
+    pub max_iterations: u32,
+    /// Upper bound of width * height * iterations.
+    #[arg(long, env = "FAAFO_MAX_WORK", default_value_t = Limits::default().max_work)]
+    pub max_work: f64,
+}
+
+impl ApiTuning {
+    pub fn config(&self, worker_token: WorkerToken) -> faafo_api::ApiConfig {
+        let mut config = faafo_api::ApiConfig::new(worker_token);
+        config.lease = Duration::from_millis(self.lease_ms);
+        config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
+        config.max_attempts = self.max_attempts;
+        config.limits = Limits {
+            max_width: self.max_width,
+            max_height: self.max_height,
+            max_iterations: self.max_iterations,
+            max_work: self.max_work,
+        };
+        config
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The secret the API expects from workers.
+    #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: String,
+    /// Recorded as `generated_by` (default: host name and process id).
+    #[arg(long, env = "FAAFO_WORKER_NAME")]
+    pub name: Option<String>,
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Up(args) => roles::up(args).await,
+            Command::Api(args) => roles::api(args).await,
+            Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
+            Command::Bench(command) => command.run().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

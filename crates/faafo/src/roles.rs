@@ -1,0 +1,214 @@
+//! Wiring of the long-running roles: `api`, `worker`, and `up` (both in one process).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use faafo_api::{ApiConfig, Images};
+use faafo_client::{Client, RetryPolicy};
+use faafo_core::WorkerToken;
+use faafo_store::{SqliteStore, Store};
+use faafo_worker::WorkerConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::{ApiArgs, UpArgs, WorkerArgs};
+
+pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.database_url).await?;
+    let images = Images::open(&args.object_store)
+        .await
+        .context("opening the object store")?;
+    let listener = bind(args.bind).await?;
+    let shutdown = shutdown_on_signal();
+    let config = args.tuning.config(WorkerToken::new(args.worker_token));
+    announce(listener.local_addr()?, "faafo api")?;
+    faafo_api::serve(listener, store, images, config, shutdown)
+        .await
+        .context("serving HTTP")
+}
+
+pub async fn worker(endpoints: &str, args: WorkerArgs) -> anyhow::Result<()> {
+    let client = worker_client(endpoints, WorkerToken::new(args.worker_token))?;
+    let config = WorkerConfig::new(args.name.unwrap_or_else(faafo_worker::default_name));
+    faafo_worker::run(client, config, shutdown_on_signal()).await;
+    Ok(())
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let shutdown = shutdown_on_signal();
+    let service = LocalService::start(
+        args.bind,
+        &args.data_dir,
+        workers,
+        args.tuning.config(generated_token()),
+        shutdown,
+    )
+    .await?;
+    announce(service.listener_address, "faafo is up")?;
+    println!(
+        "data in {}, {workers} worker(s); Ctrl-C stops",
+        args.data_dir.display()
+    );
+    service.wait().await
+}
+
+/// The API and its workers in one process: what `faafo up` and the benchmarks run.
+#[derive(Debug)]
+pub struct LocalService {
+    pub listener_address: SocketAddr,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    api_shutdown: CancellationToken,
+    workers: TaskTracker,
+}
+
+impl LocalService {
+    /// Starts serving; `shutdown` stops the workers first (they give back unfinished
+    /// tasks through the API), then the API.
+    pub async fn start(
+        bind_address: SocketAddr,
+        data_dir: &Path,
+        workers: usize,
+        config: ApiConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<LocalService> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let data_dir = data_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", data_dir.display()))?;
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(data_dir.join("faafo.db"))
+                .await
+                .context("opening the database")?,
+        );
+        let images = Images::open(&format!("file://{}", data_dir.join("images").display()))
+            .await
+            .context("opening the image directory")?;
+        let listener = bind(bind_address).await?;
+        let listener_address = listener.local_addr()?;
+        let token = config.worker_token.clone();
+        let api_shutdown = CancellationToken::new();
+        let api = tokio::spawn(faafo_api::serve(
+            listener,
+            store,
+            images,
+            config,
+            api_shutdown.clone(),
+        ));
+
+        let client = worker_client(&format!("http://{listener_address}"), token)?;
+        let tracker = TaskTracker::new();
+        let host = faafo_worker::host_name();
+        for index in 1..=workers {
+            let config = WorkerConfig::new(format!("{host}-up-{index}"));
+            tracker.spawn(faafo_worker::run(
+                Arc::clone(&client),
+                config,
+                shutdown.clone(),
+            ));
+        }
+        tracker.close();
+        Ok(LocalService {
+            listener_address,
+            api,
+            api_shutdown,
+            workers: tracker,
+        })
+    }
+
+    /// Waits for the workers to stop (after shutdown), then stops the API.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.workers.wait().await;
+        self.api_shutdown.cancel();
+        self.api
+            .await
+            .context("the API task panicked")?
+            .context("serving HTTP")
+    }
+}
+
+fn worker_client(endpoints: &str, token: WorkerToken) -> anyhow::Result<Arc<Client>> {
+    let client = Client::new(endpoints, RetryPolicy::default()).context("--endpoint-url")?;
+    Ok(Arc::new(client.with_worker_token(token)))
+}
+
+/// A fresh secret for workers that live in this process.
+fn generated_token() -> WorkerToken {
+    WorkerToken::new(format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"));
+    let Some(path) = path.filter(|p| !p.is_empty()) else {
+        bail!("unsupported --database-url {url:?}: expected sqlite:///path/to/faafo.db");
+    };
+    if let Some(parent) = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let store = SqliteStore::open(path)
+        .await
+        .with_context(|| format!("opening the database {path}"))?;
+    Ok(Arc::new(store))
+}
+
+async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.with_context(|| {
+        format!("cannot listen on {address} (is another faafo running? pass --bind)")
+    })
+}
+
+/// Prints the address actually bound (port 0 picks one), first thing on stdout.
+fn announce(address: SocketAddr, what: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{what}: listening on http://{address}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let interrupt = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut terminate =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(signal) => signal,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot listen for SIGTERM");
+                        let _ = interrupt.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = interrupt.await;
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    token
+}
