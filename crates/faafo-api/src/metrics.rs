@@ -22,6 +22,8 @@ pub struct Metrics {
     pub render_seconds: HistogramVec,
     pub leases_granted: IntCounter,
     pub lease_expiries: IntCounter,
+    /// Lease requests parked waiting for work: idle worker capacity.
+    pub lease_waiters: IntGauge,
     fractals: IntGaugeVec,
     queue_depth: IntGauge,
     oldest_queued_seconds: prometheus::Gauge,
@@ -64,6 +66,11 @@ impl Metrics {
             "Leases that expired without a result",
         )
         .expect("static");
+        let lease_waiters = IntGauge::new(
+            "lease_requests_waiting",
+            "Lease requests waiting for work (idle workers)",
+        )
+        .expect("static");
         let fractals = IntGaugeVec::new(Opts::new("fractals", "Fractals by state"), &["state"])
             .expect("static metric definition");
         let queue_depth =
@@ -79,6 +86,7 @@ impl Metrics {
             Box::new(render_seconds.clone()),
             Box::new(leases_granted.clone()),
             Box::new(lease_expiries.clone()),
+            Box::new(lease_waiters.clone()),
             Box::new(fractals.clone()),
             Box::new(queue_depth.clone()),
             Box::new(oldest_queued_seconds.clone()),
@@ -94,6 +102,7 @@ impl Metrics {
             render_seconds,
             leases_granted,
             lease_expiries,
+            lease_waiters,
             fractals,
             queue_depth,
             oldest_queued_seconds,

@@ -61,6 +61,7 @@ pub async fn lease(
     }
     let deadline =
         Instant::now() + Duration::from_millis(request.wait_ms).min(state.config.max_lease_wait);
+    let _waiting = GaugeGuard::enter(&state.metrics.lease_waiters);
     loop {
         // Register for the wake-up before looking, so work created in between is not missed.
         let notified = state.work.notified();
@@ -88,6 +89,22 @@ pub async fn lease(
             _ = tokio::time::sleep(nap) => {}
             _ = state.shutdown.cancelled() => {}
         }
+    }
+}
+
+/// Counts this request in a gauge for as long as it lives.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,0 +1,757 @@
+//! The API served for real on port 0, driven over HTTP.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use faafo_api::{ApiConfig, Images};
+use faafo_client::{Client, LeaseOutcome, RetryPolicy, Upload};
+use faafo_core::WorkerToken;
+use faafo_core::wire::{FractalPage, FractalView, LeaseGrant};
+use faafo_render::{Engine, JuliaParams, render_png};
+use faafo_store::SqliteStore;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const TOKEN: &str = "test-worker-token";
+
+/// A real API server on a free port over a temporary data directory.
+struct TestApp {
+    base: String,
+    http: reqwest::Client,
+    worker: Client,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    async fn start() -> TestApp {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(dir.path().join("faafo.db"))
+                .await
+                .unwrap(),
+        );
+        let images = Images::open(&format!("file://{}", dir.path().join("images").display()))
+            .await
+            .unwrap();
+        let mut config = ApiConfig::new(WorkerToken::new(TOKEN));
+        configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(faafo_api::serve(
+            listener,
+            store,
+            images,
+            config,
+            shutdown.clone(),
+        ));
+        let worker = Client::new(&base, RetryPolicy::default())
+            .unwrap()
+            .with_worker_token(WorkerToken::new(TOKEN));
+        TestApp {
+            base,
+            http: reqwest::Client::new(),
+            worker,
+            shutdown,
+            server,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create(&self, spec: Value) -> FractalView {
+        let (status, body) = self.post("/v1/fractal", &spec.to_string()).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    /// Leases one task without waiting; panics if there is none.
+    async fn lease(&self) -> LeaseGrant {
+        self.worker
+            .lease("test-worker", Duration::ZERO)
+            .await
+            .unwrap()
+            .expect("a queued task")
+    }
+
+    /// Claims the next task, renders it and uploads it: one deterministic step of a worker.
+    async fn run_one(&self) -> FractalView {
+        let grant = self.lease().await;
+        let png = render_png(&params_of(&grant), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+        let upload = Upload {
+            uuid: grant.uuid,
+            lease_token: grant.lease_token,
+            png: png.bytes.into(),
+            checksum: &png.checksum,
+            duration: Duration::from_millis(5),
+            generated_by: "test-worker",
+        };
+        assert_eq!(
+            self.worker.upload(&upload).await.unwrap(),
+            LeaseOutcome::Held
+        );
+        self.worker.get(grant.uuid).await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+fn params_of(grant: &LeaseGrant) -> JuliaParams {
+    JuliaParams {
+        width: grant.width,
+        height: grant.height,
+        iterations: grant.iterations,
+        xa: grant.xa,
+        xb: grant.xb,
+        ya: grant.ya,
+        yb: grant.yb,
+        cx: grant.cx,
+        cy: grant.cy,
+    }
+}
+
+fn spec() -> Value {
+    json!({"width": 40, "height": 30, "iterations": 64, "xa": -2.0, "xb": 2.0, "ya": -1.5, "yb": 1.5})
+}
+
+#[tokio::test]
+async fn create_render_download_delete() {
+    let app = TestApp::start().await;
+    let created = app.create(spec()).await;
+    assert_eq!(created.state, faafo_core::FractalState::Queued);
+    assert!(created.checksum.is_none() && created.url.is_none());
+
+    // Not rendered yet: a JSON answer, not a crash.
+    let (status, body) = app.get(&format!("/fractal/{}", created.uuid)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["message"].as_str().unwrap().contains("queued"),
+        "{body}"
+    );
+
+    let done = app.run_one().await;
+    assert_eq!(done.state, faafo_core::FractalState::Done);
+    assert_eq!(
+        (done.attempts, done.generated_by.as_deref()),
+        (1, Some("test-worker"))
+    );
+    assert_eq!(
+        done.url.as_deref(),
+        Some(format!("/fractal/{}", done.uuid).as_str())
+    );
+    let png = app
+        .http
+        .get(app.url(done.url.as_deref().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(png.headers()["content-type"], "image/png");
+    let png = png.bytes().await.unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&png)),
+        done.checksum.clone().unwrap()
+    );
+    assert_eq!(png.len() as u64, done.size.unwrap());
+
+    let response = app
+        .http
+        .delete(app.url(&format!("/v1/fractal/{}", done.uuid)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.get(&format!("/v1/fractal/{}", done.uuid)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.get(&format!("/fractal/{}", done.uuid)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let response = app
+        .http
+        .delete(app.url(&format!("/v1/fractal/{}", done.uuid)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn create_has_a_location_and_is_idempotent_by_uuid() {
+    let app = TestApp::start().await;
+    let uuid = Uuid::new_v4();
+    let mut body = spec();
+    body["uuid"] = json!(uuid);
+    let response = app
+        .http
+        .post(app.url("/v1/fractal"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        response.headers()["location"],
+        format!("/v1/fractal/{uuid}")
+    );
+    let first: FractalView = response.json().await.unwrap();
+
+    // The same request again, as a client retrying after a lost answer.
+    let (status, again) = app.post("/v1/fractal", &body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_value::<FractalView>(again).unwrap(), first);
+
+    // The same uuid for a different fractal is refused.
+    body["width"] = json!(41);
+    let (status, error) = app.post("/v1/fractal", &body.to_string()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("different spec"),
+        "{error}"
+    );
+
+    let page: FractalPage = serde_json::from_value(app.get("/v1/fractal").await.1).unwrap();
+    assert_eq!(page.num_results, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn given_c_is_used_and_chosen_c_is_reproducible() {
+    let app = TestApp::start().await;
+    let mut with_c = spec();
+    with_c["cx"] = json!(-0.8);
+    with_c["cy"] = json!(0.156);
+    let created = app.create(with_c).await;
+    assert_eq!((created.cx, created.cy), (-0.8, 0.156));
+
+    // c comes from the uuid: two servers (or a retry) choose the same one.
+    let uuid = Uuid::new_v4();
+    let mut keyed = spec();
+    keyed["uuid"] = json!(uuid);
+    let first = app.create(keyed.clone()).await;
+    let other = TestApp::start().await;
+    let second = other.create(keyed).await;
+    assert_eq!((first.cx, first.cy), (second.cx, second.cy));
+    app.stop().await;
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn list_pages_like_flask_restless() {
+    let app = TestApp::start().await;
+    let mut uuids = Vec::new();
+    for _ in 0..23 {
+        uuids.push(app.create(spec()).await.uuid);
+    }
+    let (status, first) = app.get("/v1/fractal").await;
+    assert_eq!(status, StatusCode::OK);
+    let first: FractalPage = serde_json::from_value(first).unwrap();
+    assert_eq!(
+        (
+            first.num_results,
+            first.page,
+            first.total_pages,
+            first.objects.len()
+        ),
+        (23, 1, 3, 10)
+    );
+    let third: FractalPage = serde_json::from_value(app.get("/v1/fractal?page=3").await.1).unwrap();
+    assert_eq!(
+        third.objects.iter().map(|f| f.uuid).collect::<Vec<_>>(),
+        uuids[20..]
+    );
+    let sized: FractalPage =
+        serde_json::from_value(app.get("/v1/fractal?results_per_page=5&page=2").await.1).unwrap();
+    assert_eq!(
+        sized.objects.iter().map(|f| f.uuid).collect::<Vec<_>>(),
+        uuids[5..10]
+    );
+    assert_eq!(sized.total_pages, 5);
+    let capped: FractalPage =
+        serde_json::from_value(app.get("/v1/fractal?results_per_page=1000").await.1).unwrap();
+    assert_eq!(capped.objects.len(), 23);
+    let past: FractalPage = serde_json::from_value(app.get("/v1/fractal?page=9").await.1).unwrap();
+    assert!(past.objects.is_empty());
+    for bad in ["page=0", "page=x", "results_per_page=-1"] {
+        let (status, body) = app.get(&format!("/v1/fractal?{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_the_service_keeps_rendering() {
+    let app = TestApp::start().await;
+    let valid = spec();
+    let with = |key: &str, value: Value| {
+        let mut body = valid.clone();
+        body[key] = value;
+        body.to_string()
+    };
+    let without = |key: &str| {
+        let mut body = valid.clone();
+        body.as_object_mut().unwrap().remove(key);
+        body.to_string()
+    };
+    let cases: Vec<(String, u16, &str, &str)> = vec![
+        ("not json".into(), 400, "", "not valid JSON"),
+        (String::new(), 400, "", "not valid JSON"),
+        ("[1, 2]".into(), 422, "", "invalid type"),
+        (with("width", json!(-5)), 422, "width", "-5"),
+        (with("width", json!("abc")), 422, "width", "\"abc\""),
+        (with("width", json!(1.5)), 422, "width", "1.5"),
+        (with("width", json!(0)), 422, "width", "between 1 and 10000"),
+        (with("height", json!(10_001)), 422, "height", "between 1 and 10000"),
+        (with("iterations", json!(100_001)), 422, "iterations", "between 1 and 100000"),
+        (with("iterations", json!(null)), 422, "iterations", "invalid type"),
+        (without("xa"), 422, "", "missing field `xa`"),
+        (with("colour", json!("red")), 422, "", "unknown field `colour`"),
+        (with("xa", json!(2.0)), 422, "xb", "must differ"),
+        (with("yb", json!(-1.5)), 422, "yb", "must differ"),
+        (valid.to_string().replace("-2.0", "1e999"), 400, "", "not valid JSON"),
+        (with("cx", json!(0.1)), 422, "cy", "give both or neither"),
+        (with("uuid", json!("not-a-uuid")), 422, "uuid", "UUID"),
+        (
+            json!({"width": 10000, "height": 10000, "iterations": 5001, "xa": -2, "xb": 2, "ya": -1, "yb": 1}).to_string(),
+            422,
+            "iterations",
+            "limit of 500000000000",
+        ),
+    ];
+    for (body, status, field, needle) in cases {
+        let (got, answer) = app.post("/v1/fractal", &body).await;
+        assert_eq!(got.as_u16(), status, "{body} -> {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{body}: message {message:?} lacks {needle:?}"
+        );
+        if !field.is_empty() {
+            assert_eq!(answer["field"], field, "{body} -> {answer}");
+        }
+    }
+    // A body past the limit is refused before it is read whole.
+    let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(100_000));
+    assert_eq!(
+        app.post("/v1/fractal", &huge).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    // Nothing was stored, and the service still works.
+    let page: FractalPage = serde_json::from_value(app.get("/v1/fractal").await.1).unwrap();
+    assert_eq!(page.num_results, 0);
+    app.create(spec()).await;
+    assert_eq!(app.run_one().await.state, faafo_core::FractalState::Done);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_bad_uuids_answer_json() {
+    let app = TestApp::start().await;
+    let (status, body) = app.get("/v2/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["message"].as_str().unwrap().contains("/v2/nothing"));
+    let (status, body) = app.get("/v1/fractal/abc").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid UUID")
+    );
+    let (status, body) = app.get(&format!("/v1/fractal/{}", Uuid::new_v4())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["message"].as_str().unwrap().starts_with("no fractal"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn worker_calls_need_the_token() {
+    let app = TestApp::start().await;
+    let lease = json!({"worker": "w", "wait_ms": 0}).to_string();
+    let response = app
+        .http
+        .post(app.url("/v1/worker/lease"))
+        .body(lease.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = app
+        .http
+        .post(app.url("/v1/worker/lease"))
+        .bearer_auth("wrong")
+        .body(lease.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = app
+        .http
+        .post(app.url("/v1/worker/lease"))
+        .bearer_auth(TOKEN)
+        .body(lease)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_poll_is_woken_by_a_create() {
+    let app = TestApp::start().await;
+    let waiting = {
+        let worker = Client::new(&app.base, RetryPolicy::default())
+            .unwrap()
+            .with_worker_token(WorkerToken::new(TOKEN));
+        tokio::spawn(async move { worker.lease("w", Duration::from_secs(20)).await })
+    };
+    // Wait until the lease request is parked on the server, then create.
+    wait_for_metric(&app, "faafo_lease_requests_waiting", "1").await;
+    let created = app.create(spec()).await;
+    let grant = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(grant.uuid, created.uuid);
+    app.stop().await;
+}
+
+/// Waits until the metric line starting with `prefix` shows `value`.
+async fn wait_for_metric(app: &TestApp, prefix: &str, value: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.lines().any(|line| {
+            line.strip_prefix(prefix)
+                .is_some_and(|rest| rest.trim() == value)
+        }) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metric {prefix} never showed {value}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn raw_upload(
+    app: &TestApp,
+    grant: &LeaseGrant,
+    png: Vec<u8>,
+    checksum: &str,
+) -> (StatusCode, Value) {
+    let response = app
+        .http
+        .put(app.url(&format!("/v1/worker/tasks/{}/image", grant.uuid)))
+        .bearer_auth(TOKEN)
+        .header("faafo-lease-token", grant.lease_token.to_string())
+        .header("faafo-checksum", checksum)
+        .header("faafo-duration", "0.1")
+        .header("faafo-generated-by", "w")
+        .body(png)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn uploads_are_verified() {
+    let app = TestApp::start().await;
+    let created = app.create(spec()).await;
+    let grant = app.lease().await;
+    let png = render_png(&params_of(&grant), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+
+    let (status, body) = raw_upload(&app, &grant, png.bytes.clone(), &"0".repeat(64)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("damaged"),
+        "{body}"
+    );
+
+    let not_png = b"hello".to_vec();
+    let (status, body) = raw_upload(
+        &app,
+        &grant,
+        not_png.clone(),
+        &hex::encode(Sha256::digest(&not_png)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        body["message"].as_str().unwrap().contains("not a PNG"),
+        "{body}"
+    );
+
+    let other_size = JuliaParams {
+        width: 7,
+        ..params_of(&grant)
+    };
+    let wrong = render_png(&other_size, Engine::Scalar, &AtomicBool::new(false)).unwrap();
+    let (status, body) = raw_upload(&app, &grant, wrong.bytes, &wrong.checksum).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["message"].as_str().unwrap().contains("7x30"), "{body}");
+
+    // None of that was stored; the right image is.
+    assert_eq!(
+        app.worker.get(created.uuid).await.unwrap().state,
+        faafo_core::FractalState::Running
+    );
+    let (status, body) = raw_upload(&app, &grant, png.bytes, &png.checksum).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checksum"], png.checksum);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_fenced_and_the_task_goes_to_the_next_worker() {
+    let app = TestApp::start_with(|config| {
+        config.lease = Duration::from_millis(200);
+        config.sweep_interval = Duration::from_millis(20);
+    })
+    .await;
+    let created = app.create(spec()).await;
+    let stale = app.lease().await;
+    // The first worker goes silent; its lease expires and the task is offered again.
+    let fresh = app
+        .worker
+        .lease("second", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("requeued task");
+    assert_eq!((fresh.uuid, fresh.attempt), (created.uuid, 2));
+    assert!(matches!(
+        app.worker
+            .heartbeat(stale.uuid, stale.lease_token)
+            .await
+            .unwrap(),
+        LeaseOutcome::Lost(_)
+    ));
+    let png = render_png(&params_of(&stale), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+    let (status, body) = raw_upload(&app, &stale, png.bytes.clone(), &png.checksum).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("no longer held"),
+        "{body}"
+    );
+    let (status, _) = raw_upload(&app, &fresh, png.bytes, &png.checksum).await;
+    assert_eq!(status, StatusCode::OK);
+    let done = app.worker.get(created.uuid).await.unwrap();
+    assert_eq!(
+        (done.state, done.attempts),
+        (faafo_core::FractalState::Done, 2)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_whose_leases_keep_expiring_fails_with_the_reason() {
+    let app = TestApp::start_with(|config| {
+        config.lease = Duration::from_millis(100);
+        config.sweep_interval = Duration::from_millis(10);
+        config.max_attempts = 2;
+    })
+    .await;
+    let created = app.create(spec()).await;
+    app.lease().await;
+    app.worker
+        .lease("w", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("second attempt");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        let view = app.worker.get(created.uuid).await.unwrap();
+        if view.state == faafo_core::FractalState::Failed {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failed: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(failed.error.unwrap().contains("gave up after 2 attempts"));
+    let (status, body) = app.get(&format!("/fractal/{}", created.uuid)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["message"].as_str().unwrap().contains("failed"),
+        "{body}"
+    );
+    wait_for_metric(&app, "faafo_lease_expiries_total", "2").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_failure_report_fails_the_fractal() {
+    let app = TestApp::start().await;
+    let created = app.create(spec()).await;
+    let grant = app.lease().await;
+    let outcome = app
+        .worker
+        .fail(
+            grant.uuid,
+            grant.lease_token,
+            "PNG encoding failed: disk full",
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, LeaseOutcome::Held);
+    let view = app.worker.get(created.uuid).await.unwrap();
+    assert_eq!(view.state, faafo_core::FractalState::Failed);
+    assert_eq!(
+        view.error.as_deref(),
+        Some("PNG encoding failed: disk full")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_running_fractal_cancels_its_lease() {
+    let app = TestApp::start().await;
+    let created = app.create(spec()).await;
+    let grant = app.lease().await;
+    app.worker.delete(created.uuid).await.unwrap();
+    assert!(matches!(
+        app.worker
+            .heartbeat(grant.uuid, grant.lease_token)
+            .await
+            .unwrap(),
+        LeaseOutcome::Lost(_)
+    ));
+    let png = render_png(&params_of(&grant), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+    let (status, _) = raw_upload(&app, &grant, png.bytes, &png.checksum).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn released_tasks_return_to_the_queue_without_using_an_attempt() {
+    let app = TestApp::start().await;
+    let created = app.create(spec()).await;
+    let grant = app.lease().await;
+    assert_eq!(
+        app.worker
+            .release(grant.uuid, grant.lease_token)
+            .await
+            .unwrap(),
+        LeaseOutcome::Held
+    );
+    let view = app.worker.get(created.uuid).await.unwrap();
+    assert_eq!(
+        (view.state, view.attempts),
+        (faafo_core::FractalState::Queued, 0)
+    );
+    assert_eq!(app.run_one().await.attempts, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_draining() {
+    let app = TestApp::start().await;
+    assert_eq!(
+        app.get("/healthz").await,
+        (StatusCode::OK, json!({"status": "alive"}))
+    );
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ready["status"], "ready");
+    app.create(spec()).await;
+    app.create(spec()).await;
+    app.run_one().await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "faafo_fractals{state=\"done\"} 1",
+        "faafo_fractals{state=\"queued\"} 1",
+        "faafo_queue_depth 1",
+        "faafo_leases_granted_total 1",
+        "faafo_render_duration_seconds_count{worker=\"test-worker\"} 1",
+        "faafo_http_requests_total{method=\"POST\",route=\"/v1/fractal\",status=\"201\"} 2",
+        "faafo_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/fractal\"} 2",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in\n{metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("faafo_queue_oldest_age_seconds ") && !l.ends_with(" 0"))
+    );
+
+    // A parked lease request returns at once when the server begins to shut down.
+    let worker = Client::new(&app.base, RetryPolicy::default())
+        .unwrap()
+        .with_worker_token(WorkerToken::new(TOKEN));
+    app.lease().await;
+    let parked = tokio::spawn(async move { worker.lease("w", Duration::from_secs(30)).await });
+    wait_for_metric(&app, "faafo_lease_requests_waiting", "1").await;
+    app.shutdown.cancel();
+    let answer = tokio::time::timeout(Duration::from_secs(5), parked)
+        .await
+        .expect("parked lease returned")
+        .unwrap();
+    assert!(answer.unwrap().is_none());
+    app.server.await.unwrap().unwrap();
+}
