@@ -20,8 +20,7 @@ pub const PALETTE: [u8; 96] = {
     palette
 };
 
-/// Rows rendered between two writes to the encoder and two looks at the cancel flag.
-/// Bounds memory to a band rather than the whole image.
+/// Pixels rendered between two writes to the encoder: memory holds a band, not the image.
 const BAND_BYTES: usize = 1 << 20;
 
 /// A finished PNG and its identity.
@@ -77,12 +76,15 @@ pub fn render_png_to<W: Write>(
     let mut band = vec![0u8; width * rows_per_band.min(params.height) as usize];
     let mut row = 0;
     while row < params.height {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(RenderError::Cancelled);
-        }
         let rows = rows_per_band.min(params.height - row);
         let band = &mut band[..width * rows as usize];
-        render_rows(params, engine, row, band);
+        // Row by row, so a small image with many iterations still stops promptly.
+        for (offset, line) in band.chunks_exact_mut(width).enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(RenderError::Cancelled);
+            }
+            render_rows(params, engine, row + offset as u32, line);
+        }
         stream.write_all(band).map_err(png::EncodingError::from)?;
         row += rows;
     }

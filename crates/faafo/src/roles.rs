@@ -65,6 +65,7 @@ pub struct LocalService {
     api: tokio::task::JoinHandle<std::io::Result<()>>,
     api_shutdown: CancellationToken,
     workers: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl LocalService {
@@ -119,11 +120,22 @@ impl LocalService {
             api,
             api_shutdown,
             workers: tracker,
+            shutdown,
         })
     }
 
-    /// Waits for the workers to stop (after shutdown), then stops the API.
-    pub async fn wait(self) -> anyhow::Result<()> {
+    /// Runs until `shutdown`, then stops the workers (they give back unfinished tasks
+    /// through the API) and then the API.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            ended = &mut self.api => {
+                self.shutdown.cancel();
+                self.workers.wait().await;
+                ended.context("the API task panicked")?.context("serving HTTP")?;
+                bail!("the API stopped unexpectedly");
+            }
+        }
         self.workers.wait().await;
         self.api_shutdown.cancel();
         self.api
