@@ -93,6 +93,13 @@ pub fn render_png_to<W: Write>(
     Ok(())
 }
 
+/// The width and height a PNG declares, read from its header only.
+pub fn png_dimensions(bytes: &[u8]) -> Result<(u32, u32), png::DecodingError> {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;
+    let info = reader.info();
+    Ok((info.width, info.height))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,11 +150,4 @@ mod tests {
         let result = render_png(&params(), Engine::Scalar, &cancelled);
         assert!(matches!(result, Err(RenderError::Cancelled)));
     }
-}
-
-/// The width and height a PNG declares, read from its header only.
-pub fn png_dimensions(bytes: &[u8]) -> Result<(u32, u32), png::DecodingError> {
-    let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;
-    let info = reader.info();
-    Ok((info.width, info.height))
 }

@@ -60,7 +60,7 @@ fn magnitude_exceeds_two(re: f64, im: f64) -> bool {
 pub fn render_rows(params: &JuliaParams, engine: Engine, first_row: u32, out: &mut [u8]) {
     let width = params.width as usize;
     assert!(
-        width > 0 && out.len() % width == 0,
+        width > 0 && out.len().is_multiple_of(width),
         "output is not whole rows"
     );
     let rows = (out.len() / width) as u32;
