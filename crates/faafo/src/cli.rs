@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use faafo_core::{Limits, WorkerToken};
 
-use crate::{bench, roles};
+use uuid::Uuid;
+
+use crate::{bench, client_cli, roles};
 
 /// Fractals as a Service: Julia-set images rendered by a fleet of workers.
 #[derive(Debug, Parser)]
@@ -22,12 +24,35 @@ pub struct Cli {
     )]
     pub endpoint_url: String,
 
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Give up on a request after trying every endpoint for this many seconds.
+    #[arg(long, global = true, env = "FAAFO_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub timeout: f64,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Ask for fractals: fixed sizes and windows, or random ones in the given ranges.
+    Create(client_cli::CreateArgs),
+    /// List every fractal.
+    List,
+    /// Show one fractal's parameters and state.
+    Show { uuid: Uuid },
+    /// Download a fractal's PNG and verify its checksum.
+    Get {
+        uuid: Uuid,
+        /// Where to write it (default UUID.png; - for stdout).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Delete a fractal and its image, cancelling its render.
+    Delete { uuid: Uuid },
     /// Run the whole service on this machine: the API and workers in one process, on an
     /// embedded database and image directory. Nothing to set up.
     Up(UpArgs),
@@ -123,12 +148,31 @@ pub struct WorkerArgs {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
+        let output = client_cli::Output { json: self.json };
+        let client =
+            || client_cli::client(&self.endpoint_url, Duration::from_secs_f64(self.timeout));
         match self.command {
+            Command::Create(args) => client_cli::create(&client()?, &args, &output).await,
+            Command::List => client_cli::list(&client()?, &output).await,
+            Command::Show { uuid } => client_cli::show(&client()?, uuid, &output).await,
+            Command::Get { uuid, output: file } => {
+                client_cli::get(&client()?, uuid, file, &output).await
+            }
+            Command::Delete { uuid } => client_cli::delete(&client()?, uuid, &output).await,
             Command::Up(args) => roles::up(args).await,
             Command::Api(args) => roles::api(args).await,
             Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
             Command::Bench(command) => command.run().await,
         }
+    }
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!(
+            "expected a positive number of seconds, got {text:?}"
+        )),
     }
 }
 

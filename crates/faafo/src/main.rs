@@ -2,7 +2,9 @@
 
 mod bench;
 mod cli;
+mod client_cli;
 mod roles;
+mod tables;
 
 use clap::Parser;
 
