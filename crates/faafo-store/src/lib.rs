@@ -48,6 +48,13 @@ pub struct Page {
     pub total: u64,
 }
 
+/// Which end of the creation order a list starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListOrder {
+    OldestFirst,
+    NewestFirst,
+}
+
 /// What a sweep of expired leases did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExpiredLeases {
@@ -101,8 +108,8 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
 
     async fn get(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError>;
 
-    /// Fractals in creation order, skipping `offset`, at most `limit`.
-    async fn list(&self, offset: u64, limit: u64) -> Result<Page, StoreError>;
+    /// Fractals in creation order (or its reverse), skipping `offset`, at most `limit`.
+    async fn list(&self, order: ListOrder, offset: u64, limit: u64) -> Result<Page, StoreError>;
 
     /// Removes a fractal, cancelling its task; returns what was removed.
     async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError>;

@@ -15,7 +15,9 @@ use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, Window};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
-use crate::{CreateOutcome, ExpiredLeases, Lease, NewFractal, Page, QueueStats, Store, StoreError};
+use crate::{
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, Page, QueueStats, Store, StoreError,
+};
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
 const MIGRATIONS: &[&str] = &[r#"
@@ -272,7 +274,11 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn list(&self, offset: u64, limit: u64) -> Result<Page, StoreError> {
+    async fn list(&self, order: ListOrder, offset: u64, limit: u64) -> Result<Page, StoreError> {
+        let direction = match order {
+            ListOrder::OldestFirst => "ASC",
+            ListOrder::NewestFirst => "DESC",
+        };
         self.run(move |connection| {
             let tx = connection.transaction().map_err(unavailable)?;
             let total: i64 = tx
@@ -280,7 +286,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             let fractals = tx
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM fractals ORDER BY id LIMIT ?1 OFFSET ?2"
+                    "SELECT {COLUMNS} FROM fractals ORDER BY id {direction} LIMIT ?1 OFFSET ?2"
                 ))
                 .and_then(|mut statement| {
                     statement

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use faafo_core::fractal::RenderResult;
 use faafo_core::wire::CreateFractal;
 use faafo_core::{FractalSpec, FractalState, LeaseToken, Limits};
-use faafo_store::{CreateOutcome, NewFractal, SqliteStore, Store, StoreError};
+use faafo_store::{CreateOutcome, ListOrder, NewFractal, SqliteStore, Store, StoreError};
 use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -98,13 +98,25 @@ async fn list_is_oldest_first_with_a_total() {
     for _ in 0..5 {
         uuids.push(create(&*t.store, 5).await);
     }
-    let page = t.store.list(1, 3).await.unwrap();
+    let page = t.store.list(ListOrder::OldestFirst, 1, 3).await.unwrap();
     assert_eq!(page.total, 5);
     assert_eq!(
         page.fractals.iter().map(|f| f.uuid).collect::<Vec<_>>(),
         uuids[1..4]
     );
-    assert!(t.store.list(10, 3).await.unwrap().fractals.is_empty());
+    let newest = t.store.list(ListOrder::NewestFirst, 0, 2).await.unwrap();
+    assert_eq!(
+        newest.fractals.iter().map(|f| f.uuid).collect::<Vec<_>>(),
+        [uuids[4], uuids[3]]
+    );
+    assert!(
+        t.store
+            .list(ListOrder::OldestFirst, 10, 3)
+            .await
+            .unwrap()
+            .fractals
+            .is_empty()
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::FractalSpec;
 use faafo_core::wire::{CreateFractal, FractalPage, FractalView};
-use faafo_store::{CreateOutcome, NewFractal};
+use faafo_store::{CreateOutcome, ListOrder, NewFractal};
 use uuid::Uuid;
 
 use super::parse_uuid;
@@ -44,7 +44,10 @@ pub async fn list(
         }
     }
     let offset = (page - 1).saturating_mul(per_page);
-    let found = state.store.list(offset, per_page).await?;
+    let found = state
+        .store
+        .list(ListOrder::OldestFirst, offset, per_page)
+        .await?;
     Ok(Json(FractalPage {
         num_results: found.total,
         objects: found.fractals.iter().map(FractalView::new).collect(),

@@ -1,6 +1,7 @@
 //! The HTTP routes.
 
 mod fractals;
+mod gallery;
 mod health;
 mod image;
 mod worker;
@@ -26,6 +27,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/worker/tasks/{uuid}/release", post(worker::release))
         .route("/v1/worker/tasks/{uuid}/fail", post(worker::fail))
         .route("/v1/worker/tasks/{uuid}/image", put(worker::upload))
+        .route("/", get(gallery::first_page))
+        .route("/index/{page}", get(gallery::page))
+        .route("/index/{page}/signature", get(gallery::page_signature))
+        .route("/view/{uuid}", get(gallery::detail))
+        .route("/view/{uuid}/signature", get(gallery::detail_signature))
+        .route("/static/style.css", get(gallery::stylesheet))
+        .route("/static/gallery.js", get(gallery::script))
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/metrics", get(health::metrics))
