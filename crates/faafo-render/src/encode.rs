@@ -1,11 +1,17 @@
-//! Rendering straight into an 8-bit indexed PNG, band by band.
+//! Rendering straight into an 8-bit indexed PNG, band by band, on every core.
+//!
+//! Rows of a band are rendered in parallel; while the encoder compresses one band, the
+//! next is being rendered. Memory holds two bands, never the whole image.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::{Engine, JuliaParams, render_rows};
+use crate::kernel::{EngineUnavailable, Kernel, column_coordinates, render_row};
+use crate::{Engine, JuliaParams};
 
 /// The 32 colours that occur: entry `k` is `(k%8*32, k%16*16, k*8)`.
 pub const PALETTE: [u8; 96] = {
@@ -20,8 +26,8 @@ pub const PALETTE: [u8; 96] = {
     palette
 };
 
-/// Pixels rendered between two writes to the encoder: memory holds a band, not the image.
-const BAND_BYTES: usize = 1 << 20;
+/// Pixels rendered between two writes to the encoder.
+const BAND_PIXELS: usize = 1 << 20;
 
 /// A finished PNG and its identity.
 #[derive(Debug, Clone)]
@@ -29,6 +35,20 @@ pub struct RenderedPng {
     pub bytes: Vec<u8>,
     /// Lower-case hex sha256 of `bytes`.
     pub checksum: String,
+    pub stats: RenderStats,
+}
+
+/// What a render cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RenderStats {
+    /// `z` updates the original algorithm performs for this image, summed over pixels.
+    pub iterations: u64,
+    /// Time spent rendering bands (overlaps with encoding).
+    pub render: Duration,
+    /// Time spent in the PNG encoder.
+    pub encode: Duration,
+    /// From start to the last byte.
+    pub wall: Duration,
 }
 
 /// Why a render produced no image.
@@ -36,13 +56,16 @@ pub struct RenderedPng {
 pub enum RenderError {
     #[error("render cancelled")]
     Cancelled,
+    #[error(transparent)]
+    Engine(#[from] EngineUnavailable),
     #[error("PNG encoding failed")]
     Encode(#[from] png::EncodingError),
 }
 
-/// Renders `params` into PNG bytes in memory and checksums them.
+/// Renders `params` into PNG bytes in memory and checksums them, using the current
+/// rayon pool (all cores by default).
 ///
-/// `cancel` is looked at between bands; once it is set the render stops with
+/// `cancel` is looked at before every row; once it is set the render stops with
 /// [`RenderError::Cancelled`].
 pub fn render_png(
     params: &JuliaParams,
@@ -50,18 +73,24 @@ pub fn render_png(
     cancel: &AtomicBool,
 ) -> Result<RenderedPng, RenderError> {
     let mut bytes = Vec::new();
-    render_png_to(params, engine, cancel, &mut bytes)?;
+    let stats = render_png_to(params, engine, cancel, &mut bytes)?;
     let checksum = hex::encode(Sha256::digest(&bytes));
-    Ok(RenderedPng { bytes, checksum })
+    Ok(RenderedPng {
+        bytes,
+        checksum,
+        stats,
+    })
 }
 
 /// Renders `params` as a PNG into `out`, streaming band by band.
-pub fn render_png_to<W: Write>(
+pub fn render_png_to<W: Write + Send>(
     params: &JuliaParams,
     engine: Engine,
     cancel: &AtomicBool,
     out: W,
-) -> Result<(), RenderError> {
+) -> Result<RenderStats, RenderError> {
+    let started = Instant::now();
+    let kernel = engine.kernel()?;
     let mut encoder = png::Encoder::new(out, params.width, params.height);
     encoder.set_color(png::ColorType::Indexed);
     encoder.set_depth(png::BitDepth::Eight);
@@ -72,25 +101,79 @@ pub fn render_png_to<W: Write>(
     let mut stream = writer.stream_writer()?;
 
     let width = params.width as usize;
-    let rows_per_band = (BAND_BYTES / width).max(1) as u32;
-    let mut band = vec![0u8; width * rows_per_band.min(params.height) as usize];
+    let rows_per_band = (BAND_PIXELS / width).clamp(1, params.height as usize) as u32;
+    let columns = column_coordinates(params);
+    let band = |first_row: u32, buffer: &mut Vec<u8>| -> Result<(u64, Duration), RenderError> {
+        let started = Instant::now();
+        let rows = rows_per_band.min(params.height - first_row) as usize;
+        buffer.resize(rows * width, 0);
+        let work = render_band(params, kernel, &columns, first_row, buffer, cancel)?;
+        Ok((work, started.elapsed()))
+    };
+
+    let mut stats = RenderStats::default();
+    let mut current = Vec::with_capacity(rows_per_band as usize * width);
+    let mut next = Vec::with_capacity(rows_per_band as usize * width);
+    let (work, took) = band(0, &mut current)?;
+    stats.iterations += work;
+    stats.render += took;
     let mut row = 0;
     while row < params.height {
-        let rows = rows_per_band.min(params.height - row);
-        let band = &mut band[..width * rows as usize];
-        // Row by row, so a small image with many iterations still stops promptly.
-        for (offset, line) in band.chunks_exact_mut(width).enumerate() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(RenderError::Cancelled);
-            }
-            render_rows(params, engine, row + offset as u32, line);
+        let following = row + rows_per_band;
+        // Encode this band on this thread while the pool renders the next one.
+        let (encoded, rendered) = rayon::join(
+            || {
+                let started = Instant::now();
+                stream.write_all(&current).map(|()| started.elapsed())
+            },
+            || {
+                if following < params.height {
+                    band(following, &mut next).map(Some)
+                } else {
+                    Ok(None)
+                }
+            },
+        );
+        stats.encode += encoded.map_err(png::EncodingError::from)?;
+        if let Some((work, took)) = rendered? {
+            stats.iterations += work;
+            stats.render += took;
         }
-        stream.write_all(band).map_err(png::EncodingError::from)?;
-        row += rows;
+        std::mem::swap(&mut current, &mut next);
+        row = following;
     }
+    let finishing = Instant::now();
     stream.finish()?;
     writer.finish()?;
-    Ok(())
+    stats.encode += finishing.elapsed();
+    stats.wall = started.elapsed();
+    Ok(stats)
+}
+
+/// Renders the rows of one band in parallel.
+fn render_band(
+    params: &JuliaParams,
+    kernel: Kernel,
+    columns: &[f64],
+    first_row: u32,
+    band: &mut [u8],
+    cancel: &AtomicBool,
+) -> Result<u64, RenderError> {
+    let work = band
+        .par_chunks_mut(columns.len())
+        .enumerate()
+        .map(|(offset, line)| {
+            // Row by row, so a small image with many iterations still stops promptly.
+            if cancel.load(Ordering::Relaxed) {
+                return 0;
+            }
+            render_row(params, kernel, columns, first_row + offset as u32, line)
+        })
+        .sum();
+    if cancel.load(Ordering::Relaxed) {
+        return Err(RenderError::Cancelled);
+    }
+    Ok(work)
 }
 
 /// The width and height a PNG declares, read from its header only.
@@ -135,13 +218,34 @@ mod tests {
     }
 
     #[test]
-    fn same_params_same_bytes() {
+    fn same_params_same_bytes_on_every_engine() {
         let never = AtomicBool::new(false);
         let a = render_png(&params(), Engine::Scalar, &never).unwrap();
-        let b = render_png(&params(), Engine::Scalar, &never).unwrap();
+        let b = render_png(&params(), Engine::Auto, &never).unwrap();
         assert_eq!(a.bytes, b.bytes);
+        assert_eq!(a.stats.iterations, b.stats.iterations);
         assert_eq!(a.checksum, hex::encode(Sha256::digest(&a.bytes)));
         assert_eq!(&a.bytes[1..4], b"PNG");
+    }
+
+    #[test]
+    fn bands_do_not_change_the_bytes() {
+        // Wide enough that the image spans several bands.
+        let wide = JuliaParams {
+            width: 4096,
+            height: 300,
+            ..params()
+        };
+        let never = AtomicBool::new(false);
+        let banded = render_png(&wide, Engine::Auto, &never).unwrap();
+        let mut indices = vec![0u8; 4096 * 300];
+        crate::render_rows(&wide, Kernel::Scalar, 0, &mut indices);
+        let mut decoded = png::Decoder::new(std::io::Cursor::new(banded.bytes))
+            .read_info()
+            .unwrap();
+        let mut pixels = vec![0; decoded.output_buffer_size().unwrap()];
+        decoded.next_frame(&mut pixels).unwrap();
+        assert_eq!(pixels, indices);
     }
 
     #[test]

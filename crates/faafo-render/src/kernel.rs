@@ -1,13 +1,48 @@
-//! The per-pixel iteration. Every engine must produce exactly what [`escape_step`] does.
+//! The per-pixel iteration, and the choice of implementation. Every kernel must produce
+//! exactly what [`escape_step`] does, pixel for pixel.
 
 use crate::JuliaParams;
 
 /// Which implementation of the iteration to run. All engines produce identical pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
-    /// The plain scalar loop, the reference for every other engine.
+    /// The fastest kernel this CPU supports.
     #[default]
+    Auto,
+    /// The plain scalar loop, the reference for every other kernel.
     Scalar,
+    /// Vector instructions (x86-64 AVX2); unavailable on other CPUs.
+    Simd,
+}
+
+/// A kernel that can run on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+/// The engine asked for cannot run on this CPU.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {0:?} engine needs a CPU with AVX2, which this one lacks")]
+pub struct EngineUnavailable(pub Engine);
+
+impl Engine {
+    /// The kernel this engine means on this machine.
+    pub fn kernel(self) -> Result<Kernel, EngineUnavailable> {
+        match self {
+            Engine::Scalar => Ok(Kernel::Scalar),
+            Engine::Auto => Ok(Engine::Simd.kernel().unwrap_or(Kernel::Scalar)),
+            Engine::Simd => {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    return Ok(Kernel::Avx2);
+                }
+                Err(EngineUnavailable(self))
+            }
+        }
+    }
 }
 
 /// The escape step of `z0` under `z -> z*z + c`: the `i` the original loop ends with,
@@ -16,10 +51,16 @@ pub enum Engine {
 /// `iterations` must be at least 1.
 #[inline]
 pub fn escape_step(z_re: f64, z_im: f64, c_re: f64, c_im: f64, iterations: u32) -> u32 {
+    escape(z_re, z_im, c_re, c_im, iterations).unwrap_or(iterations.saturating_sub(1))
+}
+
+/// The first `i` with `|z| > 2`, or `None` if `z` stays within 2 for all iterations.
+#[inline]
+fn escape(z_re: f64, z_im: f64, c_re: f64, c_im: f64, iterations: u32) -> Option<u32> {
     let (mut re, mut im) = (z_re, z_im);
     for i in 0..iterations {
         if magnitude_exceeds_two(re, im) {
-            return i;
+            return Some(i);
         }
         // Complex multiply as CPython computes it, then the add; no fused multiply-add.
         let next_re = re * re - im * im;
@@ -27,7 +68,7 @@ pub fn escape_step(z_re: f64, z_im: f64, c_re: f64, c_im: f64, iterations: u32) 
         re = next_re + c_re;
         im = next_im + c_im;
     }
-    iterations.saturating_sub(1)
+    None
 }
 
 /// The palette index of escape step `i`: the colour `(i%8*32, i%16*16, i%32*8)` depends
@@ -37,12 +78,14 @@ pub fn palette_index(step: u32) -> u8 {
     (step % 32) as u8
 }
 
+/// Where `re*re + im*im` is too close to 4 to decide `|z| > 2` from it.
+pub(crate) const BAND: f64 = 1e-12;
+
 /// `hypot(re, im) > 2.0`, exactly as the original decides it, but usually without the
 /// cost of `hypot`: `re*re + im*im` is within a few ulps of `|z|^2`, so only values in a
 /// thin band around 4 need the exact (libm) answer.
 #[inline]
-fn magnitude_exceeds_two(re: f64, im: f64) -> bool {
-    const BAND: f64 = 1e-12;
+pub(crate) fn magnitude_exceeds_two(re: f64, im: f64) -> bool {
     let squared = re * re + im * im;
     if squared > 4.0 + BAND {
         true
@@ -53,11 +96,53 @@ fn magnitude_exceeds_two(re: f64, im: f64) -> bool {
     }
 }
 
+/// The real coordinate of every column, computed once per image.
+pub fn column_coordinates(params: &JuliaParams) -> Vec<f64> {
+    (0..params.width).map(|x| params.column_re(x)).collect()
+}
+
+/// Renders row `y` into `out` (one palette index per pixel) and returns the number of
+/// iterations the original algorithm performs for it (`z` updates, summed over pixels).
+pub fn render_row(
+    params: &JuliaParams,
+    kernel: Kernel,
+    columns: &[f64],
+    y: u32,
+    out: &mut [u8],
+) -> u64 {
+    debug_assert_eq!(columns.len(), out.len());
+    let im = params.row_im(y);
+    match kernel {
+        Kernel::Scalar => scalar_row(columns, im, params.cx, params.cy, params.iterations, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernel::Avx2` is only handed out after detecting AVX2.
+        Kernel::Avx2 => unsafe {
+            crate::simd::avx2::render_row(columns, im, params.cx, params.cy, params.iterations, out)
+        },
+    }
+}
+
+/// The scalar kernel over one row. Not inlined, so that it compiles the same wherever it
+/// is called from (inlined into a rayon closure it lost a third of its speed).
+#[inline(never)]
+fn scalar_row(columns: &[f64], im: f64, cx: f64, cy: f64, iterations: u32, out: &mut [u8]) -> u64 {
+    let mut work = 0;
+    for (pixel, &re) in out.iter_mut().zip(columns) {
+        let (step, updates) = match escape(re, im, cx, cy, iterations) {
+            Some(step) => (step, step),
+            None => (iterations - 1, iterations),
+        };
+        work += u64::from(updates);
+        *pixel = palette_index(step);
+    }
+    work
+}
+
 /// Renders rows `first_row..first_row + out.len() / width` into `out` as palette indices,
-/// one byte per pixel, row-major.
+/// one byte per pixel, row-major, and returns the iterations performed.
 ///
 /// Panics if `out.len()` is not a whole number of rows inside the image; callers size it.
-pub fn render_rows(params: &JuliaParams, engine: Engine, first_row: u32, out: &mut [u8]) {
+pub fn render_rows(params: &JuliaParams, kernel: Kernel, first_row: u32, out: &mut [u8]) -> u64 {
     let width = params.width as usize;
     assert!(
         width > 0 && out.len().is_multiple_of(width),
@@ -65,18 +150,11 @@ pub fn render_rows(params: &JuliaParams, engine: Engine, first_row: u32, out: &m
     );
     let rows = (out.len() / width) as u32;
     assert!(first_row + rows <= params.height, "rows past the image");
-    match engine {
-        Engine::Scalar => {
-            for (offset, row) in out.chunks_exact_mut(width).enumerate() {
-                let im = params.row_im(first_row + offset as u32);
-                for (x, pixel) in row.iter_mut().enumerate() {
-                    let re = params.column_re(x as u32);
-                    *pixel =
-                        palette_index(escape_step(re, im, params.cx, params.cy, params.iterations));
-                }
-            }
-        }
-    }
+    let columns = column_coordinates(params);
+    out.chunks_exact_mut(width)
+        .zip(first_row..)
+        .map(|(row, y)| render_row(params, kernel, &columns, y, row))
+        .sum()
 }
 
 #[cfg(test)]
@@ -116,5 +194,33 @@ mod tests {
             let re = f64::from_bits((s.to_bits() as i64 + k) as u64);
             assert_eq!(magnitude_exceeds_two(re, s), re.hypot(s) > 2.0, "k={k}");
         }
+    }
+
+    #[test]
+    fn work_counts_updates() {
+        let params = JuliaParams {
+            width: 2,
+            height: 1,
+            iterations: 10,
+            xa: 3.0,
+            xb: 0.0,
+            ya: 0.0,
+            yb: 0.0,
+            cx: 0.0,
+            cy: 0.0,
+        };
+        let mut out = [0u8; 2];
+        // (3, 0) escapes at once: 0 updates; (0, 0) never does: 10 updates.
+        assert_eq!(render_rows(&params, Kernel::Scalar, 0, &mut out), 10);
+        assert_eq!(out, [0, 9]);
+        // A point that escapes exactly at the last step made as many updates as its step.
+        let last = JuliaParams {
+            width: 1,
+            iterations: 2,
+            xa: 1.5,
+            ..params
+        };
+        let mut one = [0u8; 1];
+        assert_eq!(render_rows(&last, Kernel::Scalar, 0, &mut one), 1);
     }
 }

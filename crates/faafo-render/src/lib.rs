@@ -12,10 +12,16 @@
 mod constant;
 mod encode;
 mod kernel;
+mod simd;
 
 pub use constant::{ConstantChoice, choose_constant};
-pub use encode::{PALETTE, RenderError, RenderedPng, png_dimensions, render_png, render_png_to};
-pub use kernel::{Engine, escape_step, palette_index, render_rows};
+pub use encode::{
+    PALETTE, RenderError, RenderStats, RenderedPng, png_dimensions, render_png, render_png_to,
+};
+pub use kernel::{
+    Engine, EngineUnavailable, Kernel, column_coordinates, escape_step, palette_index, render_row,
+    render_rows,
+};
 
 /// Everything a render depends on. Validation of user input happens in `faafo-core`;
 /// this type only assumes `width >= 1`, `height >= 1` and `iterations >= 1`.

@@ -16,6 +16,21 @@ use crate::roles::LocalService;
 pub enum BenchCommand {
     /// End to end through `faafo up` in this process: create tasks, wait until all are done.
     E2e(E2eArgs),
+    /// The renderer: the typical task mix, a heavy case and 9999x9999, scalar against SIMD.
+    Render(RenderBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RenderBenchArgs {
+    /// Tasks in the typical mix.
+    #[arg(long, default_value_t = 40)]
+    tasks: u32,
+    /// Seed of the typical mix.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Skip the 9999x9999 case (it takes a few seconds per engine).
+    #[arg(long)]
+    skip_large: bool,
 }
 
 #[derive(Debug, Args)]
@@ -40,6 +55,7 @@ impl BenchCommand {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             BenchCommand::E2e(args) => e2e(args).await,
+            BenchCommand::Render(args) => crate::render_bench::run(&args.into()),
         }
     }
 }
@@ -126,16 +142,26 @@ async fn e2e(args: E2eArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl From<RenderBenchArgs> for crate::render_bench::Options {
+    fn from(args: RenderBenchArgs) -> Self {
+        crate::render_bench::Options {
+            tasks: args.tasks,
+            seed: args.seed,
+            large: !args.skip_large,
+        }
+    }
+}
+
 /// Windows in the original client's default ranges: xa in [-4, -1], xb in [1, 4],
 /// ya in [-3, -0.5], yb in [0.5, 3], from a seeded generator.
-struct OriginalWindows(u64);
+pub struct OriginalWindows(u64);
 
 impl OriginalWindows {
-    fn new(seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         OriginalWindows(seed)
     }
 
-    fn uniform(&mut self, low: f64, high: f64) -> f64 {
+    pub fn uniform(&mut self, low: f64, high: f64) -> f64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -143,7 +169,7 @@ impl OriginalWindows {
         low + (high - low) * ((self.0 >> 11) as f64 / (1u64 << 53) as f64)
     }
 
-    fn next(&mut self) -> (f64, f64, f64, f64) {
+    pub fn next(&mut self) -> (f64, f64, f64, f64) {
         (
             self.uniform(-4.0, -1.0),
             self.uniform(1.0, 4.0),

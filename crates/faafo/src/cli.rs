@@ -9,7 +9,7 @@ use faafo_core::{Limits, WorkerToken};
 
 use uuid::Uuid;
 
-use crate::{bench, client_cli, roles};
+use crate::{bench, client_cli, render_cli, roles};
 
 /// Fractals as a Service: Julia-set images rendered by a fleet of workers.
 #[derive(Debug, Parser)]
@@ -60,6 +60,8 @@ pub enum Command {
     Api(ApiArgs),
     /// Run one worker, taking tasks from the API endpoints.
     Worker(WorkerArgs),
+    /// Render one fractal locally, without a server.
+    Render(render_cli::RenderArgs),
     /// Measure the service.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -162,6 +164,7 @@ impl Cli {
             Command::Up(args) => roles::up(args).await,
             Command::Api(args) => roles::api(args).await,
             Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
+            Command::Render(args) => render_cli::render(&args),
             Command::Bench(command) => command.run().await,
         }
     }

@@ -3,6 +3,8 @@
 mod bench;
 mod cli;
 mod client_cli;
+mod render_bench;
+mod render_cli;
 mod roles;
 mod tables;
 

@@ -1,0 +1,96 @@
+//! Every engine must produce the scalar kernel's pixels, bit for bit.
+
+use faafo_render::{Engine, JuliaParams, Kernel, column_coordinates, render_row};
+use proptest::prelude::*;
+
+fn simd() -> Kernel {
+    Engine::Simd
+        .kernel()
+        .expect("the test machine has AVX2 (x86-64 v3); the SIMD path must be tested")
+}
+
+/// Renders every row with `kernel`: the palette indices and the work count.
+fn render(params: &JuliaParams, kernel: Kernel) -> (Vec<u8>, u64) {
+    let columns = column_coordinates(params);
+    let mut pixels = vec![0u8; (params.width * params.height) as usize];
+    let work = pixels
+        .chunks_exact_mut(params.width as usize)
+        .zip(0..)
+        .map(|(row, y)| render_row(params, kernel, &columns, y, row))
+        .sum();
+    (pixels, work)
+}
+
+fn finite(range: std::ops::Range<f64>) -> impl Strategy<Value = f64> {
+    range
+}
+
+prop_compose! {
+    fn window()(xa in finite(-4.0..0.0), dx in 0.001f64..6.0, ya in finite(-3.0..0.0), dy in 0.001f64..5.0)
+        -> (f64, f64, f64, f64) { (xa, xa + dx, ya, ya + dy) }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simd_equals_scalar_on_random_windows(
+        (xa, xb, ya, yb) in window(),
+        cx in -1.5f64..1.0,
+        cy in -1.0f64..1.0,
+        // Widths around and between multiples of the 16-pixel block.
+        width in 1u32..70,
+        height in 1u32..12,
+        iterations in 1u32..600,
+    ) {
+        let params = JuliaParams { width, height, iterations, xa, xb, ya, yb, cx, cy };
+        prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+    }
+
+    #[test]
+    fn simd_equals_scalar_on_the_circle_of_radius_two(
+        radius_ulps in -64i64..64,
+        angle in 0.0f64..std::f64::consts::TAU,
+        iterations in 1u32..50,
+    ) {
+        // Windows whose corner sits within a few ulps of |z| = 2: the exact fallback decides.
+        let r = f64::from_bits((2.0f64.to_bits() as i64 + radius_ulps) as u64);
+        let (re, im) = (r * angle.cos(), r * angle.sin());
+        let params = JuliaParams { width: 19, height: 3, iterations, xa: re, xb: re + 1e-9, ya: im, yb: im + 1e-9, cx: 0.0, cy: 0.0 };
+        prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+    }
+}
+
+#[test]
+fn simd_equals_scalar_on_the_heavy_case() {
+    let params = JuliaParams {
+        width: 301,
+        height: 64,
+        iterations: 512,
+        xa: -1.6,
+        xb: 1.6,
+        ya: -1.2,
+        yb: 1.2,
+        cx: -0.8,
+        cy: 0.156,
+    };
+    assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+}
+
+#[test]
+fn simd_equals_scalar_for_points_that_never_escape() {
+    let params = JuliaParams {
+        width: 33,
+        height: 5,
+        iterations: 3000,
+        xa: -0.05,
+        xb: 0.05,
+        ya: -0.05,
+        yb: 0.05,
+        cx: -1.0,
+        cy: 0.0,
+    };
+    let (pixels, work) = render(&params, simd());
+    assert_eq!((pixels.clone(), work), render(&params, Kernel::Scalar));
+    assert_eq!(work, 33 * 5 * 3000, "every pixel made every update");
+}
