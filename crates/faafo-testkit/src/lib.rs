@@ -1,0 +1,16 @@
+//! Real infrastructure for tests: a throwaway PostgreSQL cluster started from the
+//! installed binaries, and a TCP proxy that can cut every connection through it.
+
+mod postgres;
+mod proxy;
+
+pub use postgres::PostgresServer;
+pub use proxy::TcpProxy;
+
+/// A free TCP port on loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
