@@ -92,6 +92,9 @@ pub async fn serve(
     });
     let background = TaskTracker::new();
     background.spawn(queue::sweep_expired_leases(Arc::clone(&state)));
+    if let Some(hints) = state.store.work_hints() {
+        background.spawn(queue::forward_store_hints(Arc::clone(&state), hints));
+    }
     let app = routes::router(Arc::clone(&state));
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -21,6 +21,17 @@ impl WorkSignal {
     }
 }
 
+/// Passes the store's cross-process wake-ups (PostgreSQL NOTIFY) on to waiting lease
+/// requests in this process.
+pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = hints.notified() => state.work.notify(),
+        }
+    }
+}
+
 /// Returns expired leases to the queue (or fails tasks out of attempts) every
 /// `sweep_interval`, until shutdown. Lease expiry produces no event, so this polls.
 pub async fn sweep_expired_leases(state: Arc<AppState>) {

@@ -4,8 +4,10 @@
 //! moment when a fractal exists without its task or the reverse. Workers claim tasks with
 //! a lease (token and expiry) and every later write must present the token (fencing).
 //!
-//! [`Store`] is what the API serves from; [`SqliteStore`] is the embedded default.
+//! [`Store`] is what the API serves from; [`SqliteStore`] is the embedded default and
+//! [`PostgresStore`] the one for several hosts.
 
+mod postgres;
 mod sqlite;
 
 use std::time::Duration;
@@ -15,6 +17,7 @@ use faafo_core::fractal::RenderResult;
 use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken};
 use uuid::Uuid;
 
+pub use postgres::{PostgresStore, Wakeups};
 pub use sqlite::SqliteStore;
 
 /// A fractal about to be stored.
@@ -146,4 +149,10 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
 
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Woken when another process may have created work, for stores that can tell.
+    /// A hint only: waiters must still poll.
+    fn work_hints(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }

@@ -1,4 +1,4 @@
-//! Behaviour every store must have, run against a real SQLite file.
+//! Behaviour every store must have, run against a real SQLite file and a real PostgreSQL.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,25 +7,87 @@ use std::time::{Duration, Instant};
 use faafo_core::fractal::RenderResult;
 use faafo_core::wire::CreateFractal;
 use faafo_core::{FractalSpec, FractalState, LeaseToken, Limits};
-use faafo_store::{CreateOutcome, ListOrder, NewFractal, SqliteStore, Store, StoreError};
+use faafo_store::{
+    CreateOutcome, ListOrder, NewFractal, PostgresStore, SqliteStore, Store, StoreError, Wakeups,
+};
 use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// A store under test, and what it needs to stay alive.
 struct TestStore {
     store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
+    backend: Backend,
 }
 
-async fn sqlite() -> TestStore {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("faafo.db"))
-        .await
-        .unwrap();
-    TestStore {
-        store: Arc::new(store),
-        _dir: dir,
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    /// The server is kept only so that it lives as long as the test.
+    Postgres {
+        _server: faafo_testkit::PostgresServer,
+        url: String,
+    },
+}
+
+impl TestStore {
+    async fn sqlite() -> TestStore {
+        Self::open_on(Backend::Sqlite(tempfile::tempdir().unwrap())).await
     }
+
+    async fn postgres() -> TestStore {
+        let server = faafo_testkit::PostgresServer::start();
+        let url = server.create_database().await;
+        Self::open_on(Backend::Postgres {
+            _server: server,
+            url,
+        })
+        .await
+    }
+
+    async fn open_on(backend: Backend) -> TestStore {
+        TestStore {
+            store: open(&backend).await,
+            backend,
+        }
+    }
+
+    /// A second handle on the same data, as a second API process would have.
+    async fn reopen(&self) -> Arc<dyn Store> {
+        open(&self.backend).await
+    }
+}
+
+async fn open(backend: &Backend) -> Arc<dyn Store> {
+    match backend {
+        Backend::Sqlite(dir) => Arc::new(
+            SqliteStore::open(dir.path().join("faafo.db"))
+                .await
+                .unwrap(),
+        ),
+        Backend::Postgres { url, .. } => Arc::new(
+            PostgresStore::connect(url, Wakeups::ListenNotify)
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+/// Runs each named test against SQLite and against PostgreSQL.
+macro_rules! on_every_store {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $test() {
+                super::$test(super::TestStore::sqlite().await).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $test() {
+                super::$test(super::TestStore::postgres().await).await
+            })*
+        }
+    };
 }
 
 fn new_fractal(max_attempts: u32) -> NewFractal {
@@ -76,9 +138,7 @@ async fn expire_until(store: &dyn Store, mut done: impl FnMut(faafo_store::Expir
     }
 }
 
-#[tokio::test]
-async fn create_is_idempotent_by_uuid() {
-    let t = sqlite().await;
+async fn create_is_idempotent_by_uuid(t: TestStore) {
     let new = new_fractal(5);
     let CreateOutcome::Created(created) = t.store.create(new.clone()).await.unwrap() else {
         panic!("not created")
@@ -91,9 +151,7 @@ async fn create_is_idempotent_by_uuid() {
     assert_eq!(t.store.get(Uuid::new_v4()).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn list_is_oldest_first_with_a_total() {
-    let t = sqlite().await;
+async fn list_is_oldest_first_with_a_total(t: TestStore) {
     let mut uuids = Vec::new();
     for _ in 0..5 {
         uuids.push(create(&*t.store, 5).await);
@@ -119,9 +177,7 @@ async fn list_is_oldest_first_with_a_total() {
     );
 }
 
-#[tokio::test]
-async fn claim_gives_the_oldest_task_once() {
-    let t = sqlite().await;
+async fn claim_gives_the_oldest_task_once(t: TestStore) {
     let first = create(&*t.store, 5).await;
     let second = create(&*t.store, 5).await;
     let a = t.store.claim("w1", LEASE).await.unwrap().unwrap();
@@ -134,9 +190,7 @@ async fn claim_gives_the_oldest_task_once() {
     assert!(t.store.claim("w3", LEASE).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn complete_records_the_result_and_only_the_holder_may() {
-    let t = sqlite().await;
+async fn complete_records_the_result_and_only_the_holder_may(t: TestStore) {
     let uuid = create(&*t.store, 5).await;
     let lease = t.store.claim("w1", LEASE).await.unwrap().unwrap();
     let stranger = LeaseToken::generate();
@@ -167,9 +221,7 @@ async fn complete_records_the_result_and_only_the_holder_may() {
     ));
 }
 
-#[tokio::test]
-async fn an_expired_lease_goes_to_another_worker_and_fences_the_first() {
-    let t = sqlite().await;
+async fn an_expired_lease_goes_to_another_worker_and_fences_the_first(t: TestStore) {
     let uuid = create(&*t.store, 5).await;
     let first = t
         .store
@@ -199,9 +251,7 @@ async fn an_expired_lease_goes_to_another_worker_and_fences_the_first() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn a_task_out_of_attempts_fails_with_the_reason() {
-    let t = sqlite().await;
+async fn a_task_out_of_attempts_fails_with_the_reason(t: TestStore) {
     let uuid = create(&*t.store, 2).await;
     for attempt in 1..=2 {
         let lease = t
@@ -223,9 +273,7 @@ async fn a_task_out_of_attempts_fails_with_the_reason() {
     assert!(t.store.claim("w2", LEASE).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn fail_and_release() {
-    let t = sqlite().await;
+async fn fail_and_release(t: TestStore) {
     let failing = create(&*t.store, 5).await;
     let lease = t.store.claim("w1", LEASE).await.unwrap().unwrap();
     t.store
@@ -249,9 +297,7 @@ async fn fail_and_release() {
     ));
 }
 
-#[tokio::test]
-async fn delete_cancels_a_running_task() {
-    let t = sqlite().await;
+async fn delete_cancels_a_running_task(t: TestStore) {
     let uuid = create(&*t.store, 5).await;
     let lease = t.store.claim("w1", LEASE).await.unwrap().unwrap();
     assert_eq!(
@@ -269,9 +315,7 @@ async fn delete_cancels_a_running_task() {
     assert_eq!(t.store.delete(uuid).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn stats_count_states_and_the_oldest_queued() {
-    let t = sqlite().await;
+async fn stats_count_states_and_the_oldest_queued(t: TestStore) {
     for _ in 0..3 {
         create(&*t.store, 5).await;
     }
@@ -296,15 +340,9 @@ async fn stats_count_states_and_the_oldest_queued() {
     t.store.ping().await.unwrap();
 }
 
-#[tokio::test]
-async fn two_handles_on_one_file_never_claim_the_same_task() {
-    // Two API processes sharing the SQLite file, as `faafo api` allows on one host.
-    let t = sqlite().await;
-    let other: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(t._dir.path().join("faafo.db"))
-            .await
-            .unwrap(),
-    );
+async fn two_handles_on_one_store_never_claim_the_same_task(t: TestStore) {
+    // Two API processes sharing one database.
+    let other = t.reopen().await;
     for _ in 0..40 {
         create(&*t.store, 5).await;
     }
@@ -325,3 +363,16 @@ async fn two_handles_on_one_file_never_claim_the_same_task() {
     assert_eq!(all.len(), 40);
     assert_eq!(all.iter().collect::<HashSet<_>>().len(), 40);
 }
+
+on_every_store!(
+    create_is_idempotent_by_uuid,
+    list_is_oldest_first_with_a_total,
+    claim_gives_the_oldest_task_once,
+    complete_records_the_result_and_only_the_holder_may,
+    an_expired_lease_goes_to_another_worker_and_fences_the_first,
+    a_task_out_of_attempts_fails_with_the_reason,
+    fail_and_release,
+    delete_cancels_a_running_task,
+    stats_count_states_and_the_oldest_queued,
+    two_handles_on_one_store_never_claim_the_same_task,
+);

@@ -86,7 +86,9 @@ pub struct UpArgs {
 pub struct ApiArgs {
     #[arg(long, env = "FAAFO_BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
-    /// The store: sqlite:///path/to/faafo.db (or sqlite:relative/path.db).
+    /// The store: sqlite:///path/to/faafo.db (or sqlite:relative/path.db), or PostgreSQL:
+    /// postgres://user@host1:5432,host2:5432/faafo?target_session_attrs=read-write
+    /// (several hosts: the one that accepts writes is used, and found again after a failover).
     #[arg(long, env = "FAAFO_DATABASE_URL")]
     pub database_url: String,
     /// Where images are kept: file:///absolute/directory.
@@ -95,6 +97,10 @@ pub struct ApiArgs {
     /// The secret workers must present.
     #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: String,
+    /// PostgreSQL only: no LISTEN/NOTIFY wake-ups, polling alone (for poolers such as
+    /// PgBouncer in transaction mode, where LISTEN does not work).
+    #[arg(long, env = "FAAFO_POLL_ONLY")]
+    pub poll_only: bool,
     #[command(flatten)]
     pub tuning: ApiTuning,
 }

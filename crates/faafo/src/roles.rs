@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use faafo_api::{ApiConfig, Images};
 use faafo_client::{Client, RetryPolicy};
 use faafo_core::WorkerToken;
-use faafo_store::{SqliteStore, Store};
+use faafo_store::{PostgresStore, SqliteStore, Store, Wakeups};
 use faafo_worker::WorkerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,12 @@ use tokio_util::task::TaskTracker;
 use crate::cli::{ApiArgs, UpArgs, WorkerArgs};
 
 pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.database_url).await?;
+    let wakeups = if args.poll_only {
+        Wakeups::PollOnly
+    } else {
+        Wakeups::ListenNotify
+    };
+    let store = open_store(&args.database_url, wakeups).await?;
     let images = Images::open(&args.object_store)
         .await
         .context("opening the object store")?;
@@ -159,12 +164,21 @@ fn generated_token() -> WorkerToken {
     ))
 }
 
-async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store a `--database-url` names: `sqlite://PATH` or `postgres://...`.
+pub async fn open_store(url: &str, wakeups: Wakeups) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = PostgresStore::connect(url, wakeups)
+            .await
+            .context("connecting to PostgreSQL")?;
+        return Ok(Arc::new(store));
+    }
     let path = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"));
     let Some(path) = path.filter(|p| !p.is_empty()) else {
-        bail!("unsupported --database-url {url:?}: expected sqlite:///path/to/faafo.db");
+        bail!(
+            "unsupported --database-url {url:?}: expected sqlite:///path/to/faafo.db or postgres://user@host[,host2]/db"
+        );
     };
     if let Some(parent) = Path::new(path)
         .parent()

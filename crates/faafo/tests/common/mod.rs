@@ -125,7 +125,16 @@ impl Drop for Process {
 
 /// `faafo api` on port 0 over the database and images in `dir`.
 pub fn spawn_api(dir: &Path, name: &str, extra: &[&str]) -> Process {
-    let database = format!("sqlite://{}", dir.join("faafo.db").display());
+    spawn_api_on(
+        dir,
+        name,
+        &format!("sqlite://{}", dir.join("faafo.db").display()),
+        extra,
+    )
+}
+
+/// `faafo api` on port 0 over the database at `database` and the images in `dir`.
+pub fn spawn_api_on(dir: &Path, name: &str, database: &str, extra: &[&str]) -> Process {
     let images = format!("file://{}", dir.join("images").display());
     let mut args = vec![
         "api",

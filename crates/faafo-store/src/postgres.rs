@@ -1,0 +1,667 @@
+//! The store on PostgreSQL, for many API processes on many hosts.
+//!
+//! Claims take the oldest queued row with `FOR UPDATE SKIP LOCKED`, so concurrent claims
+//! never wait on each other. Every time comes from the database's clock, so API hosts
+//! with skewed clocks agree on lease expiry. A URL may list several hosts with
+//! `target_session_attrs=read-write`: new connections go to whichever accepts writes, and a
+//! connection that fails is dropped rather than reused, so after a failover the pool
+//! refills from the new primary. `LISTEN faafo_work` wakes waiting workers at once; it is
+//! a hint, and polling remains the guarantee (and the only mechanism in poll-only mode, for
+//! transaction-pooling proxies where LISTEN does not work).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use faafo_core::fractal::RenderResult;
+use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, Window};
+use tokio::sync::Notify;
+use tokio_postgres::{NoTls, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, Page, QueueStats, Store, StoreError,
+};
+
+/// Schema versions in order; `faafo_schema` records how many have been applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE FUNCTION faafo_now_ms() RETURNS bigint
+    LANGUAGE sql VOLATILE AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
+CREATE TABLE fractals (
+    id               bigserial PRIMARY KEY,
+    uuid             uuid             NOT NULL UNIQUE,
+    width            integer          NOT NULL,
+    height           integer          NOT NULL,
+    iterations       integer          NOT NULL,
+    xa               double precision NOT NULL,
+    xb               double precision NOT NULL,
+    ya               double precision NOT NULL,
+    yb               double precision NOT NULL,
+    cx               double precision NOT NULL,
+    cy               double precision NOT NULL,
+    seed             bigint,
+    state            text             NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    attempts         integer          NOT NULL DEFAULT 0,
+    max_attempts     integer          NOT NULL,
+    lease_token      uuid,
+    lease_expires_at bigint,
+    leased_by        text,
+    checksum         text,
+    size             bigint,
+    duration         double precision,
+    generated_by     text,
+    error            text,
+    created_at       bigint           NOT NULL DEFAULT faafo_now_ms(),
+    finished_at      bigint
+) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.05);
+-- Only work still to do is indexed for claims and sweeps: finished rows stay out of the hot path.
+CREATE INDEX fractals_queued ON fractals (id) WHERE state = 'queued';
+CREATE INDEX fractals_leased ON fractals (lease_expires_at) WHERE state = 'running';
+"#];
+
+/// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
+const MIGRATION_LOCK: i64 = 0x6661_6166_6f00;
+
+const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
+                       max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
+
+/// The notification channel that announces new work.
+const CHANNEL: &str = "faafo_work";
+
+/// Longest time one store operation may take before it counts as unavailable.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether to use LISTEN/NOTIFY wake-ups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeups {
+    /// LISTEN on a dedicated connection, NOTIFY on every new task.
+    ListenNotify,
+    /// Polling only, for connection poolers in transaction mode.
+    PollOnly,
+}
+
+#[derive(Debug)]
+pub struct PostgresStore {
+    pool: Pool,
+    wakeups: Wakeups,
+    hints: Arc<Notify>,
+    stop_listening: CancellationToken,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.stop_listening.cancel();
+    }
+}
+
+fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(error))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the database did not answer within {0:?}")]
+struct TimedOut(Duration);
+
+impl PostgresStore {
+    /// Connects to `url` (libpq URL syntax, several hosts allowed), applies migrations
+    /// and, with [`Wakeups::ListenNotify`], starts listening for new work.
+    pub async fn connect(url: &str, wakeups: Wakeups) -> Result<PostgresStore, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(unavailable)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.keepalives_idle(Duration::from_secs(10));
+        config.application_name("faafo");
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(OPERATION_TIMEOUT))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(unavailable)?;
+        let store = PostgresStore {
+            pool,
+            wakeups,
+            hints: Arc::new(Notify::new()),
+            stop_listening: CancellationToken::new(),
+        };
+        store.migrate().await?;
+        if wakeups == Wakeups::ListenNotify {
+            tokio::spawn(listen(
+                config,
+                Arc::clone(&store.hints),
+                store.stop_listening.clone(),
+            ));
+        }
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        // Several API processes may start at once: one migrates, the others wait and see.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(unavailable)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS faafo_schema (version integer NOT NULL)")
+            .await
+            .map_err(unavailable)?;
+        let applied: i64 = tx
+            .query_one("SELECT count(*) FROM faafo_schema", &[])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        for (version, migration) in (1i32..).zip(MIGRATIONS).skip(applied as usize) {
+            tx.batch_execute(migration).await.map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO faafo_schema (version) VALUES ($1)",
+                &[&version],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs `operation` with a pooled connection and a time limit. A connection that failed
+    /// is dropped rather than returned to the pool: it may point at a server that is gone
+    /// or is no longer the primary.
+    async fn run<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
+    {
+        let mut client = self.client().await?;
+        let result = match tokio::time::timeout(OPERATION_TIMEOUT, operation(&mut client)).await {
+            Ok(result) => result,
+            Err(_) => Err(unavailable(TimedOut(OPERATION_TIMEOUT))),
+        };
+        if matches!(result, Err(StoreError::Unavailable(_))) {
+            drop(Object::take(client));
+        }
+        result
+    }
+}
+
+/// Keeps a LISTEN connection open (reconnecting after failures) and turns notifications
+/// into wake-ups.
+async fn listen(config: tokio_postgres::Config, hints: Arc<Notify>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let listening = async {
+                    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+                    Ok::<_, tokio_postgres::Error>(())
+                };
+                tokio::pin!(messages);
+                let driven = async {
+                    use futures::StreamExt;
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                hints.notify_waiters()
+                            }
+                            Ok(_) => {}
+                            Err(error) => return error.to_string(),
+                        }
+                    }
+                    "connection closed".to_owned()
+                };
+                tokio::pin!(driven);
+                // Drive the connection while LISTEN is sent, then keep driving it.
+                let listened = tokio::select! {
+                    result = listening => result,
+                    reason = &mut driven => { tracing::warn!(%reason, "LISTEN connection lost"); continue; }
+                    _ = stop.cancelled() => return,
+                };
+                if let Err(error) = listened {
+                    tracing::warn!(%error, "LISTEN failed");
+                } else {
+                    backoff = Duration::from_millis(100);
+                    // Anything created while we were not listening is found by polling; wake
+                    // the waiters once so they look now.
+                    hints.notify_waiters();
+                    tokio::select! {
+                        reason = &mut driven => tracing::warn!(%reason, "LISTEN connection lost"),
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "LISTEN connection failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn fractal_from_row(row: &Row) -> Result<Fractal, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("fractal column {what} out of range"));
+    let positive = |index: usize, what: &str| -> Result<u32, StoreError> {
+        u32::try_from(row.get::<_, i32>(index)).map_err(|_| corrupt(what))
+    };
+    let window = Window {
+        xa: row.get(4),
+        xb: row.get(5),
+        ya: row.get(6),
+        yb: row.get(7),
+    };
+    let seed: Option<i64> = row.get(10);
+    let spec = FractalSpec::from_stored(
+        positive(1, "width")?,
+        positive(2, "height")?,
+        positive(3, "iterations")?,
+        window,
+        row.get(8),
+        row.get(9),
+        seed.map(|s| s as u64),
+    );
+    let state: &str = row.get(11);
+    let state: FractalState = state
+        .parse()
+        .map_err(|e: faafo_core::fractal::UnknownState| StoreError::Corrupt(e.to_string()))?;
+    let checksum: Option<String> = row.get(14);
+    let result = checksum.map(|checksum| RenderResult {
+        checksum,
+        size: row.get::<_, Option<i64>>(15).unwrap_or_default() as u64,
+        duration: row.get::<_, Option<f64>>(16).unwrap_or_default(),
+        generated_by: row.get::<_, Option<String>>(17).unwrap_or_default(),
+    });
+    Ok(Fractal {
+        uuid: row.get(0),
+        spec,
+        state,
+        attempts: positive(12, "attempts")?,
+        max_attempts: positive(13, "max_attempts")?,
+        result,
+        error: row.get(18),
+        created_at_ms: row.get(19),
+        finished_at_ms: row.get(20),
+    })
+}
+
+/// Why a fenced write changed no row.
+async fn lease_refusal(client: &Object, uuid: Uuid) -> StoreError {
+    match client
+        .query_opt("SELECT state FROM fractals WHERE uuid = $1", &[&uuid])
+        .await
+    {
+        Ok(None) => StoreError::NotFound(uuid),
+        Ok(Some(row)) => match row.get::<_, &str>(0).parse() {
+            Ok(state) => StoreError::LeaseLost { uuid, state },
+            Err(e) => StoreError::Corrupt(format!("fractal {uuid}: {e}")),
+        },
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Runs a write only the lease holder may make; refuses it when the lease moved on.
+async fn fenced_write(
+    client: &Object,
+    uuid: Uuid,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(), StoreError> {
+    let statement = client.prepare_cached(sql).await.map_err(unavailable)?;
+    let changed = client
+        .execute(&statement, params)
+        .await
+        .map_err(unavailable)?;
+    if changed == 0 {
+        return Err(lease_refusal(client, uuid).await);
+    }
+    Ok(())
+}
+
+fn millis(duration: Duration) -> i64 {
+    duration.as_millis().min(i64::MAX as u128) as i64
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
+        let notify = self.wakeups == Wakeups::ListenNotify;
+        self.run(move |client| {
+            Box::pin(async move {
+                let spec = &new.spec;
+                let window = spec.window();
+                let insert = client
+                    .prepare_cached(&format!(
+                        "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, \
+                         max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12) \
+                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}"
+                    ))
+                    .await
+                    .map_err(unavailable)?;
+                let (width, height, iterations, max_attempts) =
+                    (spec.width() as i32, spec.height() as i32, spec.iterations() as i32, new.max_attempts as i32);
+                let seed = spec.seed().map(|s| s as i64);
+                let inserted = client
+                    .query_opt(
+                        &insert,
+                        &[&new.uuid, &width, &height, &iterations, &window.xa, &window.xb, &window.ya, &window.yb, &spec.cx(), &spec.cy(), &seed, &max_attempts],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                match inserted {
+                    Some(row) => {
+                        if notify {
+                            client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
+                        }
+                        Ok(CreateOutcome::Created(fractal_from_row(&row)?))
+                    }
+                    None => {
+                        let row = client
+                            .query_one(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"), &[&new.uuid])
+                            .await
+                            .map_err(unavailable)?;
+                        Ok(CreateOutcome::Existing(fractal_from_row(&row)?))
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"))
+                    .await
+                    .map_err(unavailable)?;
+                let row = client
+                    .query_opt(&statement, &[&uuid])
+                    .await
+                    .map_err(unavailable)?;
+                row.as_ref().map(fractal_from_row).transpose()
+            })
+        })
+        .await
+    }
+
+    async fn list(&self, order: ListOrder, offset: u64, limit: u64) -> Result<Page, StoreError> {
+        let direction = match order {
+            ListOrder::OldestFirst => "ASC",
+            ListOrder::NewestFirst => "DESC",
+        };
+        self.run(move |client| {
+            Box::pin(async move {
+                let total: i64 = client
+                    .query_one("SELECT count(*) FROM fractals", &[])
+                    .await
+                    .map_err(unavailable)?
+                    .get(0);
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM fractals ORDER BY id {direction} LIMIT $1 OFFSET $2"
+                    ))
+                    .await
+                    .map_err(unavailable)?;
+                let (limit, offset) = (
+                    limit.min(i64::MAX as u64) as i64,
+                    offset.min(i64::MAX as u64) as i64,
+                );
+                let rows = client
+                    .query(&statement, &[&limit, &offset])
+                    .await
+                    .map_err(unavailable)?;
+                let fractals = rows
+                    .iter()
+                    .map(fractal_from_row)
+                    .collect::<Result<_, _>>()?;
+                Ok(Page {
+                    fractals,
+                    total: total as u64,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        &format!("DELETE FROM fractals WHERE uuid = $1 RETURNING {COLUMNS}"),
+                        &[&uuid],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                row.as_ref().map(fractal_from_row).transpose()
+            })
+        })
+        .await
+    }
+
+    async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Lease>, StoreError> {
+        let worker = worker.to_owned();
+        self.run(move |client| {
+            Box::pin(async move {
+                let token = LeaseToken::generate();
+                let statement = client
+                    .prepare_cached(&format!(
+                        "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = $1, \
+                         lease_expires_at = faafo_now_ms() + $2, leased_by = $3 \
+                         WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1 \
+                                     FOR UPDATE SKIP LOCKED) \
+                         RETURNING {COLUMNS}"
+                    ))
+                    .await
+                    .map_err(unavailable)?;
+                let row = client.query_opt(&statement, &[&token.0, &millis(lease), &worker]).await.map_err(unavailable)?;
+                row.as_ref().map(fractal_from_row).transpose().map(|fractal| fractal.map(|fractal| Lease { fractal, token }))
+            })
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        uuid: Uuid,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                fenced_write(
+                    client,
+                    uuid,
+                    "UPDATE fractals SET lease_expires_at = faafo_now_ms() + $3 \
+                     WHERE uuid = $1 AND lease_token = $2 AND state = 'running'",
+                    &[&uuid, &token.0, &millis(lease)],
+                )
+                .await
+            })
+        })
+        .await
+    }
+
+    async fn check_lease(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT 1 FROM fractals WHERE uuid = $1 AND lease_token = $2 AND state = 'running'")
+                    .await
+                    .map_err(unavailable)?;
+                match client.query_opt(&statement, &[&uuid, &token.0]).await.map_err(unavailable)? {
+                    Some(_) => Ok(()),
+                    None => Err(lease_refusal(client, uuid).await),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        uuid: Uuid,
+        token: LeaseToken,
+        result: RenderResult,
+    ) -> Result<Fractal, StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "UPDATE fractals SET state = 'done', checksum = $3, size = $4, duration = $5, generated_by = $6, \
+                         finished_at = faafo_now_ms(), error = NULL, lease_token = NULL, lease_expires_at = NULL \
+                         WHERE uuid = $1 AND lease_token = $2 AND state = 'running' RETURNING {COLUMNS}"
+                    ))
+                    .await
+                    .map_err(unavailable)?;
+                let size = result.size as i64;
+                let row = client
+                    .query_opt(&statement, &[&uuid, &token.0, &result.checksum, &size, &result.duration, &result.generated_by])
+                    .await
+                    .map_err(unavailable)?;
+                match row {
+                    Some(row) => fractal_from_row(&row),
+                    None => Err(lease_refusal(client, uuid).await),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn fail(&self, uuid: Uuid, token: LeaseToken, reason: &str) -> Result<(), StoreError> {
+        let reason = reason.to_owned();
+        self.run(move |client| {
+            Box::pin(async move {
+                fenced_write(
+                    client,
+                    uuid,
+                    "UPDATE fractals SET state = 'failed', error = $3, finished_at = faafo_now_ms(), lease_token = NULL, \
+                     lease_expires_at = NULL WHERE uuid = $1 AND lease_token = $2 AND state = 'running'",
+                    &[&uuid, &token.0, &reason],
+                )
+                .await
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
+        let notify = self.wakeups == Wakeups::ListenNotify;
+        self.run(move |client| {
+            Box::pin(async move {
+                fenced_write(
+                    client,
+                    uuid,
+                    "UPDATE fractals SET state = 'queued', attempts = greatest(attempts - 1, 0), lease_token = NULL, \
+                     lease_expires_at = NULL, leased_by = NULL WHERE uuid = $1 AND lease_token = $2 AND state = 'running'",
+                    &[&uuid, &token.0],
+                )
+                .await?;
+                if notify {
+                    client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn expire_leases(&self) -> Result<ExpiredLeases, StoreError> {
+        let notify = self.wakeups == Wakeups::ListenNotify;
+        self.run(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(unavailable)?;
+                let failed = tx
+                    .execute(
+                        "UPDATE fractals SET state = 'failed', finished_at = faafo_now_ms(), \
+                         error = 'gave up after ' || attempts || ' attempts: the lease of worker ' || \
+                                 coalesce(leased_by, '?') || ' expired without a result', \
+                         lease_token = NULL, lease_expires_at = NULL \
+                         WHERE state = 'running' AND lease_expires_at < faafo_now_ms() AND attempts >= max_attempts",
+                        &[],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let requeued = tx
+                    .execute(
+                        "UPDATE fractals SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, leased_by = NULL \
+                         WHERE state = 'running' AND lease_expires_at < faafo_now_ms()",
+                        &[],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if requeued > 0 && notify {
+                    tx.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
+                }
+                tx.commit().await.map_err(unavailable)?;
+                Ok(ExpiredLeases { requeued, failed })
+            })
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let rows =
+                    client.query("SELECT state, count(*) FROM fractals GROUP BY state", &[]).await.map_err(unavailable)?;
+                let mut by_state = Vec::new();
+                for row in rows {
+                    let state: FractalState = row
+                        .get::<_, &str>(0)
+                        .parse()
+                        .map_err(|e: faafo_core::fractal::UnknownState| StoreError::Corrupt(e.to_string()))?;
+                    by_state.push((state, row.get::<_, i64>(1) as u64));
+                }
+                let age: Option<i64> = client
+                    .query_one(
+                        "SELECT faafo_now_ms() - (SELECT created_at FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1)",
+                        &[],
+                    )
+                    .await
+                    .map_err(unavailable)?
+                    .get(0);
+                Ok(QueueStats { by_state, oldest_queued_age: age.map(|ms| Duration::from_millis(ms.max(0) as u64)) })
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|client| {
+            Box::pin(async move {
+                // A connection to a server that was demoted answers SELECT but cannot write.
+                let read_only: String = client
+                    .query_one("SHOW transaction_read_only", &[])
+                    .await
+                    .map_err(unavailable)?
+                    .get(0);
+                if read_only == "on" {
+                    return Err(unavailable(std::io::Error::other(
+                        "connected to a read-only server (not the primary)",
+                    )));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn work_hints(&self) -> Option<Arc<Notify>> {
+        (self.wakeups == Wakeups::ListenNotify).then(|| Arc::clone(&self.hints))
+    }
+}
