@@ -61,8 +61,11 @@ impl Images {
         Ok(images)
     }
 
+    /// `fractals/ab/ab12...png`: spread over 256 prefixes, so no directory of a filesystem
+    /// store (and no key prefix of an S3 one) takes every write.
     fn key(uuid: Uuid) -> Path {
-        Path::from(format!("fractals/{uuid}.png"))
+        let text = uuid.to_string();
+        Path::from(format!("fractals/{}/{text}.png", &text[..2]))
     }
 
     /// Stores the PNG of `uuid`, atomically: readers see the whole image or none.

@@ -12,8 +12,14 @@ use crate::AppState;
 pub struct WorkSignal(Notify);
 
 impl WorkSignal {
+    /// Many tasks may be ready (a sweep, a restart of the listener): wake every waiter.
     pub fn notify(&self) {
         self.0.notify_waiters();
+    }
+
+    /// One task is ready: wake one waiter, or the next one to wait.
+    pub fn notify_one(&self) {
+        self.0.notify_one();
     }
 
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {

@@ -85,7 +85,12 @@ pub enum Wakeups {
 
 #[derive(Debug)]
 pub struct PostgresStore {
+    /// Durable writes and reads.
     pool: Pool,
+    /// Lease bookkeeping (claim, renew, release, expiry) with `synchronous_commit = off`:
+    /// a lease lost in a database crash only sends its task back to the queue, and fencing
+    /// makes the old holder's writes fail. Creates and completions stay fully durable.
+    lease_pool: Pool,
     wakeups: Wakeups,
     hints: Arc<Notify>,
     stop_listening: CancellationToken,
@@ -115,23 +120,13 @@ impl PostgresStore {
         }
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name("faafo");
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(16)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(OPERATION_TIMEOUT))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(unavailable)?;
+        let pool = build_pool(config.clone())?;
+        let mut relaxed = config.clone();
+        relaxed.options("-c synchronous_commit=off");
+        let lease_pool = build_pool(relaxed)?;
         let store = PostgresStore {
             pool,
+            lease_pool,
             wakeups,
             hints: Arc::new(Notify::new()),
             stop_listening: CancellationToken::new(),
@@ -178,14 +173,30 @@ impl PostgresStore {
         self.pool.get().await.map_err(unavailable)
     }
 
-    /// Runs `operation` with a pooled connection and a time limit. A connection that failed
-    /// is dropped rather than returned to the pool: it may point at a server that is gone
-    /// or is no longer the primary.
+    /// Runs `operation` with a durable connection; see [`Self::run_on`].
     async fn run<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     {
-        let mut client = self.client().await?;
+        self.run_on(&self.pool, operation).await
+    }
+
+    /// Runs `operation` with a lease-bookkeeping connection; see [`Self::run_on`].
+    async fn run_lease<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
+    {
+        self.run_on(&self.lease_pool, operation).await
+    }
+
+    /// Runs `operation` with a connection from `pool` and a time limit. A connection that
+    /// failed is dropped rather than returned to the pool: it may point at a server that is
+    /// gone or is no longer the primary.
+    async fn run_on<T, F>(&self, pool: &Pool, operation: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
+    {
+        let mut client = pool.get().await.map_err(unavailable)?;
         let result = match tokio::time::timeout(OPERATION_TIMEOUT, operation(&mut client)).await {
             Ok(result) => result,
             Err(_) => Err(unavailable(TimedOut(OPERATION_TIMEOUT))),
@@ -195,6 +206,24 @@ impl PostgresStore {
         }
         result
     }
+}
+
+fn build_pool(config: tokio_postgres::Config) -> Result<Pool, StoreError> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(16)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(OPERATION_TIMEOUT))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(unavailable)
 }
 
 /// Keeps a LISTEN connection open (reconnecting after failures) and turns notifications
@@ -343,11 +372,14 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 let spec = &new.spec;
                 let window = spec.window();
+                // One statement, one commit: the NOTIFY (a wake-up hint) rides on the insert
+                // and is sent only if a row was inserted.
+                let notify_column = if notify { format!(", pg_notify('{CHANNEL}', '') IS NULL") } else { String::new() };
                 let insert = client
                     .prepare_cached(&format!(
-                        "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, \
-                         max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12) \
-                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}"
+                        "WITH inserted AS (INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                         seed, state, max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12) \
+                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}) SELECT *{notify_column} FROM inserted"
                     ))
                     .await
                     .map_err(unavailable)?;
@@ -362,12 +394,7 @@ impl Store for PostgresStore {
                     .await
                     .map_err(unavailable)?;
                 match inserted {
-                    Some(row) => {
-                        if notify {
-                            client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
-                        }
-                        Ok(CreateOutcome::Created(fractal_from_row(&row)?))
-                    }
+                    Some(row) => Ok(CreateOutcome::Created(fractal_from_row(&row)?)),
                     None => {
                         let row = client
                             .query_one(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"), &[&new.uuid])
@@ -455,7 +482,7 @@ impl Store for PostgresStore {
 
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Lease>, StoreError> {
         let worker = worker.to_owned();
-        self.run(move |client| {
+        self.run_lease(move |client| {
             Box::pin(async move {
                 let token = LeaseToken::generate();
                 let statement = client
@@ -481,7 +508,7 @@ impl Store for PostgresStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.run(move |client| {
+        self.run_lease(move |client| {
             Box::pin(async move {
                 fenced_write(
                     client,
@@ -561,7 +588,7 @@ impl Store for PostgresStore {
 
     async fn release(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
         let notify = self.wakeups == Wakeups::ListenNotify;
-        self.run(move |client| {
+        self.run_lease(move |client| {
             Box::pin(async move {
                 fenced_write(
                     client,
@@ -582,7 +609,7 @@ impl Store for PostgresStore {
 
     async fn expire_leases(&self) -> Result<ExpiredLeases, StoreError> {
         let notify = self.wakeups == Wakeups::ListenNotify;
-        self.run(move |client| {
+        self.run_lease(move |client| {
             Box::pin(async move {
                 let tx = client.transaction().await.map_err(unavailable)?;
                 let failed = tx

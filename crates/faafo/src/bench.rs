@@ -18,6 +18,8 @@ pub enum BenchCommand {
     E2e(E2eArgs),
     /// The renderer: the typical task mix, a heavy case and 9999x9999, scalar against SIMD.
     Render(RenderBenchArgs),
+    /// The queue: tiny tasks end to end (tasks/s) and pickup latency, on SQLite or PostgreSQL.
+    Queue(crate::queue_bench::QueueBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +58,7 @@ impl BenchCommand {
         match self {
             BenchCommand::E2e(args) => e2e(args).await,
             BenchCommand::Render(args) => crate::render_bench::run(&args.into()),
+            BenchCommand::Queue(args) => crate::queue_bench::run(args).await,
         }
     }
 }
@@ -68,7 +71,8 @@ async fn e2e(args: E2eArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let config = faafo_api::ApiConfig::new(faafo_core::WorkerToken::new("bench"));
     let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    let service = LocalService::start(bind, data.path(), workers, config, shutdown.clone()).await?;
+    let backing = crate::roles::Backing::embedded(data.path()).await?;
+    let service = LocalService::start(bind, backing, workers, config, shutdown.clone()).await?;
     let client = Client::new(
         &format!("http://{}", service.listener_address),
         RetryPolicy::default(),

@@ -47,9 +47,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let shutdown = shutdown_on_signal();
+    let backing = Backing::embedded(&args.data_dir).await?;
     let service = LocalService::start(
         args.bind,
-        &args.data_dir,
+        backing,
         workers,
         args.tuning.config(generated_token()),
         shutdown,
@@ -61,6 +62,33 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.data_dir.display()
     );
     service.wait().await
+}
+
+/// Where a local service keeps its state.
+#[derive(Debug)]
+pub struct Backing {
+    pub store: Arc<dyn Store>,
+    pub images: Images,
+}
+
+impl Backing {
+    /// The embedded default: SQLite and an image directory under `data_dir`.
+    pub async fn embedded(data_dir: &Path) -> anyhow::Result<Backing> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let data_dir = data_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", data_dir.display()))?;
+        let store = Arc::new(
+            SqliteStore::open(data_dir.join("faafo.db"))
+                .await
+                .context("opening the database")?,
+        );
+        let images = Images::open(&format!("file://{}", data_dir.join("images").display()))
+            .await
+            .context("opening the image directory")?;
+        Ok(Backing { store, images })
+    }
 }
 
 /// The API and its workers in one process: what `faafo up` and the benchmarks run.
@@ -78,24 +106,12 @@ impl LocalService {
     /// tasks through the API), then the API.
     pub async fn start(
         bind_address: SocketAddr,
-        data_dir: &Path,
+        backing: Backing,
         workers: usize,
         config: ApiConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<LocalService> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let data_dir = data_dir
-            .canonicalize()
-            .with_context(|| format!("resolving {}", data_dir.display()))?;
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(data_dir.join("faafo.db"))
-                .await
-                .context("opening the database")?,
-        );
-        let images = Images::open(&format!("file://{}", data_dir.join("images").display()))
-            .await
-            .context("opening the image directory")?;
+        let Backing { store, images } = backing;
         let listener = bind(bind_address).await?;
         let listener_address = listener.local_addr()?;
         let token = config.worker_token.clone();

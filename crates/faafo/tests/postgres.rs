@@ -141,3 +141,107 @@ async fn restarting_postgres_under_load_loses_nothing() {
         verify_image(&client, &done).await;
     }
 }
+
+/// Makes `url`'s server refuse writes by default (as a hot standby does) or accept them.
+async fn set_read_only(url: &str, read_only: bool) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let value = if read_only { "on" } else { "off" };
+    client
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET default_transaction_read_only = {value}"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+}
+
+/// Replaces the port of a URL of `server` by a list of both servers' hosts.
+fn multi_host(first: &PostgresServer, second: &PostgresServer, database_url: &str) -> String {
+    let database = database_url.rsplit('/').next().unwrap();
+    format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{database}?target_session_attrs=read-write",
+        first.port(),
+        second.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multi_host_url_finds_the_writable_server_and_follows_a_new_primary() {
+    // Two servers stand in for a primary and a standby. There is no replication here: this
+    // tests how faafo picks and re-picks its server, not PostgreSQL's failover.
+    let dir = tempfile::tempdir().unwrap();
+    let standby = PostgresServer::start();
+    let mut primary = PostgresServer::start();
+    let on_standby = standby.create_database().await;
+    let database = on_standby.rsplit('/').next().unwrap().to_owned();
+    // The same database and schema on both, as replication would have it.
+    let on_primary = primary.url(&database);
+    {
+        let (client, connection) =
+            tokio_postgres::connect(&primary.url("postgres"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+    }
+    for url in [&on_standby, &on_primary] {
+        faafo_store::PostgresStore::connect(url, faafo_store::Wakeups::PollOnly)
+            .await
+            .unwrap();
+    }
+    set_read_only(&standby.url("postgres"), true).await;
+
+    // The standby is listed first; faafo must skip it for the writable server.
+    let url = multi_host(&standby, &primary, &on_primary);
+    let api = spawn_api_on(dir.path(), "api", &url, &[]);
+    let client = client(api.url());
+    let before = client.create(&small_fractal()).await.unwrap();
+    let (direct, connection) = tokio_postgres::connect(&on_primary, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM fractals WHERE uuid = $1",
+            &[&before.uuid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the create went to the writable server");
+
+    // Failover: the primary goes away and the standby is promoted.
+    primary.stop();
+    set_read_only(&standby.url("postgres"), false).await;
+    let after = wait_for("creates to succeed on the new primary", LONG, || async {
+        client.create(&small_fractal()).await.ok()
+    })
+    .await;
+    let (promoted, connection) = tokio_postgres::connect(&on_standby, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows: i64 = promoted
+        .query_one(
+            "SELECT count(*) FROM fractals WHERE uuid = $1",
+            &[&after.uuid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows, 1,
+        "after the failover, writes go to the promoted server, without a restart"
+    );
+    let (status, _, _) = status_of(&format!("{}/readyz", api.url())).await;
+    assert_eq!(status, 200);
+}

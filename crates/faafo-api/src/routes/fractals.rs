@@ -83,7 +83,7 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
         .await?;
     let (status, fractal) = match outcome {
         CreateOutcome::Created(fractal) => {
-            state.work.notify();
+            state.work.notify_one();
             (StatusCode::CREATED, fractal)
         }
         CreateOutcome::Existing(fractal) if fractal.spec.matches_request(&request) => {

@@ -159,7 +159,7 @@ pub async fn release(
         .store
         .release(uuid, LeaseToken(held.lease_token))
         .await?;
-    state.work.notify();
+    state.work.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,0 +1,279 @@
+//! `faafo bench queue`: end-to-end throughput of tiny tasks and pickup latency, through
+//! the real API (HTTP), on SQLite or PostgreSQL.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use faafo_api::{ApiConfig, Images};
+use faafo_client::{Client, LeaseOutcome, RetryPolicy, Upload};
+use faafo_core::WorkerToken;
+use faafo_core::wire::{CreateFractal, LeaseGrant};
+use faafo_render::{Engine, JuliaParams, render_png};
+use faafo_store::Wakeups;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::roles::{Backing, LocalService, open_store};
+
+#[derive(Debug, Args)]
+pub struct QueueBenchArgs {
+    /// The store to measure (default: a temporary SQLite file). A PostgreSQL database
+    /// should be empty or disposable: the benchmark adds rows to it.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Tiny tasks per throughput run.
+    #[arg(long, default_value_t = 2000)]
+    tasks: u32,
+    /// Worker counts to measure, comma-separated.
+    #[arg(long, default_value = "1,4", value_delimiter = ',')]
+    workers: Vec<usize>,
+    /// Tasks created one at a time, with idle workers, for the pickup latency.
+    #[arg(long, default_value_t = 300)]
+    latency_samples: u32,
+    /// Where the images (and the default SQLite file) go. Default: /dev/shm when it
+    /// exists, so the figures measure the queue rather than the disk's file creation.
+    #[arg(long)]
+    scratch_dir: Option<std::path::PathBuf>,
+}
+
+const TOKEN: &str = "queue-bench";
+
+pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
+    let store_name = match &args.database_url {
+        Some(url) if url.starts_with("postgres") => "postgresql",
+        Some(_) => "sqlite",
+        None => "sqlite (temporary file)",
+    };
+    let scratch_root = args.scratch_dir.clone().unwrap_or_else(|| {
+        let shm = std::path::PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    println!(
+        "faafo bench queue: {store_name}, tiny tasks (8x8 pixels, 1 iteration), through the HTTP API in this process"
+    );
+    println!(
+        "  images (and a default SQLite file) under {}",
+        scratch_root.display()
+    );
+    println!(
+        "  workers  tasks/s (create -> lease -> upload -> done)   pickup p50 / p99 (idle workers, create sent -> lease received)"
+    );
+    for &workers in &args.workers {
+        let scratch = tempfile::tempdir_in(&scratch_root)?;
+        let store = match &args.database_url {
+            Some(url) => open_store(url, Wakeups::ListenNotify).await?,
+            None => {
+                open_store(
+                    &format!("sqlite://{}", scratch.path().join("faafo.db").display()),
+                    Wakeups::ListenNotify,
+                )
+                .await?
+            }
+        };
+        let images = Images::open(&format!(
+            "file://{}",
+            scratch.path().join("images").display()
+        ))
+        .await?;
+        let shutdown = CancellationToken::new();
+        let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+        let service = LocalService::start(
+            bind,
+            Backing { store, images },
+            0,
+            ApiConfig::new(WorkerToken::new(TOKEN)),
+            shutdown.clone(),
+        )
+        .await?;
+        let endpoint = format!("http://{}", service.listener_address);
+        let bench = Bench::start(&endpoint, workers)?;
+
+        let throughput = bench.throughput(args.tasks).await?;
+        let (p50, p99) = bench.pickup_latency(args.latency_samples).await?;
+        println!(
+            "  {workers:>7}  {throughput:>8.0}                                      {:>6.2} ms / {:>6.2} ms",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+        bench.stop().await;
+        shutdown.cancel();
+        service.wait().await?;
+    }
+    Ok(())
+}
+
+/// Bench workers: lease, render the tiny PNG, upload, report.
+struct Bench {
+    client: Arc<Client>,
+    leases: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Uuid, Instant)>>,
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Bench {
+    fn start(endpoint: &str, workers: usize) -> anyhow::Result<Bench> {
+        let client = Arc::new(
+            Client::new(endpoint, RetryPolicy::default())?
+                .with_worker_token(WorkerToken::new(TOKEN)),
+        );
+        let (sender, leases) = mpsc::unbounded_channel();
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|index| {
+                let (client, sender, done, stop) = (
+                    Arc::clone(&client),
+                    sender.clone(),
+                    Arc::clone(&done),
+                    Arc::clone(&stop),
+                );
+                tokio::spawn(async move {
+                    let name = format!("bench-{index}");
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(grant) = client.lease(&name, Duration::from_millis(500)).await?
+                        else {
+                            continue;
+                        };
+                        let _ = sender.send((grant.uuid, Instant::now()));
+                        finish(&client, &grant, &name).await?;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        Ok(Bench {
+            client,
+            leases: tokio::sync::Mutex::new(leases),
+            done,
+            stop,
+            workers,
+        })
+    }
+
+    /// Creates `tasks` tasks from 8 concurrent creators and waits until all are done.
+    async fn throughput(&self, tasks: u32) -> anyhow::Result<f64> {
+        let start_count = self.done.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let creators: Vec<_> = (0..8)
+            .map(|creator| {
+                let client = Arc::clone(&self.client);
+                tokio::spawn(async move {
+                    for _ in (creator..tasks).step_by(8) {
+                        client.create(&tiny_task()).await?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for creator in creators {
+            creator.await.context("creator panicked")??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.done.load(Ordering::Relaxed) - start_count < u64::from(tasks) {
+            if Instant::now() > deadline {
+                bail!("tasks did not finish within 5 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = started.elapsed();
+        // Drain the lease log of this phase.
+        let mut leases = self.leases.lock().await;
+        while leases.try_recv().is_ok() {}
+        Ok(f64::from(tasks) / elapsed.as_secs_f64())
+    }
+
+    /// Creates tasks one at a time and times each until a worker holds it.
+    async fn pickup_latency(&self, samples: u32) -> anyhow::Result<(Duration, Duration)> {
+        let mut leases = self.leases.lock().await;
+        let mut early: HashMap<Uuid, Instant> = HashMap::new();
+        let mut latencies = Vec::with_capacity(samples as usize);
+        for _ in 0..samples {
+            let task = tiny_task();
+            let uuid = task.uuid.expect("tiny tasks carry a uuid");
+            let sent = Instant::now();
+            self.client.create(&task).await?;
+            let leased = loop {
+                if let Some(at) = early.remove(&uuid) {
+                    break at;
+                }
+                let (leased, at) = tokio::time::timeout(Duration::from_secs(30), leases.recv())
+                    .await
+                    .context("no worker took the task within 30 s")?
+                    .context("the workers stopped")?;
+                if leased == uuid {
+                    break at;
+                }
+                early.insert(leased, at);
+            };
+            latencies.push(leased.saturating_duration_since(sent));
+        }
+        latencies.sort();
+        let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+        Ok((percentile(0.50), percentile(0.99)))
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            if let Ok(Err(error)) = worker.await {
+                tracing::warn!(%error, "bench worker failed");
+            }
+        }
+    }
+}
+
+fn tiny_task() -> CreateFractal {
+    CreateFractal {
+        uuid: Some(Uuid::new_v4()),
+        width: 8,
+        height: 8,
+        iterations: 1,
+        xa: -2.0,
+        xb: 2.0,
+        ya: -2.0,
+        yb: 2.0,
+        cx: Some(0.0),
+        cy: Some(0.0),
+    }
+}
+
+async fn finish(client: &Client, grant: &LeaseGrant, name: &str) -> anyhow::Result<()> {
+    let params = JuliaParams {
+        width: grant.width,
+        height: grant.height,
+        iterations: grant.iterations,
+        xa: grant.xa,
+        xb: grant.xb,
+        ya: grant.ya,
+        yb: grant.yb,
+        cx: grant.cx,
+        cy: grant.cy,
+    };
+    let started = Instant::now();
+    let png = render_png(&params, Engine::Auto, &AtomicBool::new(false))?;
+    let upload = Upload {
+        uuid: grant.uuid,
+        lease_token: grant.lease_token,
+        png: Bytes::from(png.bytes),
+        checksum: &png.checksum,
+        duration: started.elapsed(),
+        generated_by: name,
+    };
+    match client.upload(&upload).await? {
+        LeaseOutcome::Held => Ok(()),
+        LeaseOutcome::Lost(why) => bail!("upload refused: {why}"),
+    }
+}
