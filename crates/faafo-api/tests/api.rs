@@ -108,7 +108,12 @@ impl TestApp {
     /// Claims the next task, renders it and uploads it: one deterministic step of a worker.
     async fn run_one(&self) -> FractalView {
         let grant = self.lease().await;
-        let png = render_png(&params_of(&grant), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+        let png = render_png(
+            &grant.render_params(),
+            Engine::Scalar,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         let upload = Upload {
             uuid: grant.uuid,
             lease_token: grant.lease_token,
@@ -127,20 +132,6 @@ impl TestApp {
     async fn stop(self) {
         self.shutdown.cancel();
         self.server.await.unwrap().unwrap();
-    }
-}
-
-fn params_of(grant: &LeaseGrant) -> JuliaParams {
-    JuliaParams {
-        width: grant.width,
-        height: grant.height,
-        iterations: grant.iterations,
-        xa: grant.xa,
-        xb: grant.xb,
-        ya: grant.ya,
-        yb: grant.yb,
-        cx: grant.cx,
-        cy: grant.cy,
     }
 }
 
@@ -512,7 +503,12 @@ async fn uploads_are_verified() {
     let app = TestApp::start().await;
     let created = app.create(spec()).await;
     let grant = app.lease().await;
-    let png = render_png(&params_of(&grant), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+    let png = render_png(
+        &grant.render_params(),
+        Engine::Scalar,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
 
     let (status, body) = raw_upload(&app, &grant, png.bytes.clone(), &"0".repeat(64)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -537,7 +533,7 @@ async fn uploads_are_verified() {
 
     let other_size = JuliaParams {
         width: 7,
-        ..params_of(&grant)
+        ..grant.render_params()
     };
     let wrong = render_png(&other_size, Engine::Scalar, &AtomicBool::new(false)).unwrap();
     let (status, body) = raw_upload(&app, &grant, wrong.bytes, &wrong.checksum).await;
@@ -579,7 +575,12 @@ async fn an_expired_lease_is_fenced_and_the_task_goes_to_the_next_worker() {
             .unwrap(),
         LeaseOutcome::Lost(_)
     ));
-    let png = render_png(&params_of(&stale), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+    let png = render_png(
+        &stale.render_params(),
+        Engine::Scalar,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     let (status, body) = raw_upload(&app, &stale, png.bytes.clone(), &png.checksum).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(
@@ -671,7 +672,12 @@ async fn deleting_a_running_fractal_cancels_its_lease() {
             .unwrap(),
         LeaseOutcome::Lost(_)
     ));
-    let png = render_png(&params_of(&grant), Engine::Scalar, &AtomicBool::new(false)).unwrap();
+    let png = render_png(
+        &grant.render_params(),
+        Engine::Scalar,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     let (status, _) = raw_upload(&app, &grant, png.bytes, &png.checksum).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.stop().await;

@@ -144,6 +144,23 @@ pub struct LeaseGrant {
     pub cy: f64,
 }
 
+impl LeaseGrant {
+    /// What the worker is to render.
+    pub fn render_params(&self) -> faafo_render::JuliaParams {
+        faafo_render::JuliaParams {
+            width: self.width,
+            height: self.height,
+            iterations: self.iterations,
+            xa: self.xa,
+            xb: self.xb,
+            ya: self.ya,
+            yb: self.yb,
+            cx: self.cx,
+            cy: self.cy,
+        }
+    }
+}
+
 /// `POST /v1/worker/tasks/<uuid>/heartbeat` and `/release`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

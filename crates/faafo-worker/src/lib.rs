@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use faafo_client::{Client, ClientError, LeaseOutcome, Upload};
 use faafo_core::wire::LeaseGrant;
-use faafo_render::{Engine, JuliaParams, RenderError, render_png};
+use faafo_render::{Engine, RenderError, render_png};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of one worker loop.
@@ -125,7 +125,7 @@ async fn render_and_upload(
     lease_lost: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> TaskEnd {
-    let params = params_of(grant);
+    let params = grant.render_params();
     let engine = config.engine;
     let started = Instant::now();
     let render_cancel = Arc::clone(cancel);
@@ -251,19 +251,5 @@ async fn keep_lease(
                 tracing::warn!(fractal.uuid = %grant.uuid, error = %error, "heartbeat failed; will retry")
             }
         }
-    }
-}
-
-fn params_of(grant: &LeaseGrant) -> JuliaParams {
-    JuliaParams {
-        width: grant.width,
-        height: grant.height,
-        iterations: grant.iterations,
-        xa: grant.xa,
-        xb: grant.xb,
-        ya: grant.ya,
-        yb: grant.yb,
-        cx: grant.cx,
-        cy: grant.cy,
     }
 }

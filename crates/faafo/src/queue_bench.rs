@@ -14,7 +14,7 @@ use faafo_api::{ApiConfig, Images};
 use faafo_client::{Client, LeaseOutcome, RetryPolicy, Upload};
 use faafo_core::WorkerToken;
 use faafo_core::wire::{CreateFractal, LeaseGrant};
-use faafo_render::{Engine, JuliaParams, render_png};
+use faafo_render::{Engine, render_png};
 use faafo_store::Wakeups;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -251,17 +251,7 @@ fn tiny_task() -> CreateFractal {
 }
 
 async fn finish(client: &Client, grant: &LeaseGrant, name: &str) -> anyhow::Result<()> {
-    let params = JuliaParams {
-        width: grant.width,
-        height: grant.height,
-        iterations: grant.iterations,
-        xa: grant.xa,
-        xb: grant.xb,
-        ya: grant.ya,
-        yb: grant.yb,
-        cx: grant.cx,
-        cy: grant.cy,
-    };
+    let params = grant.render_params();
     let started = Instant::now();
     let png = render_png(&params, Engine::Auto, &AtomicBool::new(false))?;
     let upload = Upload {
