@@ -761,3 +761,40 @@ async fn health_readiness_metrics_and_draining() {
     assert!(answer.unwrap().is_none());
     app.server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_upload_for_a_failed_fractal_leaves_no_image_behind() {
+    let app = TestApp::start_with(|config| {
+        config.lease = Duration::from_millis(100);
+        config.sweep_interval = Duration::from_millis(10);
+        config.max_attempts = 1;
+    })
+    .await;
+    let created = app.create(spec()).await;
+    let stale = app.lease().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.worker.get(created.uuid).await.unwrap().state != faafo_core::FractalState::Failed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fractal never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let png = render_png(
+        &stale.render_params(),
+        Engine::Scalar,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let (status, body) = raw_upload(&app, &stale, png.bytes, &png.checksum).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let uuid = created.uuid.to_string();
+    let image = app
+        ._dir
+        .path()
+        .join("images/fractals")
+        .join(&uuid[..2])
+        .join(format!("{uuid}.png"));
+    assert!(!image.exists(), "{} was left behind", image.display());
+    app.stop().await;
+}

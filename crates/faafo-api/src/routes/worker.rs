@@ -11,11 +11,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use faafo_core::LeaseToken;
 use faafo_core::fractal::RenderResult;
 use faafo_core::wire::{
     FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
 };
+use faafo_core::{FractalState, LeaseToken};
 use faafo_store::{Lease, StoreError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -282,6 +282,17 @@ pub async fn upload(
             // Deleted while the image was being stored: do not leave the image behind.
             let _ = state.images.delete(uuid).await;
             Err(ApiError::NotFound(format!("fractal {uuid} was deleted")))
+        }
+        Err(
+            error @ StoreError::LeaseLost {
+                state: FractalState::Failed,
+                ..
+            },
+        ) => {
+            // It failed meanwhile (out of attempts) and will never show an image. Queued,
+            // running or done fractals keep it: their image is these same bytes.
+            let _ = state.images.delete(uuid).await;
+            Err(error.into())
         }
         Err(error) => Err(error.into()),
     }
