@@ -60,6 +60,8 @@ pub enum Command {
     Api(ApiArgs),
     /// Run one worker, taking tasks from the API endpoints.
     Worker(WorkerArgs),
+    /// Run a health-checked load balancer in front of API instances.
+    Gateway(GatewayArgs),
     /// Render one fractal locally, without a server.
     Render(render_cli::RenderArgs),
     /// Measure the service.
@@ -145,6 +147,21 @@ impl ApiTuning {
 }
 
 #[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[arg(long, env = "FAAFO_GATEWAY_BIND", default_value = "127.0.0.1:9100")]
+    pub bind: SocketAddr,
+    /// An API instance to balance over (repeat the flag, or separate with commas).
+    #[arg(long = "backend", value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// How often each backend's /readyz is checked, in milliseconds.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
+    pub check_interval_ms: u64,
+    /// Secret for adding and removing backends at run time (POST/DELETE /__backends).
+    #[arg(long, env = "FAAFO_GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// The secret the API expects from workers.
     #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
@@ -170,6 +187,7 @@ impl Cli {
             Command::Up(args) => roles::up(args).await,
             Command::Api(args) => roles::api(args).await,
             Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
+            Command::Gateway(args) => roles::gateway(args).await,
             Command::Render(args) => render_cli::render(&args),
             Command::Bench(command) => command.run().await,
         }

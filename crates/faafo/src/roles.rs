@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::{ApiArgs, UpArgs, WorkerArgs};
+use crate::cli::{ApiArgs, GatewayArgs, UpArgs, WorkerArgs};
 
 pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let wakeups = if args.poll_only {
@@ -40,6 +40,19 @@ pub async fn worker(endpoints: &str, args: WorkerArgs) -> anyhow::Result<()> {
     let config = WorkerConfig::new(args.name.unwrap_or_else(faafo_worker::default_name));
     faafo_worker::run(client, config, shutdown_on_signal()).await;
     Ok(())
+}
+
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let config = faafo_gateway::GatewayConfig {
+        check_interval: std::time::Duration::from_millis(args.check_interval_ms),
+        admin_token: args.admin_token,
+        ..faafo_gateway::GatewayConfig::default()
+    };
+    let listener = bind(args.bind).await?;
+    announce(listener.local_addr()?, "faafo gateway")?;
+    faafo_gateway::serve(listener, args.backends, config, shutdown_on_signal())
+        .await
+        .context("serving HTTP")
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {

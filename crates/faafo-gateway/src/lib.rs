@@ -1,0 +1,75 @@
+//! `faafo gateway`: a health-checked HTTP load balancer in front of faafo API instances.
+//!
+//! Backends are checked actively (`GET /readyz`) and passively (a refused connection marks
+//! a backend down at once). Requests go to the up backend with the fewest requests in
+//! flight. A request that never reached a backend is retried on another one; safe methods
+//! (GET, HEAD, OPTIONS) are also retried on 502/503 and on a broken connection. Backends
+//! can be added and removed while running (`/__backends`, with the admin token), and
+//! `/__stats`, `/__stats.json` and `/metrics` show who is up.
+
+mod backend;
+mod proxy;
+mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use backend::{Backend, BackendState};
+
+/// Settings of one gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// How often each backend's `/readyz` is checked.
+    pub check_interval: Duration,
+    pub check_timeout: Duration,
+    /// Failed checks in a row that mark a backend down (a refused connection does at once).
+    pub fall: u32,
+    /// Good checks in a row that bring a down backend back.
+    pub rise: u32,
+    /// Longest a proxied request may take (lease long polls wait up to 30 s).
+    pub request_timeout: Duration,
+    /// Largest request body the gateway buffers (it must, to retry elsewhere).
+    pub max_body_bytes: usize,
+    /// Token for adding and removing backends; without one, the admin calls are refused.
+    pub admin_token: Option<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            check_interval: Duration::from_millis(250),
+            check_timeout: Duration::from_secs(1),
+            fall: 2,
+            rise: 2,
+            request_timeout: Duration::from_secs(60),
+            max_body_bytes: 512 << 20,
+            admin_token: None,
+        }
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown`, then finishes the requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    backends: Vec<String>,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let gateway =
+        Arc::new(proxy::Gateway::new(config, shutdown.clone()).map_err(std::io::Error::other)?);
+    for url in backends {
+        gateway.add_backend(&url).map_err(std::io::Error::other)?;
+    }
+    let app = proxy::router(Arc::clone(&gateway));
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
+    gateway.stop_checks();
+    result
+}

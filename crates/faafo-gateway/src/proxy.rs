@@ -1,0 +1,385 @@
+//! Choosing a backend, forwarding, retrying, and checking health.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::GatewayConfig;
+use crate::backend::{Backend, BackendState};
+use crate::stats::{self, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("invalid backend URL {0:?}: expected http://host:port")]
+    InvalidBackend(String),
+    #[error("cannot build the HTTP client")]
+    Client(#[from] reqwest::Error),
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    pub(crate) config: GatewayConfig,
+    backends: RwLock<Vec<Arc<Backend>>>,
+    http: reqwest::Client,
+    next: AtomicUsize,
+    pub(crate) metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+/// Headers that describe one hop, not the request: never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Gateway {
+    pub fn new(
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Gateway, GatewayError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.check_timeout)
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Gateway {
+            config,
+            backends: RwLock::new(Vec::new()),
+            http,
+            next: AtomicUsize::new(0),
+            metrics: Metrics::new(),
+            shutdown,
+        })
+    }
+
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adds a backend (if new) and starts checking it.
+    pub fn add_backend(self: &Arc<Self>, url: &str) -> Result<(), GatewayError> {
+        let url = url.trim().trim_end_matches('/').to_owned();
+        let valid =
+            reqwest::Url::parse(&url).is_ok_and(|u| u.scheme() == "http" && u.host().is_some());
+        if !valid {
+            return Err(GatewayError::InvalidBackend(url));
+        }
+        let backend = {
+            let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
+            if backends.iter().any(|b| b.url == url) {
+                return Ok(());
+            }
+            let backend = Arc::new(Backend::new(url, self.config.rise));
+            backends.push(Arc::clone(&backend));
+            backend
+        };
+        tracing::info!(backend = %backend.url, "backend added");
+        tokio::spawn(check_health(Arc::clone(self), backend));
+        Ok(())
+    }
+
+    /// Removes a backend; true if it was there.
+    pub fn remove_backend(&self, url: &str) -> bool {
+        let url = url.trim().trim_end_matches('/');
+        let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        let before = backends.len();
+        backends.retain(|backend| {
+            let keep = backend.url != url;
+            if !keep {
+                backend.removed.cancel();
+            }
+            keep
+        });
+        before != backends.len()
+    }
+
+    pub fn stop_checks(&self) {
+        for backend in self.backends() {
+            backend.removed.cancel();
+        }
+    }
+
+    /// The up backend with the fewest requests in flight, not yet tried; ties go round robin.
+    fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let backends = self.backends();
+        if backends.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..backends.len())
+            .map(|offset| &backends[(start + offset) % backends.len()])
+            .filter(|b| b.state() == BackendState::Up && !tried.iter().any(|t| Arc::ptr_eq(t, b)))
+            .min_by_key(|b| b.outstanding())
+            .cloned()
+    }
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/__stats", get(stats::page))
+        .route("/__stats.json", get(stats::json))
+        .route("/__backends", post(add).delete(remove))
+        .route("/__gateway/healthz", get(|| async { "alive" }))
+        .route("/metrics", get(stats::metrics))
+        .fallback(forward)
+        .with_state(gateway)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    let mut response = (status, axum::Json(json!({ "message": message }))).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// Forwards a request to a backend, trying others when that is safe.
+async fn forward(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = gateway.config.max_body_bytes;
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(body) => body,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {limit} bytes, or broken"),
+            );
+        }
+    };
+    let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut last_failure = String::from("no backend is up");
+    loop {
+        let Some(backend) = gateway.pick(&tried) else {
+            gateway.metrics.unavailable.inc();
+            let tried: Vec<&str> = tried.iter().map(|b| b.url.as_str()).collect();
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no backend could serve the request (tried {tried:?}): {last_failure}"),
+            );
+        };
+        tried.push(Arc::clone(&backend));
+        let started = Instant::now();
+        let in_flight = backend.begin();
+        let outcome = send(
+            &gateway,
+            &backend,
+            &parts.method,
+            &path,
+            &parts.headers,
+            peer,
+            body.clone(),
+        )
+        .await;
+        drop(in_flight);
+        match outcome {
+            Ok(response)
+                if safe
+                    && matches!(
+                        response.status(),
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                    ) =>
+            {
+                backend.finished(started.elapsed(), true);
+                last_failure = format!("{} answered {}", backend.url, response.status());
+                gateway.metrics.retries.inc();
+            }
+            Ok(response) => {
+                backend.finished(started.elapsed(), response.status().is_server_error());
+                gateway.metrics.count(&backend.url, response.status());
+                return relay(response);
+            }
+            Err(failure) => {
+                backend.finished(started.elapsed(), true);
+                last_failure = format!("{}: {failure}", backend.url);
+                if failure.is_connect() {
+                    // Refused: the request never arrived; any method may go elsewhere.
+                    backend.mark_down();
+                } else if !safe {
+                    gateway.metrics.count(&backend.url, StatusCode::BAD_GATEWAY);
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("the backend failed mid-request: {last_failure}"),
+                    );
+                }
+                gateway.metrics.retries.inc();
+            }
+        }
+    }
+}
+
+async fn send(
+    gateway: &Gateway,
+    backend: &Backend,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    body: bytes::Bytes,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut forwarded = reqwest::header::HeaderMap::new();
+    for (name, value) in headers {
+        if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(value) = peer.ip().to_string().parse() {
+        forwarded.append(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    gateway
+        .http
+        .request(method.clone(), format!("{}{path}", backend.url))
+        .headers(forwarded)
+        .timeout(gateway.config.request_timeout)
+        .body(body)
+        .send()
+        .await
+}
+
+/// Streams a backend's answer back to the client.
+fn relay(response: reqwest::Response) -> Response {
+    let status = response.status();
+    let mut headers = HeaderMap::new();
+    for (name, value) in response.headers() {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let mut relayed = Response::new(Body::from_stream(response.bytes_stream()));
+    *relayed.status_mut() = status;
+    *relayed.headers_mut() = headers;
+    relayed
+}
+
+/// Checks `/readyz` of one backend until it is removed or the gateway stops.
+async fn check_health(gateway: Arc<Gateway>, backend: Arc<Backend>) {
+    let config = &gateway.config;
+    let mut interval = tokio::time::interval(config.check_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = backend.removed.cancelled() => return,
+            _ = gateway.shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let answer = gateway
+            .http
+            .get(format!("{}/readyz", backend.url))
+            .timeout(config.check_timeout)
+            .send()
+            .await;
+        match answer {
+            Ok(response) if response.status().is_success() => backend.check_passed(config.rise),
+            Ok(response) => backend.check_failed(
+                config.fall,
+                false,
+                format!("/readyz answered {}", response.status()),
+            ),
+            Err(failure) => {
+                backend.check_failed(config.fall, failure.is_connect(), failure.to_string())
+            }
+        }
+        gateway
+            .metrics
+            .set_up(&backend.url, backend.state() == BackendState::Up);
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BackendChange {
+    url: String,
+}
+
+/// Checks the admin token and reads `{"url": ...}`; the error is the answer to give.
+fn admin_change(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<BackendChange, (StatusCode, String)> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match (&gateway.config.admin_token, presented) {
+        (Some(expected), Some(token)) if expected == token => {}
+        (None, _) => {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "backends cannot be changed: the gateway has no --admin-token".into(),
+            ));
+        }
+        _ => {
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token".into(),
+            ));
+        }
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("expected {{\"url\": \"http://host:port\"}}: {e}"),
+        )
+    })
+}
+
+async fn add(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let change = match admin_change(&gateway, &headers, &body) {
+        Ok(change) => change,
+        Err((status, message)) => return error(status, message),
+    };
+    match gateway.add_backend(&change.url) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
+async fn remove(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let change = match admin_change(&gateway, &headers, &body) {
+        Ok(change) => change,
+        Err((status, message)) => return error(status, message),
+    };
+    if gateway.remove_backend(&change.url) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, format!("no backend {}", change.url))
+    }
+}

@@ -1,0 +1,176 @@
+//! `faafo gateway` in front of real `faafo api` processes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use faafo_core::FractalState;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn spawn_gateway(dir: &std::path::Path, backends: &[&str]) -> Process {
+    let mut args = vec![
+        "gateway",
+        "--bind",
+        "127.0.0.1:0",
+        "--admin-token",
+        "admin-secret",
+    ];
+    for backend in backends {
+        args.extend(["--backend", backend]);
+    }
+    Process::spawn_server(dir, "gateway", &args)
+}
+
+async fn backend_states(gateway: &str) -> Vec<(String, String)> {
+    let stats: Value = reqwest::get(format!("{gateway}/__stats.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["url"].as_str().unwrap().to_owned(),
+                b["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_until_state(gateway: &str, backend: &str, state: &str) {
+    wait_for(&format!("{backend} to be {state}"), LONG, || async {
+        backend_states(gateway)
+            .await
+            .iter()
+            .any(|(url, s)| url == backend && s == state)
+            .then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_api_leaves_rotation_and_clients_see_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut apis = [
+        spawn_api(dir.path(), "api-1", &[]),
+        spawn_api(dir.path(), "api-2", &[]),
+    ];
+    let gateway = spawn_gateway(dir.path(), &[apis[0].url(), apis[1].url()]);
+    for api in &apis {
+        wait_until_state(gateway.url(), api.url(), "up").await;
+    }
+    let _worker = spawn_worker(dir.path(), "worker", gateway.url());
+    let client = client(gateway.url());
+    let created = client.create(&small_fractal()).await.unwrap();
+    let done = wait_for_state(&client, created.uuid, FractalState::Done, LONG).await;
+    verify_image(&client, &done).await;
+
+    // Kill one API, then keep reading through the gateway with a plain HTTP client (no
+    // retries of its own): every answer must still be a success.
+    let killed = apis[0].url().to_owned();
+    apis[0].kill9();
+    let killed_at = Instant::now();
+    let http = reqwest::Client::new();
+    for _ in 0..50 {
+        let response = http
+            .get(format!("{}/v1/fractal/{}", gateway.url(), created.uuid))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+    wait_until_state(gateway.url(), &killed, "down").await;
+    println!(
+        "the killed API was out of rotation {:?} after the kill",
+        killed_at.elapsed()
+    );
+    let survivor = apis[1].url().to_owned();
+    assert!(
+        backend_states(gateway.url())
+            .await
+            .contains(&(survivor, "up".to_owned()))
+    );
+
+    // Creates keep working too, and the page shows who is up.
+    let again = client.create(&small_fractal()).await.unwrap();
+    wait_for_state(&client, again.uuid, FractalState::Done, LONG).await;
+    let page = reqwest::get(format!("{}/__stats", gateway.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&killed) && page.contains("DOWN") && page.contains("UP"),
+        "{page}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", gateway.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("faafo_gateway_backend_up"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backends_are_added_and_removed_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = spawn_api(dir.path(), "api", &[]);
+    let gateway = spawn_gateway(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let (status, _) = get(&http, &format!("{}/v1/fractal", gateway.url())).await;
+    assert_eq!(status, 503, "no backend yet");
+
+    let change = serde_json::json!({ "url": api.url() }).to_string();
+    let unauthorized = http
+        .post(format!("{}/__backends", gateway.url()))
+        .body(change.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    let added = http
+        .post(format!("{}/__backends", gateway.url()))
+        .bearer_auth("admin-secret")
+        .body(change.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 204);
+    wait_until_state(gateway.url(), api.url(), "up").await;
+    assert_eq!(
+        get(&http, &format!("{}/v1/fractal", gateway.url())).await.0,
+        200
+    );
+
+    let removed = http
+        .delete(format!("{}/__backends", gateway.url()))
+        .bearer_auth("admin-secret")
+        .body(change)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    assert!(backend_states(gateway.url()).await.is_empty());
+    let bad = http
+        .post(format!("{}/__backends", gateway.url()))
+        .bearer_auth("admin-secret")
+        .body(r#"{"url": "not a url"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> (u16, String) {
+    let response = http.get(url).send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
