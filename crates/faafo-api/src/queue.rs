@@ -28,12 +28,13 @@ impl WorkSignal {
 }
 
 /// Passes the store's cross-process wake-ups (PostgreSQL NOTIFY) on to waiting lease
-/// requests in this process.
+/// requests in this process. A notification stands for one new task, so it wakes one
+/// waiter; more tasks than wake-ups are found by polling.
 pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<Notify>) {
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            _ = hints.notified() => state.work.notify(),
+            _ = hints.notified() => state.work.notify_one(),
         }
     }
 }

@@ -611,30 +611,30 @@ impl Store for PostgresStore {
         let notify = self.wakeups == Wakeups::ListenNotify;
         self.run_lease(move |client| {
             Box::pin(async move {
-                let tx = client.transaction().await.map_err(unavailable)?;
-                let failed = tx
-                    .execute(
-                        "UPDATE fractals SET state = 'failed', finished_at = faafo_now_ms(), \
-                         error = 'gave up after ' || attempts || ' attempts: the lease of worker ' || \
-                                 coalesce(leased_by, '?') || ' expired without a result', \
-                         lease_token = NULL, lease_expires_at = NULL \
-                         WHERE state = 'running' AND lease_expires_at < faafo_now_ms() AND attempts >= max_attempts",
-                        &[],
+                // One statement decides both outcomes, so a lease that expires while the
+                // sweep runs cannot be requeued past its last attempt.
+                let statement = client
+                    .prepare_cached(
+                        "UPDATE fractals SET \
+                           state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+                           error = CASE WHEN attempts >= max_attempts \
+                                   THEN 'gave up after ' || attempts || ' attempts: the lease of worker ' || \
+                                        coalesce(leased_by, '?') || ' expired without a result' \
+                                   ELSE error END, \
+                           finished_at = CASE WHEN attempts >= max_attempts THEN faafo_now_ms() ELSE finished_at END, \
+                           leased_by = CASE WHEN attempts >= max_attempts THEN leased_by END, \
+                           lease_token = NULL, lease_expires_at = NULL \
+                         WHERE state = 'running' AND lease_expires_at < faafo_now_ms() \
+                         RETURNING state",
                     )
                     .await
                     .map_err(unavailable)?;
-                let requeued = tx
-                    .execute(
-                        "UPDATE fractals SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, leased_by = NULL \
-                         WHERE state = 'running' AND lease_expires_at < faafo_now_ms()",
-                        &[],
-                    )
-                    .await
-                    .map_err(unavailable)?;
+                let rows = client.query(&statement, &[]).await.map_err(unavailable)?;
+                let failed = rows.iter().filter(|row| row.get::<_, &str>(0) == "failed").count() as u64;
+                let requeued = rows.len() as u64 - failed;
                 if requeued > 0 && notify {
-                    tx.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
+                    client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
                 }
-                tx.commit().await.map_err(unavailable)?;
                 Ok(ExpiredLeases { requeued, failed })
             })
         })
