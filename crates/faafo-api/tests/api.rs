@@ -108,12 +108,7 @@ impl TestApp {
     /// Claims the next task, renders it and uploads it: one deterministic step of a worker.
     async fn run_one(&self) -> FractalView {
         let grant = self.lease().await;
-        let png = render_png(
-            &grant.render_params(),
-            Engine::Scalar,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let png = render(&grant);
         let upload = Upload {
             uuid: grant.uuid,
             lease_token: grant.lease_token,
@@ -133,6 +128,16 @@ impl TestApp {
         self.shutdown.cancel();
         self.server.await.unwrap().unwrap();
     }
+}
+
+/// The PNG of a leased task, as a worker would render it.
+fn render(grant: &LeaseGrant) -> faafo_render::RenderedPng {
+    render_png(
+        &grant.render_params(),
+        Engine::Scalar,
+        &AtomicBool::new(false),
+    )
+    .unwrap()
 }
 
 fn spec() -> Value {
@@ -503,12 +508,7 @@ async fn uploads_are_verified() {
     let app = TestApp::start().await;
     let created = app.create(spec()).await;
     let grant = app.lease().await;
-    let png = render_png(
-        &grant.render_params(),
-        Engine::Scalar,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let png = render(&grant);
 
     let (status, body) = raw_upload(&app, &grant, png.bytes.clone(), &"0".repeat(64)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -575,12 +575,7 @@ async fn an_expired_lease_is_fenced_and_the_task_goes_to_the_next_worker() {
             .unwrap(),
         LeaseOutcome::Lost(_)
     ));
-    let png = render_png(
-        &stale.render_params(),
-        Engine::Scalar,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let png = render(&stale);
     let (status, body) = raw_upload(&app, &stale, png.bytes.clone(), &png.checksum).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(
@@ -672,12 +667,7 @@ async fn deleting_a_running_fractal_cancels_its_lease() {
             .unwrap(),
         LeaseOutcome::Lost(_)
     ));
-    let png = render_png(
-        &grant.render_params(),
-        Engine::Scalar,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let png = render(&grant);
     let (status, _) = raw_upload(&app, &grant, png.bytes, &png.checksum).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.stop().await;
@@ -783,12 +773,7 @@ async fn a_stale_upload_is_refused_before_anything_is_stored() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let png = render_png(
-        &stale.render_params(),
-        Engine::Scalar,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let png = render(&stale);
     let (status, body) = raw_upload(&app, &stale, png.bytes, &png.checksum).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let uuid = created.uuid.to_string();

@@ -42,20 +42,7 @@ fn succeeded(output: &Output) -> String {
 }
 
 fn up(dir: &Path) -> Process {
-    let data = dir.join("data");
-    Process::spawn_server(
-        dir,
-        "up",
-        &[
-            "up",
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--workers",
-            "2",
-        ],
-    )
+    spawn_up(dir, "up", 2)
 }
 
 #[test]

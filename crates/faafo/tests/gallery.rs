@@ -85,20 +85,7 @@ fn palette_pixels(png: &[u8]) -> (usize, usize, usize) {
 async fn the_gallery_shows_thumbnails_pages_and_details() {
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("chromium-profile");
-    let data = dir.path().join("data");
-    let up = Process::spawn_server(
-        dir.path(),
-        "up",
-        &[
-            "up",
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--workers",
-            "2",
-        ],
-    );
+    let up = spawn_up(dir.path(), "up", 2);
     let client = client(up.url());
     let mut created = Vec::new();
     for _ in 0..7 {
@@ -194,21 +181,8 @@ async fn the_gallery_shows_thumbnails_pages_and_details() {
 async fn unfinished_fractals_show_their_state_and_the_page_notices_changes() {
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("chromium-profile");
-    let data = dir.path().join("data");
     // No workers: everything stays queued.
-    let up = Process::spawn_server(
-        dir.path(),
-        "up",
-        &[
-            "up",
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--workers",
-            "0",
-        ],
-    );
+    let up = spawn_up(dir.path(), "up", 0);
     let client = client(up.url());
     let signature = || async {
         reqwest::get(format!("{}/index/1/signature", up.url()))

@@ -71,18 +71,7 @@ async fn an_api_killed_while_a_worker_holds_a_lease_does_not_stop_the_worker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restarting_on_the_same_data_dir_keeps_every_record_and_image() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let data = data.to_str().unwrap();
-    let args = [
-        "up",
-        "--bind",
-        "127.0.0.1:0",
-        "--data-dir",
-        data,
-        "--workers",
-        "2",
-    ];
-    let mut up = Process::spawn_server(dir.path(), "up", &args);
+    let mut up = spawn_up(dir.path(), "up", 2);
     let client = client(up.url());
     let mut uuids = Vec::new();
     for _ in 0..6 {
@@ -94,7 +83,7 @@ async fn restarting_on_the_same_data_dir_keeps_every_record_and_image() {
     }
     up.kill9();
 
-    let again = Process::spawn_server(dir.path(), "up-again", &args);
+    let again = spawn_up(dir.path(), "up-again", 2);
     let client = common::client(again.url());
     let page = client.list_page(1, 100).await.unwrap();
     assert_eq!(page.num_results, 6);
@@ -107,21 +96,7 @@ async fn restarting_on_the_same_data_dir_keeps_every_record_and_image() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_gives_unfinished_work_back_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let data = data.to_str().unwrap();
-    let mut up = Process::spawn_server(
-        dir.path(),
-        "up",
-        &[
-            "up",
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--workers",
-            "1",
-        ],
-    );
+    let mut up = spawn_up(dir.path(), "up", 1);
     let client = client(up.url());
     // Long enough that it cannot finish within the shutdown grace period.
     let uuid = client.create(&slow_fractal(100_000)).await.unwrap().uuid;
@@ -134,19 +109,7 @@ async fn sigterm_gives_unfinished_work_back_and_exits_zero() {
         up.log_text()
     );
 
-    let idle = Process::spawn_server(
-        dir.path(),
-        "up-idle",
-        &[
-            "up",
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--workers",
-            "0",
-        ],
-    );
+    let idle = spawn_up(dir.path(), "up-idle", 0);
     let view = common::client(idle.url()).get(uuid).await.unwrap();
     assert_eq!(
         (view.state, view.attempts),

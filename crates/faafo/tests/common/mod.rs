@@ -150,6 +150,22 @@ pub fn spawn_api_on(dir: &Path, name: &str, database: &str, extra: &[&str]) -> P
     Process::spawn_server(dir, name, &args)
 }
 
+/// `faafo up` on port 0 with `workers` workers, keeping its data in `dir/data`.
+pub fn spawn_up(dir: &Path, name: &str, workers: u32) -> Process {
+    let data = dir.join("data");
+    let workers = workers.to_string();
+    let args = [
+        "up",
+        "--bind",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("UTF-8 path"),
+        "--workers",
+        &workers,
+    ];
+    Process::spawn_server(dir, name, &args)
+}
+
 pub fn spawn_worker(dir: &Path, name: &str, endpoints: &str) -> Process {
     Process::spawn(
         dir,
