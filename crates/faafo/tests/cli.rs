@@ -218,11 +218,11 @@ async fn create_wait_survives_an_api_killed_mid_run_without_duplicates() {
             "--tasks",
             "20",
             "--width",
-            "300",
+            "600",
             "--height",
-            "300",
+            "600",
         ])
-        .args(["--iterations", "512", "--wait"])
+        .args(["--iterations", "3000", "--wait"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

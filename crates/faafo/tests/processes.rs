@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use faafo_core::FractalState;
+use faafo_core::wire::CreateFractal;
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -98,8 +99,13 @@ async fn sigterm_gives_unfinished_work_back_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let mut up = spawn_up(dir.path(), "up", 1);
     let client = client(up.url());
-    // Long enough that it cannot finish within the shutdown grace period.
-    let uuid = client.create(&slow_fractal(100_000)).await.unwrap().uuid;
+    // About 10^11 iterations: far longer than the shutdown grace period on any machine.
+    let endless = CreateFractal {
+        width: 1000,
+        height: 1000,
+        ..slow_fractal(100_000)
+    };
+    let uuid = client.create(&endless).await.unwrap().uuid;
     wait_for_state(&client, uuid, FractalState::Running, LONG).await;
     up.terminate();
     let status = up.wait_exit(Duration::from_secs(30));

@@ -225,13 +225,14 @@ pub async fn wait_for_state(
     .await
 }
 
-/// A render that takes a few seconds on one core: every pixel of the window stays in
-/// the filled Julia set of c = -1, so it runs all its iterations.
+/// A render that takes seconds even on every core with the SIMD kernel: every pixel of
+/// the window stays in the filled Julia set of c = -1, so it runs all its iterations
+/// (600 x 600 x `iterations`).
 pub fn slow_fractal(iterations: u32) -> CreateFractal {
     CreateFractal {
         uuid: Some(Uuid::new_v4()),
-        width: 260,
-        height: 260,
+        width: 600,
+        height: 600,
         iterations,
         xa: -0.05,
         xb: 0.05,
