@@ -1,11 +1,14 @@
 //! Domain types of faafo, shared by every process: the validated fractal spec, the
-//! stored record and its lifecycle, and the JSON shapes of the HTTP API. No I/O.
+//! stored record and its lifecycle, membership, and the JSON shapes of the HTTP API.
+//! No I/O.
 
 pub mod fractal;
+pub mod node;
 pub mod spec;
 pub mod wire;
 
 pub use fractal::{Fractal, FractalState, LeaseToken};
+pub use node::{NodeBeat, NodeRole};
 pub use spec::{FractalSpec, Limits, SpecError, Window};
 
 /// The shared secret workers present to the API. Never printed.

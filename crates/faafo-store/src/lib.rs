@@ -5,7 +5,8 @@
 //! a lease (token and expiry) and every later write must present the token (fencing).
 //!
 //! [`Store`] is what the API serves from; [`SqliteStore`] is the embedded default and
-//! [`PostgresStore`] the one for several hosts.
+//! [`PostgresStore`] the one for several hosts. The store also keeps the membership list:
+//! which gateways, APIs and workers are alive.
 
 mod postgres;
 mod sqlite;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use faafo_core::fractal::RenderResult;
-use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken};
+use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat};
 use uuid::Uuid;
 
 pub use postgres::{PostgresStore, Wakeups};
@@ -84,6 +85,17 @@ impl QueueStats {
     }
 }
 
+/// A node as the store last heard of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// What it said in its last heartbeat.
+    pub beat: NodeBeat,
+    /// Time since that heartbeat, by the store's clock.
+    pub since_heard: Duration,
+    /// It said goodbye on a clean shutdown.
+    pub left: bool,
+}
+
 /// Why a store operation did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -147,6 +159,16 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
 
     async fn stats(&self) -> Result<QueueStats, StoreError>;
 
+    /// Records that a node is alive (membership), and forgets nodes not heard from for
+    /// [`faafo_core::node::FORGET_AFTER`].
+    async fn node_heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError>;
+
+    /// Records that a node shut down cleanly; false if the store never heard of it.
+    async fn node_left(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Every node the store remembers, by role and id.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -155,4 +177,30 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     fn work_hints(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
     }
+}
+
+/// A membership row, as both backends read it.
+pub(crate) fn node_record(
+    id: String,
+    role: &str,
+    address: Option<String>,
+    version: String,
+    load: i64,
+    since_heard_ms: i64,
+    left: bool,
+) -> Result<NodeRecord, StoreError> {
+    let role = role
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("node {id}: {e}")))?;
+    Ok(NodeRecord {
+        beat: NodeBeat {
+            id,
+            role,
+            address,
+            version,
+            load: load.max(0) as u64,
+        },
+        since_heard: Duration::from_millis(since_heard_ms.max(0) as u64),
+        left,
+    })
 }

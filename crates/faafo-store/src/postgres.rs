@@ -16,14 +16,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use faafo_core::fractal::RenderResult;
-use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, Window};
+use faafo_core::node::FORGET_AFTER;
+use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Window};
 use tokio::sync::Notify;
 use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, Page, QueueStats, Store, StoreError,
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats, Store,
+    StoreError, node_record,
 };
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
@@ -60,6 +62,16 @@ CREATE TABLE fractals (
 -- Only work still to do is indexed for claims and sweeps: finished rows stay out of the hot path.
 CREATE INDEX fractals_queued ON fractals (id) WHERE state = 'queued';
 CREATE INDEX fractals_leased ON fractals (lease_expires_at) WHERE state = 'running';
+"#, r#"
+CREATE TABLE nodes (
+    id        text   PRIMARY KEY,
+    role      text   NOT NULL,
+    address   text,
+    version   text   NOT NULL,
+    load      bigint NOT NULL,
+    last_seen bigint NOT NULL,
+    left_at   bigint
+);
 "#];
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
@@ -683,6 +695,70 @@ impl Store for PostgresStore {
                     )));
                 }
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    // Membership is soft state, renewed every few seconds: it goes through the
+    // `synchronous_commit = off` pool like the leases.
+    async fn node_heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError> {
+        let beat = beat.clone();
+        self.run_lease(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "INSERT INTO nodes (id, role, address, version, load, last_seen, left_at) \
+                         VALUES ($1, $2, $3, $4, $5, faafo_now_ms(), NULL) ON CONFLICT (id) DO UPDATE SET \
+                         role = excluded.role, address = excluded.address, version = excluded.version, \
+                         load = excluded.load, last_seen = excluded.last_seen, left_at = NULL",
+                        &[&beat.id, &beat.role.as_str(), &beat.address, &beat.version, &(beat.load as i64)],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                client
+                    .execute(
+                        "DELETE FROM nodes WHERE last_seen < faafo_now_ms() - $1",
+                        &[&(FORGET_AFTER.as_millis() as i64)],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn node_left(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.run_lease(move |client| {
+            Box::pin(async move {
+                let changed = client
+                    .execute("UPDATE nodes SET left_at = faafo_now_ms() WHERE id = $1", &[&id])
+                    .await
+                    .map_err(unavailable)?;
+                Ok(changed > 0)
+            })
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.run(|client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT id, role, address, version, load, faafo_now_ms() - last_seen, left_at IS NOT NULL \
+                         FROM nodes ORDER BY role, id",
+                        &[],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                rows.into_iter()
+                    .map(|row| {
+                        node_record(row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5), row.get(6))
+                    })
+                    .collect()
             })
         })
         .await

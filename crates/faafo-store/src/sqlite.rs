@@ -11,12 +11,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use faafo_core::fractal::RenderResult;
-use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, Window};
+use faafo_core::node::FORGET_AFTER;
+use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Window};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, Page, QueueStats, Store, StoreError,
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats, Store,
+    StoreError, node_record,
 };
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
@@ -51,6 +53,16 @@ CREATE TABLE fractals (
 CREATE INDEX fractals_queued ON fractals (id) WHERE state = 'queued';
 CREATE INDEX fractals_leased ON fractals (lease_expires_at) WHERE state = 'running';
 CREATE INDEX fractals_state ON fractals (state);
+"#, r#"
+CREATE TABLE nodes (
+    id        TEXT    PRIMARY KEY,
+    role      TEXT    NOT NULL,
+    address   TEXT,
+    version   TEXT    NOT NULL,
+    load      INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    left_at   INTEGER
+);
 "#];
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
@@ -497,6 +509,80 @@ impl Store for SqliteStore {
             connection
                 .query_row("SELECT 1", [], |_| Ok(()))
                 .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn node_heartbeat(&self, beat: &NodeBeat) -> Result<(), StoreError> {
+        let beat = beat.clone();
+        self.run(move |connection| {
+            let now = now_ms();
+            connection
+                .prepare_cached(
+                    "INSERT INTO nodes (id, role, address, version, load, last_seen, left_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL) ON CONFLICT (id) DO UPDATE SET \
+                     role = excluded.role, address = excluded.address, version = excluded.version, \
+                     load = excluded.load, last_seen = excluded.last_seen, left_at = NULL",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        beat.id,
+                        beat.role.as_str(),
+                        beat.address,
+                        beat.version,
+                        beat.load as i64,
+                        now
+                    ])
+                })
+                .map_err(unavailable)?;
+            connection
+                .prepare_cached("DELETE FROM nodes WHERE last_seen < ?1")
+                .and_then(|mut s| s.execute([now - FORGET_AFTER.as_millis() as i64]))
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn node_left(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.run(move |connection| {
+            connection
+                .prepare_cached("UPDATE nodes SET left_at = ?2 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id, now_ms()]))
+                .map(|changed| changed > 0)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.run(|connection| {
+            let now = now_ms();
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT id, role, address, version, load, last_seen, left_at IS NOT NULL \
+                     FROM nodes ORDER BY role, id",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, i64>(5)?,
+                        row.get::<_, bool>(6)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            rows.map(|row| {
+                let (id, role, address, version, load, last_seen, left) = row.map_err(unavailable)?;
+                node_record(id, &role, address, version, load, now - last_seen, left)
+            })
+            .collect()
         })
         .await
     }

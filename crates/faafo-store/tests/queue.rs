@@ -364,7 +364,45 @@ async fn two_handles_on_one_store_never_claim_the_same_task(t: TestStore) {
     assert_eq!(all.iter().collect::<HashSet<_>>().len(), 40);
 }
 
+async fn nodes_are_remembered_updated_and_marked_when_they_leave(t: TestStore) {
+    use faafo_core::{NodeBeat, NodeRole};
+    assert!(t.store.nodes().await.unwrap().is_empty());
+    let worker = NodeBeat {
+        id: "host-7".into(),
+        role: NodeRole::Worker,
+        address: None,
+        version: "0.1.0".into(),
+        load: 3,
+    };
+    let api = NodeBeat {
+        id: "http://127.0.0.1:9210".into(),
+        role: NodeRole::Api,
+        address: Some("http://127.0.0.1:9210".into()),
+        version: "0.1.0".into(),
+        load: 10,
+    };
+    t.store.node_heartbeat(&worker).await.unwrap();
+    t.store.node_heartbeat(&api).await.unwrap();
+    // A second process sees the same membership, and a later beat replaces the first.
+    let other = t.reopen().await;
+    let worker = NodeBeat { load: 4, ..worker };
+    other.node_heartbeat(&worker).await.unwrap();
+    let nodes = t.store.nodes().await.unwrap();
+    let beats: Vec<&NodeBeat> = nodes.iter().map(|n| &n.beat).collect();
+    assert_eq!(beats, [&api, &worker], "ordered by role, then id");
+    assert!(nodes.iter().all(|n| !n.left && n.since_heard < Duration::from_secs(5)));
+
+    assert!(t.store.node_left(&api.id).await.unwrap());
+    assert!(!t.store.node_left("never-seen").await.unwrap());
+    let nodes = t.store.nodes().await.unwrap();
+    assert!(nodes[0].left && !nodes[1].left);
+    // A restarted member takes over its entry and is no longer gone.
+    t.store.node_heartbeat(&api).await.unwrap();
+    assert!(t.store.nodes().await.unwrap().iter().all(|n| !n.left));
+}
+
 on_every_store!(
+    nodes_are_remembered_updated_and_marked_when_they_leave,
     create_is_idempotent_by_uuid,
     list_is_oldest_first_with_a_total,
     claim_gives_the_oldest_task_once,
