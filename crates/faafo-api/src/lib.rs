@@ -7,6 +7,7 @@
 mod error;
 mod images;
 mod json;
+mod membership;
 mod metrics;
 mod queue;
 mod routes;
@@ -43,6 +44,12 @@ pub struct ApiConfig {
     pub poll_interval: Duration,
     /// The longest a lease request may wait for work.
     pub max_lease_wait: Duration,
+    /// The URL clients reach this instance at. With one, the instance lists itself in
+    /// the membership (`/v1/nodes`, `/v1/endpoints`) while it runs.
+    pub advertise_url: Option<String>,
+    /// On shutdown, how long to keep serving after `/readyz` turns 503, so that load
+    /// balancers see it and stop sending requests before the listener closes.
+    pub drain_delay: Duration,
 }
 
 impl ApiConfig {
@@ -56,6 +63,8 @@ impl ApiConfig {
             sweep_interval: Duration::from_millis(500),
             poll_interval: Duration::from_millis(250),
             max_lease_wait: Duration::from_secs(30),
+            advertise_url: None,
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -68,13 +77,14 @@ pub(crate) struct AppState {
     config: ApiConfig,
     metrics: Metrics,
     work: WorkSignal,
-    /// Cancelled when the process begins to shut down: `/readyz` turns 503 and waiting
-    /// lease requests return at once.
+    /// Cancelled when the process begins to shut down: `/readyz` turns 503, the instance
+    /// leaves the membership, and lease requests are sent elsewhere.
     shutdown: CancellationToken,
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled, then finishes the
-/// requests in flight and returns.
+/// Serves the API on `listener` until `shutdown` is cancelled; then drains: `/readyz`
+/// answers 503 at once, requests are still served for `drain_delay` (load balancers
+/// notice in that time), then the listener closes and the requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
@@ -95,9 +105,18 @@ pub async fn serve(
     if let Some(hints) = state.store.work_hints() {
         background.spawn(queue::forward_store_hints(Arc::clone(&state), hints));
     }
+    if let Some(address) = state.config.advertise_url.clone() {
+        background.spawn(membership::announce(Arc::clone(&state), address));
+    }
     let app = routes::router(Arc::clone(&state));
+    let drain_delay = state.config.drain_delay;
+    let drained = async move {
+        shutdown.cancelled().await;
+        tracing::info!(?drain_delay, "draining");
+        tokio::time::sleep(drain_delay).await;
+    };
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(drained)
         .await;
     background.close();
     background.wait().await;

@@ -14,7 +14,7 @@ use prometheus::{
 
 use crate::AppState;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
@@ -27,6 +27,8 @@ pub struct Metrics {
     fractals: IntGaugeVec,
     queue_depth: IntGauge,
     oldest_queued_seconds: prometheus::Gauge,
+    /// Every request answered, for the membership heartbeat's load figure.
+    served: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -106,7 +108,13 @@ impl Metrics {
             fractals,
             queue_depth,
             oldest_queued_seconds,
+            served: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Requests answered since the process started.
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sets the queue gauges from a fresh look at the store.
@@ -147,6 +155,9 @@ pub async fn track_requests(
         .to_owned();
     let response = next.run(request).await;
     let metrics = &state.metrics;
+    metrics
+        .served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics
         .requests
         .with_label_values(&[&method, &route, response.status().as_str()])

@@ -124,9 +124,11 @@ impl TestApp {
         self.worker.get(grant.uuid).await.unwrap()
     }
 
-    async fn stop(self) {
+    /// Shuts the server down; the data stays until the returned directory is dropped.
+    async fn stop(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         self.server.await.unwrap().unwrap();
+        self._dir
     }
 }
 
@@ -454,6 +456,25 @@ async fn a_long_poll_is_woken_by_a_create() {
     app.stop().await;
 }
 
+/// Polls `probe` until it gives a value, for up to 10 s.
+async fn wait_for<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until the metric line starting with `prefix` shows `value`.
 async fn wait_for_metric(app: &TestApp, prefix: &str, value: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -696,7 +717,7 @@ async fn released_tasks_return_to_the_queue_without_using_an_attempt() {
 
 #[tokio::test]
 async fn health_readiness_metrics_and_draining() {
-    let app = TestApp::start().await;
+    let app = TestApp::start_with(|config| config.drain_delay = Duration::from_secs(3)).await;
     assert_eq!(
         app.get("/healthz").await,
         (StatusCode::OK, json!({"status": "alive"}))
@@ -736,20 +757,148 @@ async fn health_readiness_metrics_and_draining() {
             .any(|l| l.starts_with("faafo_queue_oldest_age_seconds ") && !l.ends_with(" 0"))
     );
 
-    // A parked lease request returns at once when the server begins to shut down.
-    let worker = Client::new(&app.base, RetryPolicy::default())
+    // Draining: a parked lease request is sent elsewhere at once (503), /readyz turns
+    // 503, and other requests are still served until the drain delay ends.
+    let policy = RetryPolicy {
+        total: Duration::from_millis(100),
+        ..RetryPolicy::default()
+    };
+    let worker = Client::new(&app.base, policy)
         .unwrap()
         .with_worker_token(WorkerToken::new(TOKEN));
     app.lease().await;
     let parked = tokio::spawn(async move { worker.lease("w", Duration::from_secs(30)).await });
     wait_for_metric(&app, "faafo_lease_requests_waiting", "1").await;
     app.shutdown.cancel();
-    let answer = tokio::time::timeout(Duration::from_secs(5), parked)
+    let answer = tokio::time::timeout(Duration::from_secs(2), parked)
         .await
         .expect("parked lease returned")
         .unwrap();
-    assert!(answer.unwrap().is_none());
+    let error = answer.unwrap_err().to_string();
+    assert!(
+        error.contains("503") && error.contains("shutting down"),
+        "{error}"
+    );
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["status"], "draining");
+    let (status, _) = app.get("/v1/fractal").await;
+    assert_eq!(status, StatusCode::OK, "still serving while draining");
     app.server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn membership_lists_nodes_and_endpoints() {
+    let app = TestApp::start_with(|config| {
+        config.advertise_url = Some("http://api-1.test:9210".into());
+    })
+    .await;
+    let beat = |id: &str, role: &str, address: Option<&str>| {
+        let mut beat = json!({ "id": id, "role": role, "version": "9.9.9", "load": 7 });
+        if let Some(address) = address {
+            beat["address"] = json!(address);
+        }
+        beat.to_string()
+    };
+    let send = |path: &'static str, body: String, token: Option<&'static str>| {
+        let mut request = app.http.post(app.url(path)).body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let heartbeat = "/v1/nodes/heartbeat";
+    let gateway = beat("gw-1", "gateway", Some("http://gw-1.test:9100"));
+    assert_eq!(
+        send(heartbeat, gateway.clone(), None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, error) = send(heartbeat, beat("gw-2", "gateway", None), Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        error["message"].as_str().unwrap().contains("address"),
+        "{error}"
+    );
+    let (status, error) = send(heartbeat, beat("x", "api", Some("http://x:1")), Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error["field"], "role");
+    let (status, _) = send(heartbeat, beat("x", "database", None), Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    for body in [gateway, beat("worker-1", "worker", None)] {
+        assert_eq!(
+            send(heartbeat, body, Some(TOKEN)).await.0,
+            StatusCode::NO_CONTENT
+        );
+    }
+
+    // The instance lists itself; gateways come first, then APIs, then workers.
+    let status = wait_for(|| async {
+        let (_, status) = app.get("/v1/nodes").await;
+        (status["nodes"].as_array().unwrap().len() == 3).then_some(status)
+    })
+    .await;
+    let nodes: Vec<(&str, &str, &str)> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["role"].as_str().unwrap(),
+                n["id"].as_str().unwrap(),
+                n["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("gateway", "gw-1", "up"),
+            ("api", "http://api-1.test:9210", "up"),
+            ("worker", "worker-1", "up")
+        ]
+    );
+    assert_eq!(status["queue"]["queued"], 0);
+    let (_, endpoints) = app.get("/v1/endpoints").await;
+    assert_eq!(
+        endpoints,
+        json!({ "gateways": ["http://gw-1.test:9100"], "apis": ["http://api-1.test:9210"] })
+    );
+
+    // A node that leaves is no longer handed out; an unknown one is a 404.
+    let leave = "/v1/nodes/leave";
+    assert_eq!(
+        send(leave, json!({"id": "gw-1"}).to_string(), Some(TOKEN))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        send(leave, json!({"id": "nope"}).to_string(), Some(TOKEN))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, endpoints) = app.get("/v1/endpoints").await;
+    assert_eq!(endpoints["gateways"], json!([]));
+    let (_, status) = app.get("/v1/nodes").await;
+    assert_eq!(status["nodes"][0]["state"], "left");
+
+    // On shutdown the instance says goodbye too.
+    let data = app.stop().await;
+    let store = SqliteStore::open(data.path().join("faafo.db")).await.unwrap();
+    let nodes = faafo_store::Store::nodes(&store).await.unwrap();
+    let api = nodes
+        .iter()
+        .find(|n| n.beat.id == "http://api-1.test:9210")
+        .unwrap();
+    assert!(api.left);
 }
 
 #[tokio::test]

@@ -5,16 +5,21 @@
 //! with jittered backoff, within a bounded total time. Every call it makes is safe to
 //! repeat: reads, deletes, creates keyed by a client-chosen uuid, and worker calls fenced
 //! by a lease token.
+//!
+//! With discovery on, it also asks the deployment where its other endpoints are
+//! (`GET /v1/endpoints`) now and then, so a client given one address learns the others.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use faafo_core::WorkerToken;
+use faafo_core::node::{ClusterStatus, Endpoints};
 use faafo_core::wire::{
     CreateFractal, ErrorBody, FailTask, FractalPage, FractalView, LeaseGrant, LeaseHeld,
     LeaseRequest, upload_headers,
 };
+use faafo_core::{NodeBeat, WorkerToken};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
@@ -94,13 +99,23 @@ pub enum LeaseOutcome {
     Lost(String),
 }
 
+/// How often a client with discovery on asks for the deployment's endpoints.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub struct Client {
-    endpoints: Vec<String>,
+    /// The endpoints given at construction: always kept, whatever discovery says.
+    seeds: Vec<String>,
+    /// The seeds and, with discovery, the endpoints the deployment listed last.
+    endpoints: RwLock<Vec<String>>,
     current: AtomicUsize,
     http: reqwest::Client,
     policy: RetryPolicy,
     worker_token: Option<WorkerToken>,
+    /// When discovery last ran; `None` while discovery is off.
+    discovered_at: Option<Mutex<Option<Instant>>>,
+    /// Attempts that failed and were tried again, over the client's life.
+    retries: AtomicU64,
 }
 
 impl Client {
@@ -118,12 +133,23 @@ impl Client {
             })?;
         let start = rand::random_range(0..endpoints.len());
         Ok(Client {
-            endpoints,
+            seeds: endpoints.clone(),
+            endpoints: RwLock::new(endpoints),
             current: AtomicUsize::new(start),
             http,
             policy,
             worker_token: None,
+            discovered_at: None,
+            retries: AtomicU64::new(0),
         })
+    }
+
+    /// Learns the deployment's other endpoints from `GET /v1/endpoints` before the first
+    /// call and every few seconds after: its gateways when it has any, else its API
+    /// instances. The endpoints given at construction are always kept.
+    pub fn with_discovery(mut self) -> Client {
+        self.discovered_at = Some(Mutex::new(None));
+        self
     }
 
     /// Sends `token` with the worker protocol's calls.
@@ -132,13 +158,115 @@ impl Client {
         self
     }
 
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
+    /// The endpoints calls may go to now.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The endpoint the next call starts at.
-    pub fn current_endpoint(&self) -> &str {
-        &self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
+    pub fn current_endpoint(&self) -> String {
+        let endpoints = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        endpoints[self.current.load(Ordering::Relaxed) % endpoints.len()].clone()
+    }
+
+    /// Attempts that failed (refused, timed out, 502/503/504) and were made again,
+    /// here or on another endpoint, since the client was made.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Asks the deployment where its gateways and API instances are, and uses them from
+    /// now on (with the endpoints given at construction).
+    pub async fn discover(&self) -> Result<Endpoints, ClientError> {
+        let reply = self
+            .send(Method::GET, "/v1/endpoints", Body::Empty, None)
+            .await?;
+        let found: Endpoints = decode(expect_success(reply)?)?;
+        self.adopt(&found);
+        Ok(found)
+    }
+
+    /// Replaces the endpoint list, staying on the current endpoint if it is still listed.
+    fn adopt(&self, found: &Endpoints) {
+        let preferred = if found.gateways.is_empty() {
+            &found.apis
+        } else {
+            &found.gateways
+        };
+        let mut next = self.seeds.clone();
+        for url in preferred {
+            let url = url.trim_end_matches('/');
+            if parse_endpoints(url).is_ok() && !next.iter().any(|known| known == url) {
+                next.push(url.to_owned());
+            }
+        }
+        let current = self.current_endpoint();
+        let mut endpoints = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
+        if *endpoints != next {
+            tracing::debug!(endpoints = ?next, "endpoints discovered");
+            let position = next.iter().position(|url| *url == current).unwrap_or(0);
+            self.current.store(position, Ordering::Relaxed);
+            *endpoints = next;
+        }
+    }
+
+    /// Runs discovery when it is on and due. Failures are ignored: the known endpoints
+    /// still work, and an API without discovery answers 404.
+    async fn discover_if_due(&self) {
+        let Some(discovered_at) = &self.discovered_at else {
+            return;
+        };
+        {
+            let mut last = discovered_at.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < DISCOVERY_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let endpoint = self.current_endpoint();
+        match self
+            .attempt(&Method::GET, &endpoint, "/v1/endpoints", &Body::Empty, None)
+            .await
+        {
+            Ok((status, body)) if status.is_success() => {
+                match serde_json::from_slice::<Endpoints>(&body) {
+                    Ok(found) => self.adopt(&found),
+                    Err(error) => tracing::debug!(%endpoint, %error, "unreadable endpoint list"),
+                }
+            }
+            Ok((status, _)) => tracing::debug!(%endpoint, %status, "no endpoint list"),
+            Err(error) => tracing::debug!(%endpoint, error = %describe(&error), "no endpoint list"),
+        }
+    }
+
+    /// The deployment's nodes and queue (`GET /v1/nodes`).
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        let reply = self
+            .send(Method::GET, "/v1/nodes", Body::Empty, None)
+            .await?;
+        decode(expect_success(reply)?)
+    }
+
+    /// Announces a gateway or worker in the membership (needs the worker token).
+    pub async fn node_heartbeat(&self, beat: &NodeBeat) -> Result<(), ClientError> {
+        let body = Bytes::from(serde_json::to_vec(beat).expect("serializes"));
+        let reply = self
+            .send(Method::POST, "/v1/nodes/heartbeat", Body::Json(body), None)
+            .await?;
+        expect_success(reply).map(|_| ())
+    }
+
+    /// Says a node is shutting down cleanly (needs the worker token).
+    pub async fn node_leave(&self, id: &str) -> Result<(), ClientError> {
+        let body =
+            Bytes::from(serde_json::to_vec(&serde_json::json!({ "id": id })).expect("serializes"));
+        let reply = self
+            .send(Method::POST, "/v1/nodes/leave", Body::Json(body), None)
+            .await?;
+        expect_success(reply).map(|_| ())
     }
 
     pub async fn create(&self, request: &CreateFractal) -> Result<FractalView, ClientError> {
@@ -289,14 +417,19 @@ impl Client {
         body: Body,
         timeout: Option<Duration>,
     ) -> Result<Reply, ClientError> {
+        self.discover_if_due().await;
         let started = Instant::now();
         let mut tried: Vec<String> = Vec::new();
         let mut backoff = self.policy.initial_backoff;
         let mut maybe_sent = false;
         let mut failures_in_round = 0;
         loop {
-            let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
-            let endpoint = &self.endpoints[index];
+            let (index, endpoint, count) = {
+                let endpoints = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+                let index = self.current.load(Ordering::Relaxed) % endpoints.len();
+                (index, endpoints[index].clone(), endpoints.len())
+            };
+            let endpoint = &endpoint;
             let last_error = match self.attempt(&method, endpoint, path, &body, timeout).await {
                 Ok((status, body)) if !is_retryable(status) => {
                     return Ok(Reply {
@@ -323,12 +456,12 @@ impl Client {
             // Move on from the failed endpoint, unless another call already has.
             let _ = self.current.compare_exchange(
                 index,
-                (index + 1) % self.endpoints.len(),
+                (index + 1) % count,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
             failures_in_round += 1;
-            let pause = if failures_in_round >= self.endpoints.len() {
+            let pause = if failures_in_round >= count {
                 failures_in_round = 0;
                 let pause = jittered(backoff);
                 backoff = (backoff * 2).min(self.policy.max_backoff);
@@ -344,6 +477,7 @@ impl Client {
                     last_error,
                 });
             }
+            self.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
         }
     }

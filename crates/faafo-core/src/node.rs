@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The version every node reports: the workspace's.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// How often a node announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -91,7 +94,10 @@ impl NodeBeat {
             (Some(address), _) => {
                 let valid = address.len() <= 300
                     && (address.starts_with("http://") || address.starts_with("https://"))
-                    && address.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
+                    && address
+                        .split("://")
+                        .nth(1)
+                        .is_some_and(|rest| !rest.is_empty());
                 if valid {
                     Ok(())
                 } else {

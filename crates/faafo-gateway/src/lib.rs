@@ -4,10 +4,12 @@
 //! a backend down at once). Requests go to the up backend with the fewest requests in
 //! flight. A request that never reached a backend is retried on another one; safe methods
 //! (GET, HEAD, OPTIONS) are also retried on 502/503 and on a broken connection. Backends
-//! can be added and removed while running (`/__backends`, with the admin token), and
-//! `/__stats`, `/__stats.json` and `/metrics` show who is up.
+//! can be added and removed while running (`/__backends`, with the admin token) or follow
+//! the membership the API keeps (`/v1/endpoints`), and `/__stats`, `/__stats.json` and
+//! `/metrics` show who is up.
 
 mod backend;
+mod membership;
 mod proxy;
 mod stats;
 
@@ -35,6 +37,14 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Token for adding and removing backends; without one, the admin calls are refused.
     pub admin_token: Option<String>,
+    /// The URL clients reach this gateway at. With `member_token`, the gateway announces
+    /// itself in the membership, so clients discover it in `/v1/endpoints`.
+    pub advertise_url: Option<String>,
+    /// The worker token, which members of the deployment present to the API.
+    pub member_token: Option<String>,
+    /// Follow the API instances the membership lists (asking this often), adding and
+    /// removing backends to match; the configured backends are only the first contact.
+    pub discover_interval: Option<Duration>,
 }
 
 impl Default for GatewayConfig {
@@ -47,6 +57,9 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_secs(60),
             max_body_bytes: 512 << 20,
             admin_token: None,
+            advertise_url: None,
+            member_token: None,
+            discover_interval: None,
         }
     }
 }
@@ -62,6 +75,15 @@ pub async fn serve(
         Arc::new(proxy::Gateway::new(config, shutdown.clone()).map_err(std::io::Error::other)?);
     for url in backends {
         gateway.add_backend(&url).map_err(std::io::Error::other)?;
+    }
+    if let (Some(address), Some(token)) = (
+        gateway.config.advertise_url.clone(),
+        gateway.config.member_token.clone(),
+    ) {
+        tokio::spawn(membership::announce(Arc::clone(&gateway), address, token));
+    }
+    if let Some(interval) = gateway.config.discover_interval {
+        tokio::spawn(membership::follow(Arc::clone(&gateway), interval));
     }
     let app = proxy::router(Arc::clone(&gateway));
     let result = axum::serve(

@@ -30,10 +30,10 @@ pub enum GatewayError {
 pub struct Gateway {
     pub(crate) config: GatewayConfig,
     backends: RwLock<Vec<Arc<Backend>>>,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     next: AtomicUsize,
     pub(crate) metrics: Metrics,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// Headers that describe one hop, not the request: never forwarded.
@@ -119,7 +119,7 @@ impl Gateway {
     }
 
     /// The up backend with the fewest requests in flight, not yet tried; ties go round robin.
-    fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+    pub(crate) fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
         let backends = self.backends();
         if backends.is_empty() {
             return None;
@@ -160,6 +160,7 @@ async fn forward(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
+    gateway.metrics.requests.inc();
     let (parts, body) = request.into_parts();
     let limit = gateway.config.max_body_bytes;
     let body = match axum::body::to_bytes(body, limit).await {

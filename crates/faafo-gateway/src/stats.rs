@@ -18,6 +18,7 @@ pub struct Metrics {
     registry: Registry,
     responses: IntCounterVec,
     backend_up: IntGaugeVec,
+    pub requests: IntCounter,
     pub retries: IntCounter,
     pub unavailable: IntCounter,
 }
@@ -36,6 +37,8 @@ impl Metrics {
             &["backend"],
         )
         .expect("static metric");
+        let requests = IntCounter::new("requests_total", "Requests received for backends")
+            .expect("static metric");
         let retries = IntCounter::new("retries_total", "Requests sent again to another backend")
             .expect("static metric");
         let unavailable =
@@ -44,6 +47,7 @@ impl Metrics {
         for collector in [
             Box::new(responses.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(backend_up.clone()),
+            Box::new(requests.clone()),
             Box::new(retries.clone()),
             Box::new(unavailable.clone()),
         ] {
@@ -53,6 +57,7 @@ impl Metrics {
             registry,
             responses,
             backend_up,
+            requests,
             retries,
             unavailable,
         }

@@ -24,12 +24,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats, Store,
-    StoreError, node_record,
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats,
+    Store, StoreError, node_record,
 };
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE FUNCTION faafo_now_ms() RETURNS bigint
     LANGUAGE sql VOLATILE AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
 CREATE TABLE fractals (
@@ -62,7 +63,8 @@ CREATE TABLE fractals (
 -- Only work still to do is indexed for claims and sweeps: finished rows stay out of the hot path.
 CREATE INDEX fractals_queued ON fractals (id) WHERE state = 'queued';
 CREATE INDEX fractals_leased ON fractals (lease_expires_at) WHERE state = 'running';
-"#, r#"
+"#,
+    r#"
 CREATE TABLE nodes (
     id        text   PRIMARY KEY,
     role      text   NOT NULL,
@@ -72,7 +74,8 @@ CREATE TABLE nodes (
     last_seen bigint NOT NULL,
     left_at   bigint
 );
-"#];
+"#,
+];
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
 const MIGRATION_LOCK: i64 = 0x6661_6166_6f00;
@@ -734,7 +737,10 @@ impl Store for PostgresStore {
         self.run_lease(move |client| {
             Box::pin(async move {
                 let changed = client
-                    .execute("UPDATE nodes SET left_at = faafo_now_ms() WHERE id = $1", &[&id])
+                    .execute(
+                        "UPDATE nodes SET left_at = faafo_now_ms() WHERE id = $1",
+                        &[&id],
+                    )
                     .await
                     .map_err(unavailable)?;
                 Ok(changed > 0)

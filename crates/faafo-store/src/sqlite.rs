@@ -17,12 +17,13 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats, Store,
-    StoreError, node_record,
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats,
+    Store, StoreError, node_record,
 };
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE fractals (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     uuid             TEXT    NOT NULL UNIQUE,
@@ -53,7 +54,8 @@ CREATE TABLE fractals (
 CREATE INDEX fractals_queued ON fractals (id) WHERE state = 'queued';
 CREATE INDEX fractals_leased ON fractals (lease_expires_at) WHERE state = 'running';
 CREATE INDEX fractals_state ON fractals (state);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE nodes (
     id        TEXT    PRIMARY KEY,
     role      TEXT    NOT NULL,
@@ -63,7 +65,8 @@ CREATE TABLE nodes (
     last_seen INTEGER NOT NULL,
     left_at   INTEGER
 );
-"#];
+"#,
+];
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
@@ -579,7 +582,8 @@ impl Store for SqliteStore {
                 })
                 .map_err(unavailable)?;
             rows.map(|row| {
-                let (id, role, address, version, load, last_seen, left) = row.map_err(unavailable)?;
+                let (id, role, address, version, load, last_seen, left) =
+                    row.map_err(unavailable)?;
                 node_record(id, &role, address, version, load, now - last_seen, left)
             })
             .collect()

@@ -390,7 +390,11 @@ async fn nodes_are_remembered_updated_and_marked_when_they_leave(t: TestStore) {
     let nodes = t.store.nodes().await.unwrap();
     let beats: Vec<&NodeBeat> = nodes.iter().map(|n| &n.beat).collect();
     assert_eq!(beats, [&api, &worker], "ordered by role, then id");
-    assert!(nodes.iter().all(|n| !n.left && n.since_heard < Duration::from_secs(5)));
+    assert!(
+        nodes
+            .iter()
+            .all(|n| !n.left && n.since_heard < Duration::from_secs(5))
+    );
 
     assert!(t.store.node_left(&api.id).await.unwrap());
     assert!(!t.store.node_left("never-seen").await.unwrap());

@@ -6,12 +6,14 @@
 //! another endpoint) rather than rendering again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use faafo_client::{Client, ClientError, LeaseOutcome, Upload};
+use faafo_core::node::{HEARTBEAT_INTERVAL, VERSION};
 use faafo_core::wire::LeaseGrant;
+use faafo_core::{NodeBeat, NodeRole};
 use faafo_render::{Engine, RenderError, render_png};
 use tokio_util::sync::CancellationToken;
 
@@ -49,9 +51,18 @@ pub fn host_name() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
 }
 
-/// Takes and renders tasks until `shutdown` is cancelled.
+/// Takes and renders tasks until `shutdown` is cancelled, announcing itself in the
+/// membership meanwhile.
 pub async fn run(client: Arc<Client>, config: WorkerConfig, shutdown: CancellationToken) {
     tracing::info!(worker = %config.name, endpoints = ?client.endpoints(), "worker started");
+    let done = Arc::new(AtomicU64::new(0));
+    let stop_announcing = CancellationToken::new();
+    let announcer = tokio::spawn(announce(
+        Arc::clone(&client),
+        config.name.clone(),
+        Arc::clone(&done),
+        stop_announcing.clone(),
+    ));
     let mut backoff = Duration::from_millis(100);
     loop {
         let grant = tokio::select! {
@@ -61,7 +72,9 @@ pub async fn run(client: Arc<Client>, config: WorkerConfig, shutdown: Cancellati
         match grant {
             Ok(Some(grant)) => {
                 backoff = Duration::from_millis(100);
-                run_task(&client, &config, grant, &shutdown).await;
+                if let TaskEnd::Done = run_task(&client, &config, grant, &shutdown).await {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Ok(None) => {}
             Err(error) => {
@@ -74,7 +87,44 @@ pub async fn run(client: Arc<Client>, config: WorkerConfig, shutdown: Cancellati
             }
         }
     }
+    stop_announcing.cancel();
+    let _ = announcer.await;
     tracing::info!(worker = %config.name, "worker stopped");
+}
+
+/// Heartbeats into the membership until `stop`, then says goodbye. Best effort: an API
+/// without membership (404) or a failed beat only costs this worker its entry.
+async fn announce(
+    client: Arc<Client>,
+    name: String,
+    done: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    loop {
+        let beat = NodeBeat {
+            id: name.clone(),
+            role: NodeRole::Worker,
+            address: None,
+            version: VERSION.to_owned(),
+            load: done.load(Ordering::Relaxed),
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            result = client.node_heartbeat(&beat) => {
+                if let Err(error) = result {
+                    tracing::debug!(worker = %name, %error, "heartbeat not recorded");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+    }
+    let goodbye = tokio::time::timeout(Duration::from_secs(2), client.node_leave(&name));
+    if let Ok(Err(error)) = goodbye.await {
+        tracing::debug!(worker = %name, %error, "goodbye not recorded");
+    }
 }
 
 /// How a task ended, for the log.
@@ -91,7 +141,7 @@ async fn run_task(
     config: &WorkerConfig,
     grant: LeaseGrant,
     shutdown: &CancellationToken,
-) {
+) -> TaskEnd {
     let uuid = grant.uuid;
     tracing::info!(fractal.uuid = %uuid, attempt = grant.attempt, width = grant.width, height = grant.height, iterations = grant.iterations, "rendering");
     let cancel = Arc::new(AtomicBool::new(false));
@@ -115,6 +165,7 @@ async fn run_task(
             tracing::warn!(fractal.uuid = %uuid, reason = %why, "render failed; reported")
         }
     }
+    end
 }
 
 async fn render_and_upload(

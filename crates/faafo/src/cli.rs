@@ -62,6 +62,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Run a health-checked load balancer in front of API instances.
     Gateway(GatewayArgs),
+    /// Show every node of the deployment (gateways, APIs, workers) and the queue.
+    Status,
     /// Render one fractal locally, without a server.
     Render(render_cli::RenderArgs),
     /// Measure the service.
@@ -103,6 +105,14 @@ pub struct ApiArgs {
     /// PgBouncer in transaction mode, where LISTEN does not work).
     #[arg(long, env = "FAAFO_POLL_ONLY")]
     pub poll_only: bool,
+    /// The URL clients reach this instance at, listed in /v1/endpoints (default: the
+    /// --bind address, or this host's name when bound to every interface).
+    #[arg(long, env = "FAAFO_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// On SIGTERM, keep serving this long after /readyz turns 503, so load balancers stop
+    /// sending before the listener closes.
+    #[arg(long, env = "FAAFO_DRAIN_DELAY_MS", default_value_t = 1000)]
+    pub drain_delay_ms: u64,
     #[command(flatten)]
     pub tuning: ApiTuning,
 }
@@ -159,6 +169,18 @@ pub struct GatewayArgs {
     /// Secret for adding and removing backends at run time (POST/DELETE /__backends).
     #[arg(long, env = "FAAFO_GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Follow the API instances the membership lists (GET /v1/endpoints on a backend,
+    /// every second): the --backend URLs are then only the first contact.
+    #[arg(long)]
+    pub discover: bool,
+    /// With it, the gateway announces itself in the membership, so that clients
+    /// discover it.
+    #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// The URL clients reach this gateway at (default: the --bind address, or this host's
+    /// name when bound to every interface).
+    #[arg(long, env = "FAAFO_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +210,7 @@ impl Cli {
             Command::Api(args) => roles::api(args).await,
             Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
             Command::Gateway(args) => roles::gateway(args).await,
+            Command::Status => client_cli::status(&client()?, &output).await,
             Command::Render(args) => render_cli::render(&args),
             Command::Bench(command) => command.run().await,
         }

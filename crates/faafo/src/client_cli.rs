@@ -26,7 +26,9 @@ pub fn client(endpoints: &str, timeout: Duration) -> anyhow::Result<Client> {
         total: timeout,
         ..RetryPolicy::default()
     };
-    Client::new(endpoints, policy).context("--endpoint-url")
+    Ok(Client::new(endpoints, policy)
+        .context("--endpoint-url")?
+        .with_discovery())
 }
 
 /// `faafo create`: the original's flags and defaults. A fixed value (`--width`) overrides
@@ -242,6 +244,16 @@ pub async fn show(client: &Client, uuid: Uuid, output: &Output) -> anyhow::Resul
         return print_json(&fractal);
     }
     print!("{}", tables::fractal_details(&fractal));
+    Ok(())
+}
+
+/// `faafo status`: every node of the deployment and the queue.
+pub async fn status(client: &Client, output: &Output) -> anyhow::Result<()> {
+    let status = client.cluster_status().await?;
+    if output.json {
+        return print_json(&status);
+    }
+    print!("{}", tables::cluster_status(&status));
     Ok(())
 }
 

@@ -28,7 +28,9 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         .context("opening the object store")?;
     let listener = bind(args.bind).await?;
     let shutdown = shutdown_on_signal();
-    let config = args.tuning.config(WorkerToken::new(args.worker_token));
+    let mut config = args.tuning.config(WorkerToken::new(args.worker_token));
+    config.advertise_url = Some(advertised_url(listener.local_addr()?, args.advertise_url)?);
+    config.drain_delay = std::time::Duration::from_millis(args.drain_delay_ms);
     announce(listener.local_addr()?, "faafo api")?;
     faafo_api::serve(listener, store, images, config, shutdown)
         .await
@@ -43,12 +45,15 @@ pub async fn worker(endpoints: &str, args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let listener = bind(args.bind).await?;
     let config = faafo_gateway::GatewayConfig {
         check_interval: std::time::Duration::from_millis(args.check_interval_ms),
         admin_token: args.admin_token,
+        advertise_url: Some(advertised_url(listener.local_addr()?, args.advertise_url)?),
+        member_token: args.worker_token,
+        discover_interval: args.discover.then_some(std::time::Duration::from_secs(1)),
         ..faafo_gateway::GatewayConfig::default()
     };
-    let listener = bind(args.bind).await?;
     announce(listener.local_addr()?, "faafo gateway")?;
     faafo_gateway::serve(listener, args.backends, config, shutdown_on_signal())
         .await
@@ -128,6 +133,8 @@ impl LocalService {
         let listener = bind(bind_address).await?;
         let listener_address = listener.local_addr()?;
         let token = config.worker_token.clone();
+        let mut config = config;
+        config.advertise_url = Some(format!("http://{listener_address}"));
         let api_shutdown = CancellationToken::new();
         let api = tokio::spawn(faafo_api::serve(
             listener,
@@ -220,6 +227,28 @@ pub async fn open_store(url: &str, wakeups: Wakeups) -> anyhow::Result<Arc<dyn S
         .await
         .with_context(|| format!("opening the database {path}"))?;
     Ok(Arc::new(store))
+}
+
+/// The URL a process lists itself under: the one given, else the bound address, with
+/// this host's name in place of an unspecified (every-interface) address.
+fn advertised_url(bound: SocketAddr, given: Option<String>) -> anyhow::Result<String> {
+    if let Some(url) = given {
+        let url = url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&url)
+            .with_context(|| format!("--advertise-url {url:?} is not a URL"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            bail!("--advertise-url {url:?}: expected http://host:port");
+        }
+        return Ok(url);
+    }
+    if bound.ip().is_unspecified() {
+        return Ok(format!(
+            "http://{}:{}",
+            faafo_worker::host_name(),
+            bound.port()
+        ));
+    }
+    Ok(format!("http://{bound}"))
 }
 
 async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {

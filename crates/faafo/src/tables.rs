@@ -1,8 +1,9 @@
 //! The CLI's tables, in the shape the original faafo printed (prettytable): pure
 //! functions of the API's answers, so they can be snapshot-tested.
 
-use faafo_core::FractalState;
+use faafo_core::node::{ClusterStatus, Liveness};
 use faafo_core::wire::FractalView;
+use faafo_core::{FractalState, NodeRole};
 
 /// A bordered, left-aligned text table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -91,6 +92,46 @@ pub fn fractal_details(f: &FractalView) -> String {
         .map(|(k, v)| vec![k.to_owned(), v])
         .collect();
     table(&["Parameter", "Value"], &rows)
+}
+
+/// `faafo status`: the queue on one line, then one row per node, like `nodetool status`.
+pub fn cluster_status(status: &ClusterStatus) -> String {
+    let queue = &status.queue;
+    let oldest = queue
+        .oldest_queued_age_s
+        .map_or_else(String::new, |age| format!("; oldest queued {age:.1} s"));
+    let mut out = format!(
+        "Queue: {} queued, {} running, {} done, {} failed{oldest}\n",
+        queue.queued, queue.running, queue.done, queue.failed
+    );
+    let rows: Vec<Vec<String>> = status
+        .nodes
+        .iter()
+        .map(|node| {
+            let state = match node.state {
+                Liveness::Up => "UP",
+                Liveness::Down => "DOWN",
+                Liveness::Left => "LEFT",
+            };
+            let load = match node.role {
+                NodeRole::Worker => format!("{} tasks", node.load),
+                NodeRole::Gateway | NodeRole::Api => format!("{} requests", node.load),
+            };
+            vec![
+                state.to_owned(),
+                node.role.to_string(),
+                node.address.clone().unwrap_or_else(|| node.id.clone()),
+                load,
+                node.version.clone(),
+                format!("{:.1} s ago", node.last_seen_s),
+            ]
+        })
+        .collect();
+    out += &table(
+        &["State", "Role", "Node", "Load", "Version", "Last seen"],
+        &rows,
+    );
+    out
 }
 
 fn dimensions(f: &FractalView) -> String {
@@ -202,6 +243,57 @@ mod tests {
             ..queued("0b7a4a7e-3f0c-4f43-9d0e-6a1f8b2a9c11")
         };
         insta::assert_snapshot!(fractal_details(&failed));
+    }
+
+    #[test]
+    fn status_lists_the_queue_and_every_node() {
+        use faafo_core::node::{NodeView, QueueView};
+        let node = |role, address: Option<&str>, id: &str, state, load, last_seen_s| NodeView {
+            id: id.into(),
+            role,
+            address: address.map(str::to_owned),
+            version: "0.1.0".into(),
+            load,
+            state,
+            last_seen_s,
+        };
+        let status = ClusterStatus {
+            nodes: vec![
+                node(
+                    NodeRole::Api,
+                    Some("http://127.0.0.1:9210"),
+                    "http://127.0.0.1:9210",
+                    Liveness::Up,
+                    1520,
+                    0.4,
+                ),
+                node(
+                    NodeRole::Api,
+                    Some("http://127.0.0.1:9211"),
+                    "http://127.0.0.1:9211",
+                    Liveness::Down,
+                    733,
+                    9.25,
+                ),
+                node(
+                    NodeRole::Gateway,
+                    Some("http://127.0.0.1:9100"),
+                    "http://127.0.0.1:9100",
+                    Liveness::Up,
+                    2210,
+                    1.0,
+                ),
+                node(NodeRole::Worker, None, "worker-1", Liveness::Left, 17, 31.0),
+            ],
+            queue: QueueView {
+                queued: 3,
+                running: 1,
+                done: 40,
+                failed: 0,
+                oldest_queued_age_s: Some(1.25),
+            },
+        };
+        insta::assert_snapshot!(cluster_status(&status));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use axum::Router;
 use axum::routing::{get, post, put};
 use uuid::Uuid;
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, membership};
+
+pub(crate) use worker::authorize_member;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -27,6 +29,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/worker/tasks/{uuid}/release", post(worker::release))
         .route("/v1/worker/tasks/{uuid}/fail", post(worker::fail))
         .route("/v1/worker/tasks/{uuid}/image", put(worker::upload))
+        .route("/v1/nodes", get(membership::status))
+        .route("/v1/nodes/heartbeat", post(membership::heartbeat))
+        .route("/v1/nodes/leave", post(membership::leave))
+        .route("/v1/endpoints", get(membership::endpoints))
         .route("/", get(gallery::first_page))
         .route("/index/{page}", get(gallery::page))
         .route("/index/{page}/signature", get(gallery::page_signature))

@@ -27,7 +27,8 @@ use crate::{ApiError, AppState, json};
 /// Longest `error` text a worker may report.
 const MAX_ERROR_CHARS: usize = 2000;
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Checks the worker token, which workers and gateways (members of the deployment) hold.
+pub(crate) fn authorize_member(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -45,13 +46,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Gives the caller one task, waiting up to `wait_ms` for one to appear. Answers 204 when
-/// none appeared in time or the server is shutting down.
+/// none appeared in time, and 503 when the server is draining, so that the worker's
+/// client asks another instance.
 pub async fn lease(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize_member(&state, &headers)?;
     let request: LeaseRequest = json::read_json(body).await?;
     if request.worker.is_empty() || request.worker.len() > 200 {
         return Err(ApiError::invalid(
@@ -68,7 +70,9 @@ pub async fn lease(
         tokio::pin!(notified);
         notified.as_mut().enable();
         if state.shutdown.is_cancelled() {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+            return Err(ApiError::Unavailable(
+                "this instance is shutting down; ask another".into(),
+            ));
         }
         if let Some(lease) = state
             .store
@@ -134,7 +138,7 @@ pub async fn heartbeat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
+    authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let held: LeaseHeld = json::read_json(body).await?;
     state
@@ -152,7 +156,7 @@ pub async fn release(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    authorize(&state, &headers)?;
+    authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let held: LeaseHeld = json::read_json(body).await?;
     state
@@ -169,7 +173,7 @@ pub async fn fail(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    authorize(&state, &headers)?;
+    authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let failure: FailTask = json::read_json(body).await?;
     let reason: String = failure.error.chars().take(MAX_ERROR_CHARS).collect();
@@ -190,7 +194,7 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let header_text = |name: &'static str| {
         headers
