@@ -892,7 +892,9 @@ async fn membership_lists_nodes_and_endpoints() {
 
     // On shutdown the instance says goodbye too.
     let data = app.stop().await;
-    let store = SqliteStore::open(data.path().join("faafo.db")).await.unwrap();
+    let store = SqliteStore::open(data.path().join("faafo.db"))
+        .await
+        .unwrap();
     let nodes = faafo_store::Store::nodes(&store).await.unwrap();
     let api = nodes
         .iter()

@@ -9,7 +9,7 @@ use faafo_core::{Limits, WorkerToken};
 
 use uuid::Uuid;
 
-use crate::{bench, client_cli, render_cli, roles};
+use crate::{bench, client_cli, cluster, render_cli, roles};
 
 /// Fractals as a Service: Julia-set images rendered by a fleet of workers.
 #[derive(Debug, Parser)]
@@ -64,6 +64,10 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Show every node of the deployment (gateways, APIs, workers) and the queue.
     Status,
+    /// Run and control the whole topology on this machine: gateways, API instances and
+    /// workers under a supervisor.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Render one fractal locally, without a server.
     Render(render_cli::RenderArgs),
     /// Measure the service.
@@ -211,6 +215,7 @@ impl Cli {
             Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
             Command::Gateway(args) => roles::gateway(args).await,
             Command::Status => client_cli::status(&client()?, &output).await,
+            Command::Cluster(command) => command.run(&output).await,
             Command::Render(args) => render_cli::render(&args),
             Command::Bench(command) => command.run().await,
         }

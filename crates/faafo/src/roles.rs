@@ -267,7 +267,7 @@ fn announce(address: SocketAddr, what: &str) -> anyhow::Result<()> {
 }
 
 /// Cancelled on SIGINT or SIGTERM.
-fn shutdown_on_signal() -> CancellationToken {
+pub(crate) fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {

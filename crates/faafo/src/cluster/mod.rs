@@ -1,0 +1,436 @@
+//! `faafo cluster`: the whole topology on one machine, supervised. What supervisord does
+//! in the seed's setup, knowing faafo: gateways (from port 9100), API instances (from
+//! 9210) and workers, restarted when they exit, with a log per process, and controlled
+//! from other terminals through a socket in the data directory.
+
+mod control;
+mod supervisor;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use faafo_core::NodeRole;
+
+use self::control::{MemberStatus, Reply, Request};
+use self::supervisor::{MAX_PER_ROLE, Settings, Supervisor};
+use crate::client_cli::{Output, print_json};
+use crate::tables;
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Start gateways, API instances and workers and keep them running, in the
+    /// foreground (Ctrl-C stops them all).
+    Up(ClusterUpArgs),
+    /// Every member: state, pid, uptime, restarts, address and health.
+    Status(Location),
+    /// Stop a member (api-1) or a group (gateway, api, worker, all); it stays stopped.
+    Stop(Targeted),
+    /// Start stopped members again.
+    Start(Targeted),
+    /// Restart members; with --rolling, one at a time, each drained first and back in
+    /// service before the next, so requests never fail.
+    Restart {
+        #[command(flatten)]
+        targeted: Targeted,
+        #[arg(long)]
+        rolling: bool,
+    },
+    /// Set how many members each role has: `scale api=3 worker=5`.
+    Scale {
+        /// ROLE=COUNT, for gateway, api and worker.
+        #[arg(required = true, value_parser = parse_scale)]
+        counts: Vec<(NodeRole, u32)>,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// Kill one member with SIGKILL (the supervisor restarts it).
+    Kill(Targeted),
+    /// Kill a random member with SIGKILL at every interval, one failure at a time, and
+    /// print what was killed.
+    Chaos {
+        /// How long to go on: 60s, 2m, 500ms.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// Stop every member and the supervisor.
+    Down(Location),
+}
+
+/// Which cluster: the one whose supervisor runs on this data directory.
+#[derive(Debug, Args)]
+pub struct Location {
+    #[arg(long, env = "FAAFO_DATA_DIR", default_value = "./faafo-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct Targeted {
+    /// A member (gateway-1, api-2, worker-3) or a group (gateway, api, worker, all).
+    pub target: String,
+    #[command(flatten)]
+    pub location: Location,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterUpArgs {
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=MAX_PER_ROLE as i64))]
+    pub gateways: u32,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=MAX_PER_ROLE as i64))]
+    pub apis: u32,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=MAX_PER_ROLE as i64))]
+    pub workers: u32,
+    #[command(flatten)]
+    pub location: Location,
+    /// The store (default: SQLite in the data directory); see `faafo api --help`.
+    #[arg(long, env = "FAAFO_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where images are kept (default: a directory in the data directory).
+    #[arg(long, env = "FAAFO_OBJECT_STORE")]
+    pub object_store: Option<String>,
+    /// The address every member listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port of the first gateway; the others follow (0: any free ports).
+    #[arg(long, default_value_t = 9100)]
+    pub gateway_port: u16,
+    /// Port of the first API instance; the others follow (0: any free ports).
+    #[arg(long, default_value_t = 9210)]
+    pub api_port: u16,
+    /// How long a task's lease lasts without a heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub lease_ms: u64,
+    /// How many times a task may be leased before the fractal is failed.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+}
+
+impl ClusterCommand {
+    pub async fn run(self, output: &Output) -> anyhow::Result<()> {
+        let (location, request) = match self {
+            ClusterCommand::Up(args) => return up(args).await,
+            ClusterCommand::Chaos {
+                duration,
+                interval,
+                location,
+            } => return chaos(&location, duration, interval).await,
+            ClusterCommand::Status(location) => (location, Request::Status),
+            ClusterCommand::Stop(t) => (t.location, Request::Stop { target: t.target }),
+            ClusterCommand::Start(t) => (t.location, Request::Start { target: t.target }),
+            ClusterCommand::Restart { targeted, rolling } => (
+                targeted.location,
+                Request::Restart {
+                    target: targeted.target,
+                    rolling,
+                },
+            ),
+            ClusterCommand::Scale { counts, location } => (location, Request::Scale { counts }),
+            ClusterCommand::Kill(t) => (
+                t.location,
+                Request::Kill {
+                    target: Some(t.target),
+                },
+            ),
+            ClusterCommand::Down(location) => (location, Request::Down),
+        };
+        let reply = control::call(&socket_path(&location.data_dir)?, &request, |message| {
+            if !output.json {
+                println!("{message}");
+            }
+        })
+        .await?;
+        match reply {
+            Reply::Status { members } if output.json => print_json(&members),
+            Reply::Status { members } => {
+                print!("{}", member_table(&members));
+                Ok(())
+            }
+            Reply::Killed { name, pid } if !output.json => {
+                println!("killed {name} (pid {pid}) with SIGKILL");
+                Ok(())
+            }
+            Reply::Done { message } if !output.json => {
+                println!("{message}");
+                Ok(())
+            }
+            other => print_json(&other),
+        }
+    }
+}
+
+/// The control socket of the cluster on `data_dir`.
+fn socket_path(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let data_dir = std::path::absolute(data_dir)
+        .with_context(|| format!("resolving {}", data_dir.display()))?;
+    let socket = data_dir.join("cluster").join("control.sock");
+    // sun_path holds 108 bytes on Linux.
+    if socket.as_os_str().len() > 100 {
+        bail!(
+            "the data directory path is too long for a Unix socket ({}); use a shorter --data-dir",
+            socket.display()
+        );
+    }
+    Ok(socket)
+}
+
+async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
+    let data_dir = &args.location.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let dir = data_dir.join("cluster");
+    std::fs::create_dir_all(&dir)?;
+    let socket = socket_path(&data_dir)?;
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        bail!(
+            "a cluster is already running on {}: see `faafo cluster status --data-dir {}`",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    let _ = std::fs::remove_file(&socket);
+    let leftovers = supervisor::stop_leftovers(&dir).await;
+    if leftovers > 0 {
+        println!("stopped {leftovers} member(s) left running by a supervisor that was killed");
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let settings = Settings {
+        exe: std::env::current_exe().context("finding the faafo binary")?,
+        dir: dir.clone(),
+        host: args.host,
+        database_url: args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("faafo.db").display())),
+        object_store: args
+            .object_store
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", data_dir.join("images").display())),
+        worker_token: format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ),
+        gateway_port: args.gateway_port,
+        api_port: args.api_port,
+        api_args: vec![
+            format!("--lease-ms={}", args.lease_ms),
+            format!("--max-attempts={}", args.max_attempts),
+        ],
+    };
+    let supervisor = Supervisor::new(settings)?;
+    let control = tokio::spawn(control::serve(listener, std::sync::Arc::clone(&supervisor)));
+    let shutdown = crate::roles::shutdown_on_signal();
+    let started = tokio::select! {
+        started = supervisor.start(args.gateways, args.apis, args.workers) => started,
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(error) = started {
+        supervisor.stop_all().await;
+        let _ = std::fs::remove_file(&socket);
+        return Err(error);
+    }
+    banner(&supervisor, &data_dir, &args)?;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = supervisor.down.cancelled() => {}
+    }
+    println!("stopping every member...");
+    supervisor.stop_all().await;
+    control.abort();
+    let _ = std::fs::remove_file(&socket);
+    println!("stopped");
+    Ok(())
+}
+
+/// What `cluster up` prints once everything is ready; the first line names the
+/// addresses to send requests to, comma-separated as `--endpoint-url` takes them.
+fn banner(supervisor: &Supervisor, data_dir: &Path, args: &ClusterUpArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let gateways = supervisor.gateway_urls();
+    let apis = supervisor.api_urls();
+    let entry = if gateways.is_empty() {
+        &apis
+    } else {
+        &gateways
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "faafo cluster: listening on {}", entry.join(","))?;
+    writeln!(
+        out,
+        "{} gateway(s), {} API instance(s), {} worker(s); data in {}, logs in {}",
+        args.gateways,
+        args.apis,
+        args.workers,
+        data_dir.display(),
+        data_dir.join("cluster").join("logs").display()
+    )?;
+    for gateway in &gateways {
+        writeln!(out, "  gateway {gateway}  (stats: {gateway}/__stats)")?;
+    }
+    for api in &apis {
+        writeln!(out, "  api     {api}")?;
+    }
+    writeln!(
+        out,
+        "try: faafo --endpoint-url {} create --tasks 5",
+        entry.join(",")
+    )?;
+    writeln!(
+        out,
+        "control from another terminal: faafo cluster status|stop|start|restart|scale|kill|chaos|down; Ctrl-C stops everything"
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn chaos(location: &Location, duration: Duration, interval: Duration) -> anyhow::Result<()> {
+    let socket = socket_path(&location.data_dir)?;
+    println!(
+        "chaos: a random member gets SIGKILL every {:.1} s for {:.0} s",
+        interval.as_secs_f64(),
+        duration.as_secs_f64()
+    );
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let (mut kills, mut skipped) = (0u32, 0u32);
+    while started.elapsed() + interval <= duration {
+        ticks.tick().await;
+        let at = started.elapsed().as_secs_f64();
+        match control::call(&socket, &Request::Kill { target: None }, |_| {}).await? {
+            Reply::Killed { name, pid } => {
+                kills += 1;
+                println!("{at:6.1} s  killed {name} (pid {pid})");
+            }
+            Reply::Done { message } => {
+                skipped += 1;
+                println!("{at:6.1} s  {message}");
+            }
+            other => println!("{at:6.1} s  {other:?}"),
+        }
+    }
+    println!("chaos: {kills} kill(s), {skipped} skipped while a member was restarting");
+    Ok(())
+}
+
+fn member_table(members: &[MemberStatus]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.state.clone(),
+                m.pid.map_or_else(|| "-".into(), |pid| pid.to_string()),
+                m.uptime_s
+                    .map_or_else(|| "-".into(), |s| format!("{s:.0} s")),
+                m.restarts.to_string(),
+                m.url.clone().unwrap_or_else(|| "-".into()),
+                m.health.clone(),
+                m.last_exit.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    tables::table(
+        &[
+            "Name",
+            "State",
+            "PID",
+            "Uptime",
+            "Restarts",
+            "Address",
+            "Health",
+            "Last exit",
+        ],
+        &rows,
+    )
+}
+
+fn parse_scale(text: &str) -> Result<(NodeRole, u32), String> {
+    let (role, count) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected ROLE=COUNT (api=3), got {text:?}"))?;
+    let role = match role {
+        "gateway" | "gateways" => NodeRole::Gateway,
+        "api" | "apis" => NodeRole::Api,
+        "worker" | "workers" => NodeRole::Worker,
+        other => {
+            return Err(format!(
+                "unknown role {other:?}: expected gateway, api or worker"
+            ));
+        }
+    };
+    let count: u32 = count
+        .parse()
+        .map_err(|_| format!("{count:?} is not a count"))?;
+    let least = u32::from(role == NodeRole::Api);
+    if !(least..=MAX_PER_ROLE).contains(&count) {
+        return Err(format!(
+            "{role} count must be {least} to {MAX_PER_ROLE}, got {count}"
+        ));
+    }
+    Ok((role, count))
+}
+
+/// `60s`, `2m`, `500ms`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a duration such as 60s, 2m or 500ms, got {text:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e7) {
+        return Err(format!("{text:?} is not a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_arguments() {
+        assert_eq!(parse_scale("api=3"), Ok((NodeRole::Api, 3)));
+        assert_eq!(parse_scale("workers=0"), Ok((NodeRole::Worker, 0)));
+        assert!(parse_scale("api=0").unwrap_err().contains("1 to 32"));
+        assert!(parse_scale("db=1").unwrap_err().contains("unknown role"));
+        assert!(parse_scale("api").unwrap_err().contains("ROLE=COUNT"));
+        assert!(parse_scale("api=x").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
