@@ -23,6 +23,9 @@ pub struct Process {
     /// `http://addr` for servers.
     pub url: Option<String>,
     pub log: PathBuf,
+    /// Stop with SIGTERM (and a wait) rather than SIGKILL when dropped: a supervisor
+    /// killed outright would leave its members running.
+    graceful_drop: bool,
 }
 
 impl Process {
@@ -43,6 +46,7 @@ impl Process {
             child,
             url: None,
             log,
+            graceful_drop: false,
         }
     }
 
@@ -118,9 +122,67 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if self.graceful_drop && matches!(self.child.try_wait(), Ok(None)) {
+            self.terminate();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `faafo cluster up` on free ports with its data in `dir/data`; its url is the
+/// comma-separated list of gateways. Dropping it stops the whole cluster.
+pub fn spawn_cluster(
+    dir: &Path,
+    gateways: u32,
+    apis: u32,
+    workers: u32,
+    extra: &[&str],
+) -> Process {
+    let data = dir.join("data");
+    let (gateways, apis, workers) = (gateways.to_string(), apis.to_string(), workers.to_string());
+    let mut args = vec![
+        "cluster",
+        "up",
+        "--data-dir",
+        data.to_str().expect("UTF-8 path"),
+        "--gateway-port",
+        "0",
+        "--api-port",
+        "0",
+        "--gateways",
+        &gateways,
+        "--apis",
+        &apis,
+        "--workers",
+        &workers,
+    ];
+    args.extend_from_slice(extra);
+    let mut cluster = Process::spawn_server(dir, "cluster", &args);
+    cluster.graceful_drop = true;
+    cluster
+}
+
+/// Runs `faafo ARGS` to its end; returns its stdout, failing the test on a non-zero exit.
+pub async fn run_faafo(args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_faafo"))
+        .args(args)
+        .env_remove("FAAFO_ENDPOINT_URL")
+        .output()
+        .await
+        .expect("faafo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "faafo {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// `faafo api` on port 0 over the database and images in `dir`.

@@ -1,0 +1,264 @@
+//! `faafo cluster` under fire, with real processes: random SIGKILLs every 2 s under load,
+//! and a rolling restart of every API instance under load. In both, every client
+//! operation must succeed (after its retries) and every fractal must be rendered once.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{run_faafo, spawn_cluster, verify_image, wait_for, wait_for_state};
+use faafo_client::{Client, RetryPolicy};
+use faafo_core::FractalState;
+use faafo_core::wire::CreateFractal;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// What the load generators did.
+#[derive(Default)]
+struct Load {
+    operations: AtomicU64,
+    failures: Mutex<Vec<String>>,
+    created: Mutex<Vec<Uuid>>,
+}
+
+impl Load {
+    fn record<T>(&self, what: &str, result: Result<T, faafo_client::ClientError>) -> Option<T> {
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("{what}: {error}"));
+                None
+            }
+        }
+    }
+}
+
+fn tiny_fractal() -> CreateFractal {
+    CreateFractal {
+        uuid: Some(Uuid::new_v4()),
+        width: 64,
+        height: 48,
+        iterations: 64,
+        xa: -2.0,
+        xb: 2.0,
+        ya: -1.5,
+        yb: 1.5,
+        cx: None,
+        cy: None,
+    }
+}
+
+/// Creates a fractal, reads it back and reads the first page of the list, over and over.
+async fn generate_load(client: Arc<Client>, load: Arc<Load>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let request = tiny_fractal();
+        let uuid = request.uuid.unwrap();
+        if let Some(view) = load.record("create", client.create(&request).await) {
+            assert_eq!(view.uuid, uuid);
+            load.created.lock().unwrap().push(uuid);
+            load.record("get", client.get(uuid).await);
+        }
+        load.record("list", client.list_page(1, 5).await);
+    }
+}
+
+/// A client of both gateways that never gives up within the test's time.
+fn load_client(endpoints: &str) -> Arc<Client> {
+    let policy = RetryPolicy {
+        total: Duration::from_secs(30),
+        ..RetryPolicy::default()
+    };
+    Arc::new(Client::new(endpoints, policy).unwrap().with_discovery())
+}
+
+/// Every fractal created is done with a verified image, and the list holds each exactly
+/// once and nothing else.
+async fn assert_all_rendered_once(client: &Client, created: &[Uuid]) {
+    for &uuid in created {
+        let view = wait_for_state(client, uuid, FractalState::Done, Duration::from_secs(120)).await;
+        verify_image(client, &view).await;
+    }
+    let mut listed = Vec::new();
+    let mut page = 1;
+    loop {
+        let answer = client.list_page(page, 100).await.unwrap();
+        listed.extend(answer.objects.iter().map(|f| f.uuid));
+        if page >= answer.total_pages {
+            break;
+        }
+        page += 1;
+    }
+    let unique: HashSet<Uuid> = listed.iter().copied().collect();
+    assert_eq!(unique.len(), listed.len(), "a fractal is listed twice");
+    assert_eq!(unique, created.iter().copied().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_kills_lose_nothing_and_fail_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    // Short leases, so that tasks held by killed workers come back within seconds.
+    let cluster = spawn_cluster(dir.path(), 2, 2, 3, &["--lease-ms", "2000"]);
+    let gateways = cluster.url().to_owned();
+    assert_eq!(gateways.split(',').count(), 2, "{gateways}");
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+
+    // A client given one gateway learns the other from the membership.
+    let one = Client::new(gateways.split(',').next().unwrap(), RetryPolicy::default()).unwrap();
+    let found = wait_for(
+        "both gateways in /v1/endpoints",
+        Duration::from_secs(20),
+        || async {
+            let found = one.discover().await.ok()?;
+            (found.gateways.len() == 2 && found.apis.len() == 2).then_some(found)
+        },
+    )
+    .await;
+    assert_eq!(one.endpoints().len(), 2, "{found:?}");
+
+    let client = load_client(&gateways);
+    let load = Arc::new(Load::default());
+    let stop = CancellationToken::new();
+    let generators: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(generate_load(
+                Arc::clone(&client),
+                Arc::clone(&load),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let started = Instant::now();
+    let chaos = run_faafo(&[
+        "cluster",
+        "chaos",
+        "--data-dir",
+        data,
+        "--duration",
+        "40s",
+        "--interval",
+        "2s",
+    ])
+    .await;
+    stop.cancel();
+    for generator in generators {
+        generator.await.unwrap();
+    }
+    let chaos_time = started.elapsed();
+    let kills: Vec<&str> = chaos.lines().filter(|l| l.contains("killed")).collect();
+
+    let created = load.created.lock().unwrap().clone();
+    let failures = load.failures.lock().unwrap().clone();
+    println!(
+        "chaos: {} kills in {:.0} s; {} operations ({} creates), {} client retries, {} failures",
+        kills.len(),
+        chaos_time.as_secs_f64(),
+        load.operations.load(Ordering::Relaxed),
+        created.len(),
+        client.retries(),
+        failures.len()
+    );
+    println!("{chaos}");
+    assert!(failures.is_empty(), "failed operations: {failures:#?}");
+    assert!(kills.len() >= 10, "too few kills:\n{chaos}");
+    assert!(
+        created.len() >= 20,
+        "too little load: {} creates",
+        created.len()
+    );
+    assert_all_rendered_once(&client, &created).await;
+
+    // The supervisor restarted every member it killed.
+    let status = run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await;
+    let members: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let members = members.as_array().unwrap();
+    assert_eq!(members.len(), 7);
+    let restarts: u64 = members
+        .iter()
+        .map(|m| m["restarts"].as_u64().unwrap())
+        .sum();
+    assert!(restarts >= kills.len() as u64, "{status}");
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_restart_of_every_api_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = spawn_cluster(dir.path(), 2, 2, 2, &[]);
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let pids = |status: &str| -> Vec<(String, u64)> {
+        let members: serde_json::Value = serde_json::from_str(status).unwrap();
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "api")
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap().to_owned(),
+                    m["pid"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = pids(&run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await);
+    assert_eq!(before.len(), 2);
+
+    let client = load_client(cluster.url());
+    let load = Arc::new(Load::default());
+    let stop = CancellationToken::new();
+    let generators: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(generate_load(
+                Arc::clone(&client),
+                Arc::clone(&load),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    // Let the load reach both instances before the first one drains.
+    wait_for("load to start", Duration::from_secs(20), || async {
+        (load.created.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let restart = run_faafo(&["cluster", "restart", "api", "--rolling", "--data-dir", data]).await;
+    let restart_time = started.elapsed();
+    stop.cancel();
+    for generator in generators {
+        generator.await.unwrap();
+    }
+
+    let created = load.created.lock().unwrap().clone();
+    let failures = load.failures.lock().unwrap().clone();
+    println!(
+        "rolling restart of 2 APIs in {:.1} s; {} operations ({} creates), {} client retries, {} failures",
+        restart_time.as_secs_f64(),
+        load.operations.load(Ordering::Relaxed),
+        created.len(),
+        client.retries(),
+        failures.len()
+    );
+    println!("{restart}");
+    assert!(failures.is_empty(), "failed operations: {failures:#?}");
+    for name in ["api-1", "api-2"] {
+        assert!(
+            restart.contains(&format!("{name}: back in service")),
+            "{restart}"
+        );
+    }
+    let after = pids(&run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await);
+    for ((name, old), (_, new)) in before.iter().zip(&after) {
+        assert_ne!(old, new, "{name} was not restarted");
+    }
+    assert_all_rendered_once(&client, &created).await;
+    drop(cluster);
+}
