@@ -669,6 +669,35 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn discovery_prefers_gateways_and_keeps_the_given_endpoints() {
+        let client = Client::new("http://seed:1", RetryPolicy::default()).unwrap();
+        let found = |gateways: &[&str], apis: &[&str]| Endpoints {
+            gateways: gateways.iter().map(|s| s.to_string()).collect(),
+            apis: apis.iter().map(|s| s.to_string()).collect(),
+        };
+        client.adopt(&found(
+            &["http://g1:9100/", "http://g2:9101"],
+            &["http://a1:9210"],
+        ));
+        assert_eq!(
+            client.endpoints(),
+            ["http://seed:1", "http://g1:9100", "http://g2:9101"]
+        );
+        assert_eq!(
+            client.current_endpoint(),
+            "http://seed:1",
+            "stays where it was"
+        );
+        client.adopt(&found(
+            &[],
+            &["http://a1:9210", "not a url", "http://seed:1"],
+        ));
+        assert_eq!(client.endpoints(), ["http://seed:1", "http://a1:9210"]);
+        client.adopt(&found(&[], &[]));
+        assert_eq!(client.endpoints(), ["http://seed:1"]);
+    }
+
     #[tokio::test]
     async fn unreachable_endpoints_are_named_and_the_wait_is_bounded() {
         // Port 9 on loopback: nothing listens, connections are refused at once.

@@ -21,12 +21,17 @@ pub(crate) async fn announce(gateway: Arc<Gateway>, address: String, token: Stri
             version: VERSION.to_owned(),
             load: gateway.metrics.requests.get(),
         };
-        if let Err(error) = member_call(&gateway, "/v1/nodes/heartbeat", &beat, &token).await {
-            tracing::debug!(%error, "heartbeat not recorded");
-        }
+        // Until a beat gets through (no backend is up yet at start), try again soon.
+        let pause = match member_call(&gateway, "/v1/nodes/heartbeat", &beat, &token).await {
+            Ok(()) => HEARTBEAT_INTERVAL,
+            Err(error) => {
+                tracing::debug!(%error, "heartbeat not recorded");
+                HEARTBEAT_INTERVAL / 8
+            }
+        };
         tokio::select! {
             _ = gateway.shutdown.cancelled() => break,
-            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
     let goodbye = serde_json::json!({ "id": address });

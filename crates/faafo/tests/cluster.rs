@@ -262,3 +262,113 @@ async fn rolling_restart_of_every_api_fails_no_request() {
     assert_all_rendered_once(&client, &created).await;
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_stop_start_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = spawn_cluster(dir.path(), 1, 1, 1, &[]);
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let gateway = cluster.url().to_owned();
+    let backends = |gateway: String| async move {
+        let stats: serde_json::Value = reqwest::get(format!("{gateway}/__stats.json"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let mut up: Vec<String> = stats["backends"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["state"] == "up")
+            .map(|b| b["url"].as_str().unwrap().to_owned())
+            .collect();
+        up.sort();
+        Some(up)
+    };
+
+    // A new API instance is found by the running gateway, without a restart.
+    let scaled = run_faafo(&["cluster", "scale", "api=2", "worker=2", "--data-dir", data]).await;
+    assert!(
+        scaled.contains("api-2 is up") && scaled.contains("worker-2 is up"),
+        "{scaled}"
+    );
+    wait_for(
+        "the gateway to use 2 APIs",
+        Duration::from_secs(20),
+        || async { backends(gateway.clone()).await.filter(|up| up.len() == 2) },
+    )
+    .await;
+
+    // `faafo status` lists every node through the gateway.
+    wait_for(
+        "every node in faafo status",
+        Duration::from_secs(20),
+        || async {
+            let status = run_faafo(&["--endpoint-url", &gateway, "status"]).await;
+            let up = |role: &str| status.matches(&format!("| UP    | {role}")).count();
+            (up("gateway ") == 1 && up("api     ") == 2 && up("worker  ") == 2).then_some(())
+        },
+    )
+    .await;
+
+    // A stopped member stays stopped and leaves the gateway; started, it comes back.
+    run_faafo(&["cluster", "stop", "api-2", "--data-dir", data]).await;
+    wait_for(
+        "the gateway to drop api-2",
+        Duration::from_secs(20),
+        || async { backends(gateway.clone()).await.filter(|up| up.len() == 1) },
+    )
+    .await;
+    let table = run_faafo(&["cluster", "status", "--data-dir", data]).await;
+    assert!(table.contains("| api-2     | stopped"), "{table}");
+    let client = Client::new(&gateway, RetryPolicy::default()).unwrap();
+    let view = client.create(&tiny_fractal()).await.unwrap();
+    wait_for_state(
+        &client,
+        view.uuid,
+        FractalState::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    run_faafo(&["cluster", "start", "api", "--data-dir", data]).await;
+    wait_for(
+        "the gateway to use 2 APIs again",
+        Duration::from_secs(20),
+        || async { backends(gateway.clone()).await.filter(|up| up.len() == 2) },
+    )
+    .await;
+
+    // Scaled down, the instance is gone from the supervisor and from the gateway.
+    run_faafo(&["cluster", "scale", "api=1", "--data-dir", data]).await;
+    wait_for(
+        "the gateway to use 1 API",
+        Duration::from_secs(20),
+        || async { backends(gateway.clone()).await.filter(|up| up.len() == 1) },
+    )
+    .await;
+    let table = run_faafo(&["cluster", "status", "--data-dir", data]).await;
+    assert!(!table.contains("api-2"), "{table}");
+
+    // Mistakes get a clear message and a non-zero exit.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_faafo"))
+        .args(["cluster", "stop", "api-9", "--data-dir", data])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no member or group \"api-9\""), "{stderr}");
+
+    // `down` stops everything, and the supervisor exits cleanly.
+    run_faafo(&["cluster", "down", "--data-dir", data]).await;
+    let mut cluster = cluster;
+    assert!(cluster.wait_exit(Duration::from_secs(60)).success());
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_faafo"))
+        .args(["cluster", "status", "--data-dir", data])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no cluster is running"));
+}
