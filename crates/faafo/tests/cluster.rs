@@ -38,44 +38,83 @@ impl Load {
             }
         }
     }
+
+    fn created(&self) -> Vec<Uuid> {
+        self.created.lock().unwrap().clone()
+    }
+}
+
+/// Two load generators, each creating a fractal, reading it back and reading the first
+/// page of the list, over and over, through a client of every given endpoint.
+struct LoadRun {
+    client: Arc<Client>,
+    load: Arc<Load>,
+    stop: CancellationToken,
+    generators: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LoadRun {
+    fn start(endpoints: &str) -> LoadRun {
+        // Long enough never to give up within the test's time.
+        let policy = RetryPolicy {
+            total: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
+        let client = Arc::new(Client::new(endpoints, policy).unwrap().with_discovery());
+        let load = Arc::new(Load::default());
+        let stop = CancellationToken::new();
+        let generators = (0..2)
+            .map(|_| {
+                let (client, load, stop) = (Arc::clone(&client), Arc::clone(&load), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let request = tiny_fractal();
+                        let uuid = request.uuid.unwrap();
+                        if let Some(view) = load.record("create", client.create(&request).await) {
+                            assert_eq!(view.uuid, uuid);
+                            load.created.lock().unwrap().push(uuid);
+                            load.record("get", client.get(uuid).await);
+                        }
+                        load.record("list", client.list_page(1, 5).await);
+                    }
+                })
+            })
+            .collect();
+        LoadRun {
+            client,
+            load,
+            stop,
+            generators,
+        }
+    }
+
+    /// Stops the generators; prints and returns what they did, failing on any failure.
+    async fn finish(self, what: &str) -> (Arc<Client>, Vec<Uuid>) {
+        self.stop.cancel();
+        for generator in self.generators {
+            generator.await.unwrap();
+        }
+        let created = self.load.created();
+        let failures = self.load.failures.lock().unwrap().clone();
+        println!(
+            "{what}: {} operations ({} creates), {} client retries, {} failures",
+            self.load.operations.load(Ordering::Relaxed),
+            created.len(),
+            self.client.retries(),
+            failures.len()
+        );
+        assert!(failures.is_empty(), "failed operations: {failures:#?}");
+        (self.client, created)
+    }
 }
 
 fn tiny_fractal() -> CreateFractal {
     CreateFractal {
-        uuid: Some(Uuid::new_v4()),
         width: 64,
         height: 48,
         iterations: 64,
-        xa: -2.0,
-        xb: 2.0,
-        ya: -1.5,
-        yb: 1.5,
-        cx: None,
-        cy: None,
+        ..common::small_fractal()
     }
-}
-
-/// Creates a fractal, reads it back and reads the first page of the list, over and over.
-async fn generate_load(client: Arc<Client>, load: Arc<Load>, stop: CancellationToken) {
-    while !stop.is_cancelled() {
-        let request = tiny_fractal();
-        let uuid = request.uuid.unwrap();
-        if let Some(view) = load.record("create", client.create(&request).await) {
-            assert_eq!(view.uuid, uuid);
-            load.created.lock().unwrap().push(uuid);
-            load.record("get", client.get(uuid).await);
-        }
-        load.record("list", client.list_page(1, 5).await);
-    }
-}
-
-/// A client of both gateways that never gives up within the test's time.
-fn load_client(endpoints: &str) -> Arc<Client> {
-    let policy = RetryPolicy {
-        total: Duration::from_secs(30),
-        ..RetryPolicy::default()
-    };
-    Arc::new(Client::new(endpoints, policy).unwrap().with_discovery())
 }
 
 /// Every fractal created is done with a verified image, and the list holds each exactly
@@ -123,18 +162,7 @@ async fn chaos_kills_lose_nothing_and_fail_no_request() {
     .await;
     assert_eq!(one.endpoints().len(), 2, "{found:?}");
 
-    let client = load_client(&gateways);
-    let load = Arc::new(Load::default());
-    let stop = CancellationToken::new();
-    let generators: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(generate_load(
-                Arc::clone(&client),
-                Arc::clone(&load),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let load = LoadRun::start(&gateways);
     let started = Instant::now();
     let chaos = run_faafo(&[
         "cluster",
@@ -147,27 +175,16 @@ async fn chaos_kills_lose_nothing_and_fail_no_request() {
         "2s",
     ])
     .await;
-    stop.cancel();
-    for generator in generators {
-        generator.await.unwrap();
-    }
     let chaos_time = started.elapsed();
-    let kills: Vec<&str> = chaos.lines().filter(|l| l.contains("killed")).collect();
-
-    let created = load.created.lock().unwrap().clone();
-    let failures = load.failures.lock().unwrap().clone();
-    println!(
-        "chaos: {} kills in {:.0} s; {} operations ({} creates), {} client retries, {} failures",
-        kills.len(),
-        chaos_time.as_secs_f64(),
-        load.operations.load(Ordering::Relaxed),
-        created.len(),
-        client.retries(),
-        failures.len()
-    );
+    let kills = chaos.lines().filter(|l| l.contains("killed")).count();
     println!("{chaos}");
-    assert!(failures.is_empty(), "failed operations: {failures:#?}");
-    assert!(kills.len() >= 10, "too few kills:\n{chaos}");
+    let (client, created) = load
+        .finish(&format!(
+            "chaos: {kills} kills in {:.0} s",
+            chaos_time.as_secs_f64()
+        ))
+        .await;
+    assert!(kills >= 10, "too few kills:\n{chaos}");
     assert!(
         created.len() >= 20,
         "too little load: {} creates",
@@ -184,7 +201,7 @@ async fn chaos_kills_lose_nothing_and_fail_no_request() {
         .iter()
         .map(|m| m["restarts"].as_u64().unwrap())
         .sum();
-    assert!(restarts >= kills.len() as u64, "{status}");
+    assert!(restarts >= kills as u64, "{status}");
     drop(cluster);
 }
 
@@ -212,43 +229,22 @@ async fn rolling_restart_of_every_api_fails_no_request() {
     let before = pids(&run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await);
     assert_eq!(before.len(), 2);
 
-    let client = load_client(cluster.url());
-    let load = Arc::new(Load::default());
-    let stop = CancellationToken::new();
-    let generators: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(generate_load(
-                Arc::clone(&client),
-                Arc::clone(&load),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let load = LoadRun::start(cluster.url());
     // Let the load reach both instances before the first one drains.
     wait_for("load to start", Duration::from_secs(20), || async {
-        (load.created.lock().unwrap().len() >= 10).then_some(())
+        (load.load.created().len() >= 10).then_some(())
     })
     .await;
     let started = Instant::now();
     let restart = run_faafo(&["cluster", "restart", "api", "--rolling", "--data-dir", data]).await;
     let restart_time = started.elapsed();
-    stop.cancel();
-    for generator in generators {
-        generator.await.unwrap();
-    }
-
-    let created = load.created.lock().unwrap().clone();
-    let failures = load.failures.lock().unwrap().clone();
-    println!(
-        "rolling restart of 2 APIs in {:.1} s; {} operations ({} creates), {} client retries, {} failures",
-        restart_time.as_secs_f64(),
-        load.operations.load(Ordering::Relaxed),
-        created.len(),
-        client.retries(),
-        failures.len()
-    );
     println!("{restart}");
-    assert!(failures.is_empty(), "failed operations: {failures:#?}");
+    let (client, created) = load
+        .finish(&format!(
+            "rolling restart of 2 APIs in {:.1} s",
+            restart_time.as_secs_f64()
+        ))
+        .await;
     for name in ["api-1", "api-2"] {
         assert!(
             restart.contains(&format!("{name}: back in service")),
