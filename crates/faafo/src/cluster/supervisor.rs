@@ -414,10 +414,24 @@ impl Supervisor {
     /// gateway, a running process for a worker.
     async fn wait_ready(&self, member: &Member) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
+        let restarts_before = member.record().restarts;
         loop {
             let health = self.health(member).await;
             if member.phase() == Phase::Running && health.ready {
                 return Ok(());
+            }
+            // A member that keeps exiting will not get better by waiting (a port in use,
+            // a database that refuses it): say so now.
+            let failing = {
+                let record = member.record();
+                (record.restarts >= restarts_before + 3).then(|| record.last_exit.clone())
+            };
+            if let Some(last_exit) = failing {
+                anyhow::bail!(
+                    "{} keeps exiting before it is ready ({})",
+                    member.name,
+                    last_exit.as_deref().unwrap_or("no exit recorded")
+                );
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
