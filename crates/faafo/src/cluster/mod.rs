@@ -35,6 +35,7 @@ pub enum ClusterCommand {
     Restart {
         #[command(flatten)]
         targeted: Targeted,
+        /// One member at a time, waiting until it serves again before the next.
         #[arg(long)]
         rolling: bool,
     },
@@ -66,6 +67,7 @@ pub enum ClusterCommand {
 /// Which cluster: the one whose supervisor runs on this data directory.
 #[derive(Debug, Args)]
 pub struct Location {
+    /// The data directory the cluster was started on (its control socket is there).
     #[arg(long, env = "FAAFO_DATA_DIR", default_value = "./faafo-data")]
     pub data_dir: PathBuf,
 }
