@@ -227,8 +227,17 @@ impl Client {
             *last = Some(Instant::now());
         }
         let endpoint = self.current_endpoint();
+        // A short limit: this runs before a real call, which must not wait behind it
+        // for a whole request timeout when the endpoint hangs.
+        let limit = Some(self.policy.connect_timeout);
         match self
-            .attempt(&Method::GET, &endpoint, "/v1/endpoints", &Body::Empty, None)
+            .attempt(
+                &Method::GET,
+                &endpoint,
+                "/v1/endpoints",
+                &Body::Empty,
+                limit,
+            )
             .await
         {
             Ok((status, body)) if status.is_success() => {
