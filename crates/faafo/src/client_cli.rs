@@ -52,6 +52,13 @@ pub struct CreateArgs {
     pub ya: Option<f64>,
     #[arg(long, allow_negative_numbers = true)]
     pub yb: Option<f64>,
+    /// The real part of the Julia constant c (with --cy). Without them the server picks
+    /// c by the original's rule.
+    #[arg(long, allow_negative_numbers = true, requires = "cy")]
+    pub cx: Option<f64>,
+    /// The imaginary part of c (with --cx).
+    #[arg(long, allow_negative_numbers = true, requires = "cx")]
+    pub cy: Option<f64>,
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_width: u32,
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -130,6 +137,14 @@ impl CreateArgs {
                 }
             }
         }
+        for (flag, value) in [("cx", self.cx), ("cy", self.cy)] {
+            if let Some(value) = value {
+                ensure!(
+                    value.is_finite(),
+                    "--{flag} must be a finite number, got {value}"
+                );
+            }
+        }
         let tasks = pick("tasks", self.tasks, self.min_tasks, self.max_tasks)?;
         (0..tasks)
             .map(|_| {
@@ -147,8 +162,8 @@ impl CreateArgs {
                     xb: pick("xb", self.xb, self.min_xb, self.max_xb)?,
                     ya: pick("ya", self.ya, self.min_ya, self.max_ya)?,
                     yb: pick("yb", self.yb, self.min_yb, self.max_yb)?,
-                    cx: None,
-                    cy: None,
+                    cx: self.cx,
+                    cy: self.cy,
                 };
                 ensure!(
                     request.xa != request.xb,

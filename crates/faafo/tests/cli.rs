@@ -119,6 +119,33 @@ fn create_wait_list_show_get_delete() {
 }
 
 #[test]
+fn create_with_a_chosen_constant() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = up(dir.path());
+    let created: Vec<FractalView> = serde_json::from_str(&succeeded(&faafo(
+        up.url(),
+        &[
+            "--json",
+            "create",
+            "--tasks",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--cx=-0.8",
+            "--cy",
+            "0.156",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(created.len(), 2);
+    for fractal in &created {
+        assert_eq!((fractal.cx, fractal.cy), (-0.8, 0.156), "{fractal:?}");
+    }
+}
+
+#[test]
 fn the_seed_command_lines_run_verbatim() {
     let dir = tempfile::tempdir().unwrap();
     let up = up(dir.path());
@@ -170,6 +197,10 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
             &["create", "--yb", "inf"][..],
             "--yb must be a finite number",
         ),
+        (
+            &["create", "--cx", "NaN", "--cy", "0.1"][..],
+            "--cx must be a finite number",
+        ),
     ] {
         let output = faafo(nowhere, args);
         assert_eq!(output.status.code(), Some(1), "{args:?}");
@@ -188,6 +219,8 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         &["create", "--width", "0"][..],
         &["create", "--tasks", "many"][..],
         &["show", "not-a-uuid"][..],
+        &["create", "--cx", "0.3"][..],
+        &["create", "--cy", "0.3"][..],
     ] {
         let output = faafo(nowhere, args);
         assert_eq!(

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: installs what the tests need beyond
+# Rust when it is missing, then runs nextest. Extra arguments go to nextest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Debian package -> a file it installs. python3 runs the original renderer as a reference;
+# Chromium checks the web gallery in a real browser; the tests start their own PostgreSQL
+# servers, Patroni members and etcd members from the installed programs.
+declare -A needs=(
+  [python3]=/usr/bin/python3
+  [chromium]=/usr/bin/chromium
+  [postgresql]=/usr/lib/postgresql
+  [patroni]=/usr/bin/patroni
+  [etcd-server]=/usr/bin/etcd
+)
+missing=()
+for package in "${!needs[@]}"; do
+  [ -e "${needs[$package]}" ] || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: the tests need these Debian packages: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "test.sh: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+command -v cargo-nextest >/dev/null || {
+  echo "test.sh: cargo-nextest is missing: cargo install cargo-nextest --locked" >&2
+  exit 1
+}
+
+exec cargo nextest run --workspace --locked "$@"
