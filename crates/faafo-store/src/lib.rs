@@ -8,6 +8,7 @@
 //! [`PostgresStore`] the one for several hosts. The store also keeps the membership list:
 //! which gateways, APIs and workers are alive.
 
+pub mod patroni;
 mod postgres;
 mod sqlite;
 
@@ -18,7 +19,7 @@ use faafo_core::fractal::RenderResult;
 use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat};
 use uuid::Uuid;
 
-pub use postgres::{PostgresStore, Wakeups};
+pub use postgres::{PostgresOptions, PostgresStore, Wakeups};
 pub use sqlite::SqliteStore;
 
 /// A fractal about to be stored.

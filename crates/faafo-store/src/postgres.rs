@@ -18,11 +18,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use faafo_core::fractal::RenderResult;
 use faafo_core::node::FORGET_AFTER;
 use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Window};
-use tokio::sync::Notify;
+use std::sync::Mutex;
+
+use tokio::sync::{Notify, watch};
 use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::patroni::{self, Leader, PatroniFence};
 use crate::{
     CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats,
     Store, StoreError, node_record,
@@ -98,17 +101,181 @@ pub enum Wakeups {
     PollOnly,
 }
 
+/// How an API process reaches PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    pub wakeups: Wakeups,
+    /// The REST APIs of the Patroni members (`http://host:8008`). When given, writes go
+    /// only to the leader Patroni confirms (see [`crate::patroni`]), at the PostgreSQL
+    /// address Patroni advertises for it, with the user, password and database of the URL.
+    pub patroni: Vec<String>,
+}
+
+impl PostgresOptions {
+    pub fn new(wakeups: Wakeups) -> PostgresOptions {
+        PostgresOptions {
+            wakeups,
+            patroni: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PostgresStore {
-    /// Durable writes and reads.
-    pool: Pool,
-    /// Lease bookkeeping (claim, renew, release, expiry) with `synchronous_commit = off`:
-    /// a lease lost in a database crash only sends its task back to the queue, and fencing
-    /// makes the old holder's writes fail. Creates and completions stay fully durable.
-    lease_pool: Pool,
+    /// Shared with the LISTEN task, which follows the same server.
+    target: Arc<Target>,
     wakeups: Wakeups,
     hints: Arc<Notify>,
     stop_listening: CancellationToken,
+}
+
+/// The connection pools of one server (or one URL).
+#[derive(Debug)]
+struct Pools {
+    /// Durable writes and reads.
+    durable: Pool,
+    /// Lease bookkeeping (claim, renew, release, expiry) with `synchronous_commit = off`:
+    /// a lease lost in a database crash only sends its task back to the queue, and fencing
+    /// makes the old holder's writes fail. Creates and completions stay fully durable.
+    lease: Pool,
+}
+
+impl Pools {
+    fn new(config: &tokio_postgres::Config) -> Result<Pools, StoreError> {
+        let mut relaxed = config.clone();
+        relaxed.options(format!(
+            "{} -c synchronous_commit=off",
+            config.get_options().unwrap_or_default()
+        ));
+        Ok(Pools {
+            durable: build_pool(config.clone())?,
+            lease: build_pool(relaxed)?,
+        })
+    }
+
+    fn close(&self) {
+        self.durable.close();
+        self.lease.close();
+    }
+}
+
+/// Where connections go.
+#[derive(Debug)]
+enum Target {
+    /// The URL's hosts as libpq would choose among them.
+    Url {
+        config: tokio_postgres::Config,
+        pools: Arc<Pools>,
+    },
+    /// The leader Patroni confirms: pools for each leader term, closed when it ends.
+    Patroni {
+        base: tokio_postgres::Config,
+        fence: PatroniFence,
+        current: Mutex<Option<(u64, Arc<Pools>)>>,
+    },
+}
+
+/// A Patroni leader's term, and the channel that says when it ends.
+type Term = (watch::Receiver<Leader>, u64);
+
+/// What an operation holds while it runs: the pools, and what ends their use.
+struct Checkout {
+    pools: Arc<Pools>,
+    term: Option<Term>,
+}
+
+impl Checkout {
+    /// Resolves when these pools may no longer be used (never, for a plain URL).
+    async fn ended(&self) {
+        match &self.term {
+            Some((leader, term)) => patroni::term_ended(leader.clone(), *term).await,
+            None => futures::future::pending().await,
+        }
+    }
+}
+
+impl Target {
+    fn connect_config(&self) -> Result<(tokio_postgres::Config, Option<Term>), StoreError> {
+        match self {
+            Target::Url { config, .. } => Ok((config.clone(), None)),
+            Target::Patroni { base, fence, .. } => match fence.current() {
+                Leader::Confirmed {
+                    host, port, term, ..
+                } => Ok((
+                    server_config(base, &host, port),
+                    Some((fence.subscribe(), term)),
+                )),
+                Leader::Unknown(reason) => Err(unavailable(std::io::Error::other(reason))),
+            },
+        }
+    }
+
+    fn checkout(&self) -> Result<Checkout, StoreError> {
+        match self {
+            Target::Url { pools, .. } => Ok(Checkout {
+                pools: Arc::clone(pools),
+                term: None,
+            }),
+            Target::Patroni {
+                base,
+                fence,
+                current,
+            } => {
+                let (host, port, term) = match fence.current() {
+                    Leader::Confirmed {
+                        host, port, term, ..
+                    } => (host, port, term),
+                    Leader::Unknown(reason) => {
+                        return Err(unavailable(std::io::Error::other(reason)));
+                    }
+                };
+                let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+                let pools = match &*current {
+                    Some((known, pools)) if *known == term => Arc::clone(pools),
+                    _ => {
+                        if let Some((_, old)) = current.take() {
+                            // Idle connections go now; busy ones when returned.
+                            old.close();
+                        }
+                        let pools = Arc::new(Pools::new(&server_config(base, &host, port))?);
+                        *current = Some((term, Arc::clone(&pools)));
+                        pools
+                    }
+                };
+                Ok(Checkout {
+                    pools,
+                    term: Some((fence.subscribe(), term)),
+                })
+            }
+        }
+    }
+}
+
+/// `base` (user, password, database, options) aimed at one server that must accept writes.
+fn server_config(base: &tokio_postgres::Config, host: &str, port: u16) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config.host(host).port(port);
+    if let Some(user) = base.get_user() {
+        config.user(user);
+    }
+    if let Some(password) = base.get_password() {
+        config.password(password);
+    }
+    if let Some(dbname) = base.get_dbname() {
+        config.dbname(dbname);
+    }
+    if let Some(options) = base.get_options() {
+        config.options(options);
+    }
+    if let Some(name) = base.get_application_name() {
+        config.application_name(name);
+    }
+    if let Some(timeout) = base.get_connect_timeout() {
+        config.connect_timeout(*timeout);
+    }
+    config.keepalives_idle(base.get_keepalives_idle());
+    config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    config
 }
 
 impl Drop for PostgresStore {
@@ -125,31 +292,56 @@ fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> StoreEr
 #[error("the database did not answer within {0:?}")]
 struct TimedOut(Duration);
 
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the PostgreSQL leader changed or lost Patroni's confirmation during the operation; its outcome is unknown"
+)]
+struct LeaderLost;
+
 impl PostgresStore {
     /// Connects to `url` (libpq URL syntax, several hosts allowed), applies migrations
     /// and, with [`Wakeups::ListenNotify`], starts listening for new work.
     pub async fn connect(url: &str, wakeups: Wakeups) -> Result<PostgresStore, StoreError> {
+        Self::connect_with(url, PostgresOptions::new(wakeups)).await
+    }
+
+    /// [`Self::connect`], with the Patroni fence when `options.patroni` lists endpoints.
+    pub async fn connect_with(
+        url: &str,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url).map_err(unavailable)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name("faafo");
-        let pool = build_pool(config.clone())?;
-        let mut relaxed = config.clone();
-        relaxed.options("-c synchronous_commit=off");
-        let lease_pool = build_pool(relaxed)?;
+        let target = if options.patroni.is_empty() {
+            Target::Url {
+                pools: Arc::new(Pools::new(&config)?),
+                config,
+            }
+        } else {
+            let fence = PatroniFence::start(options.patroni)
+                .map_err(|e| unavailable(std::io::Error::other(e)))?;
+            // Migrations need the leader: give the cluster a moment to confirm one.
+            fence.confirmed(Duration::from_secs(10)).await;
+            Target::Patroni {
+                base: config,
+                fence,
+                current: Mutex::new(None),
+            }
+        };
         let store = PostgresStore {
-            pool,
-            lease_pool,
-            wakeups,
+            target: Arc::new(target),
+            wakeups: options.wakeups,
             hints: Arc::new(Notify::new()),
             stop_listening: CancellationToken::new(),
         };
         store.migrate().await?;
-        if wakeups == Wakeups::ListenNotify {
+        if store.wakeups == Wakeups::ListenNotify {
             tokio::spawn(listen(
-                config,
+                Arc::clone(&store.target),
                 Arc::clone(&store.hints),
                 store.stop_listening.clone(),
             ));
@@ -158,34 +350,36 @@ impl PostgresStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(unavailable)?;
-        // Several API processes may start at once: one migrates, the others wait and see.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(unavailable)?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS faafo_schema (version integer NOT NULL)")
-            .await
-            .map_err(unavailable)?;
-        let applied: i64 = tx
-            .query_one("SELECT count(*) FROM faafo_schema", &[])
-            .await
-            .map_err(unavailable)?
-            .get(0);
-        for (version, migration) in (1i32..).zip(MIGRATIONS).skip(applied as usize) {
-            tx.batch_execute(migration).await.map_err(unavailable)?;
-            tx.execute(
-                "INSERT INTO faafo_schema (version) VALUES ($1)",
-                &[&version],
-            )
-            .await
-            .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
-    }
-
-    async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(unavailable)
+        self.run(|client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(unavailable)?;
+                // Several API processes may start at once: one migrates, the others wait and see.
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                    .await
+                    .map_err(unavailable)?;
+                tx.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS faafo_schema (version integer NOT NULL)",
+                )
+                .await
+                .map_err(unavailable)?;
+                let applied: i64 = tx
+                    .query_one("SELECT count(*) FROM faafo_schema", &[])
+                    .await
+                    .map_err(unavailable)?
+                    .get(0);
+                for (version, migration) in (1i32..).zip(MIGRATIONS).skip(applied as usize) {
+                    tx.batch_execute(migration).await.map_err(unavailable)?;
+                    tx.execute(
+                        "INSERT INTO faafo_schema (version) VALUES ($1)",
+                        &[&version],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
+                tx.commit().await.map_err(unavailable)
+            })
+        })
+        .await
     }
 
     /// Runs `operation` with a durable connection; see [`Self::run_on`].
@@ -193,7 +387,7 @@ impl PostgresStore {
     where
         F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     {
-        self.run_on(&self.pool, operation).await
+        self.run_on(|pools| &pools.durable, operation).await
     }
 
     /// Runs `operation` with a lease-bookkeeping connection; see [`Self::run_on`].
@@ -201,24 +395,38 @@ impl PostgresStore {
     where
         F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     {
-        self.run_on(&self.lease_pool, operation).await
+        self.run_on(|pools| &pools.lease, operation).await
     }
 
-    /// Runs `operation` with a connection from `pool` and a time limit. A connection that
-    /// failed is dropped rather than returned to the pool: it may point at a server that is
-    /// gone or is no longer the primary.
-    async fn run_on<T, F>(&self, pool: &Pool, operation: F) -> Result<T, StoreError>
+    /// Runs `operation` with a connection from the chosen pool and a time limit. A
+    /// connection that failed is dropped rather than returned to the pool: it may point at
+    /// a server that is gone or is no longer the primary. Under Patroni, an operation still
+    /// running when its leader's term ends is abandoned as unavailable: whether it
+    /// committed is unknown, so it must not be reported as a success.
+    async fn run_on<T, F>(
+        &self,
+        pool: impl FnOnce(&Pools) -> &Pool,
+        operation: F,
+    ) -> Result<T, StoreError>
     where
         F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     {
-        let mut client = pool.get().await.map_err(unavailable)?;
-        let result = match tokio::time::timeout(OPERATION_TIMEOUT, operation(&mut client)).await {
-            Ok(result) => result,
-            Err(_) => Err(unavailable(TimedOut(OPERATION_TIMEOUT))),
+        let checkout = self.target.checkout()?;
+        let result = tokio::select! {
+            result = tokio::time::timeout(OPERATION_TIMEOUT, async {
+                let mut client = pool(&checkout.pools).get().await.map_err(unavailable)?;
+                let result = operation(&mut client).await;
+                if matches!(result, Err(StoreError::Unavailable(_))) {
+                    drop(Object::take(client));
+                }
+                result
+            }) => match result {
+                Ok(result) => result,
+                Err(_) => Err(unavailable(TimedOut(OPERATION_TIMEOUT))),
+            },
+            // Dropping the operation drops its connection with it.
+            _ = checkout.ended() => Err(unavailable(LeaderLost)),
         };
-        if matches!(result, Err(StoreError::Unavailable(_))) {
-            drop(Object::take(client));
-        }
         result
     }
 }
@@ -241,53 +449,65 @@ fn build_pool(config: tokio_postgres::Config) -> Result<Pool, StoreError> {
         .map_err(unavailable)
 }
 
-/// Keeps a LISTEN connection open (reconnecting after failures) and turns notifications
-/// into wake-ups.
-async fn listen(config: tokio_postgres::Config, hints: Arc<Notify>, stop: CancellationToken) {
+/// Keeps a LISTEN connection open to the current server (reconnecting after failures
+/// and when the Patroni leader changes) and turns notifications into wake-ups.
+async fn listen(target: Arc<Target>, hints: Arc<Notify>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
-        match config.connect(NoTls).await {
-            Ok((client, mut connection)) => {
-                let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let listening = async {
-                    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-                    Ok::<_, tokio_postgres::Error>(())
-                };
-                tokio::pin!(messages);
-                let driven = async {
-                    use futures::StreamExt;
-                    while let Some(message) = messages.next().await {
-                        match message {
-                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                                hints.notify_waiters()
+        match target.connect_config() {
+            Ok((config, term)) => match config.connect(NoTls).await {
+                Ok((client, mut connection)) => {
+                    let ended = async {
+                        match term {
+                            Some((leader, term)) => patroni::term_ended(leader, term).await,
+                            None => futures::future::pending().await,
+                        }
+                    };
+                    tokio::pin!(ended);
+                    let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let listening = async {
+                        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+                        Ok::<_, tokio_postgres::Error>(())
+                    };
+                    tokio::pin!(messages);
+                    let driven = async {
+                        use futures::StreamExt;
+                        while let Some(message) = messages.next().await {
+                            match message {
+                                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                    hints.notify_waiters()
+                                }
+                                Ok(_) => {}
+                                Err(error) => return error.to_string(),
                             }
-                            Ok(_) => {}
-                            Err(error) => return error.to_string(),
+                        }
+                        "connection closed".to_owned()
+                    };
+                    tokio::pin!(driven);
+                    // Drive the connection while LISTEN is sent, then keep driving it.
+                    let listened = tokio::select! {
+                        result = listening => result,
+                        reason = &mut driven => { tracing::warn!(%reason, "LISTEN connection lost"); continue; }
+                        _ = &mut ended => continue,
+                        _ = stop.cancelled() => return,
+                    };
+                    if let Err(error) = listened {
+                        tracing::warn!(%error, "LISTEN failed");
+                    } else {
+                        backoff = Duration::from_millis(100);
+                        // Anything created while we were not listening is found by polling; wake
+                        // the waiters once so they look now.
+                        hints.notify_waiters();
+                        tokio::select! {
+                            reason = &mut driven => tracing::warn!(%reason, "LISTEN connection lost"),
+                            _ = &mut ended => continue,
+                            _ = stop.cancelled() => return,
                         }
                     }
-                    "connection closed".to_owned()
-                };
-                tokio::pin!(driven);
-                // Drive the connection while LISTEN is sent, then keep driving it.
-                let listened = tokio::select! {
-                    result = listening => result,
-                    reason = &mut driven => { tracing::warn!(%reason, "LISTEN connection lost"); continue; }
-                    _ = stop.cancelled() => return,
-                };
-                if let Err(error) = listened {
-                    tracing::warn!(%error, "LISTEN failed");
-                } else {
-                    backoff = Duration::from_millis(100);
-                    // Anything created while we were not listening is found by polling; wake
-                    // the waiters once so they look now.
-                    hints.notify_waiters();
-                    tokio::select! {
-                        reason = &mut driven => tracing::warn!(%reason, "LISTEN connection lost"),
-                        _ = stop.cancelled() => return,
-                    }
                 }
-            }
-            Err(error) => tracing::debug!(%error, "LISTEN connection failed; retrying"),
+                Err(error) => tracing::debug!(%error, "LISTEN connection failed; retrying"),
+            },
+            Err(error) => tracing::debug!(%error, "no server to LISTEN on; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

@@ -9,7 +9,7 @@ use faafo_core::{Limits, WorkerToken};
 
 use uuid::Uuid;
 
-use crate::{bench, client_cli, cluster, render_cli, roles};
+use crate::{bench, client_cli, render_cli, roles, tables};
 
 /// Fractals as a Service: Julia-set images rendered by a fleet of workers.
 #[derive(Debug, Parser)]
@@ -67,7 +67,7 @@ pub enum Command {
     /// Run and control the whole topology on this machine: gateways, API instances and
     /// workers under a supervisor.
     #[command(subcommand)]
-    Cluster(cluster::ClusterCommand),
+    Cluster(faafo_cluster::ClusterCommand),
     /// Render one fractal locally, without a server.
     Render(render_cli::RenderArgs),
     /// Measure the service.
@@ -109,6 +109,12 @@ pub struct ApiArgs {
     /// PgBouncer in transaction mode, where LISTEN does not work).
     #[arg(long, env = "FAAFO_POLL_ONLY")]
     pub poll_only: bool,
+    /// PostgreSQL run by Patroni: the members' REST APIs, comma-separated
+    /// (http://db1:8008,http://db2:8008,http://db3:8008). Writes then go only to the leader
+    /// Patroni elected, at the address it advertises (the user, password and database come
+    /// from --database-url), and stop within 5 s of its election no longer being confirmed.
+    #[arg(long, env = "FAAFO_PATRONI", value_delimiter = ',')]
+    pub patroni: Vec<String>,
     /// The URL clients reach this instance at, listed in /v1/endpoints (default: the
     /// --bind address, or this host's name when bound to every interface).
     #[arg(long, env = "FAAFO_ADVERTISE_URL")]
@@ -215,7 +221,28 @@ impl Cli {
             Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
             Command::Gateway(args) => roles::gateway(args).await,
             Command::Status => client_cli::status(&client()?, &output).await,
-            Command::Cluster(command) => command.run(&output).await,
+            Command::Cluster(command) => {
+                let json = output.json;
+                let outcome = command
+                    .run(|progress| {
+                        if !json {
+                            println!("{progress}");
+                        }
+                    })
+                    .await?;
+                match outcome {
+                    faafo_cluster::Outcome::Nothing => Ok(()),
+                    outcome if json => client_cli::print_json(&outcome),
+                    faafo_cluster::Outcome::Members(members) => {
+                        print!("{}", tables::cluster_members(&members));
+                        Ok(())
+                    }
+                    faafo_cluster::Outcome::Message { message } => {
+                        println!("{message}");
+                        Ok(())
+                    }
+                }
+            }
             Command::Render(args) => render_cli::render(&args),
             Command::Bench(command) => command.run().await,
         }

@@ -3,7 +3,6 @@
 mod bench;
 mod cli;
 mod client_cli;
-mod cluster;
 mod queue_bench;
 mod render_bench;
 mod render_cli;

@@ -15,6 +15,7 @@ use faafo_client::{Client, LeaseOutcome, RetryPolicy, Upload};
 use faafo_core::WorkerToken;
 use faafo_core::wire::{CreateFractal, LeaseGrant};
 use faafo_render::{Engine, render_png};
+use faafo_store::PostgresOptions;
 use faafo_store::Wakeups;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -72,11 +73,11 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
     for &workers in &args.workers {
         let scratch = tempfile::tempdir_in(&scratch_root)?;
         let store = match &args.database_url {
-            Some(url) => open_store(url, Wakeups::ListenNotify).await?,
+            Some(url) => open_store(url, PostgresOptions::new(Wakeups::ListenNotify)).await?,
             None => {
                 open_store(
                     &format!("sqlite://{}", scratch.path().join("faafo.db").display()),
-                    Wakeups::ListenNotify,
+                    PostgresOptions::new(Wakeups::ListenNotify),
                 )
                 .await?
             }

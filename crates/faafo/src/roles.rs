@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use faafo_api::{ApiConfig, Images};
 use faafo_client::{Client, RetryPolicy};
 use faafo_core::WorkerToken;
-use faafo_store::{PostgresStore, SqliteStore, Store, Wakeups};
+use faafo_store::{PostgresOptions, PostgresStore, SqliteStore, Store, Wakeups};
 use faafo_worker::WorkerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,9 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     } else {
         Wakeups::ListenNotify
     };
-    let store = open_store(&args.database_url, wakeups).await?;
+    let mut options = PostgresOptions::new(wakeups);
+    options.patroni = args.patroni;
+    let store = open_store(&args.database_url, options).await?;
     let images = Images::open(&args.object_store)
         .await
         .context("opening the object store")?;
@@ -201,12 +203,15 @@ fn generated_token() -> WorkerToken {
 }
 
 /// Opens the store a `--database-url` names: `sqlite://PATH` or `postgres://...`.
-pub async fn open_store(url: &str, wakeups: Wakeups) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(url: &str, options: PostgresOptions) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PostgresStore::connect(url, wakeups)
+        let store = PostgresStore::connect_with(url, options)
             .await
             .context("connecting to PostgreSQL")?;
         return Ok(Arc::new(store));
+    }
+    if !options.patroni.is_empty() {
+        bail!("--patroni needs a postgres:// --database-url");
     }
     let path = url
         .strip_prefix("sqlite://")

@@ -148,6 +148,39 @@ fn number(value: f64) -> String {
     format!("{value:?}")
 }
 
+/// `faafo cluster status`: every member of the supervised topology.
+pub fn cluster_members(members: &[faafo_cluster::MemberStatus]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.state.clone(),
+                m.pid.map_or_else(|| "-".into(), |pid| pid.to_string()),
+                m.uptime_s
+                    .map_or_else(|| "-".into(), |s| format!("{s:.0} s")),
+                m.restarts.to_string(),
+                m.url.clone().unwrap_or_else(|| "-".into()),
+                m.health.clone(),
+                m.last_exit.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "Name",
+            "State",
+            "PID",
+            "Uptime",
+            "Restarts",
+            "Address",
+            "Health",
+            "Last exit",
+        ],
+        &rows,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use faafo_core::wire::FractalView;

@@ -1,9 +1,16 @@
 //! `faafo cluster`: the whole topology on one machine, supervised. What supervisord does
 //! in the seed's setup, knowing faafo: gateways (from port 9100), API instances (from
-//! 9210) and workers, restarted when they exit, with a log per process, and controlled
-//! from other terminals through a socket in the data directory.
+//! 9210) and workers, and with `--postgres-nodes` the data tier too (three etcd members
+//! and Patroni-managed PostgreSQL members), restarted when they exit, with a log per
+//! process, and controlled from other terminals through a socket in the data directory.
+//!
+//! `members/` says what each kind of member runs, `supervisor.rs` keeps them running,
+//! `control.rs` is the socket protocol. The binary prints what [`ClusterCommand::run`]
+//! returns.
 
 mod control;
+pub mod members;
+mod server_user;
 mod supervisor;
 
 use std::net::IpAddr;
@@ -14,10 +21,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use faafo_core::NodeRole;
 
-use self::control::{MemberStatus, Reply, Request};
-use self::supervisor::{MAX_PER_ROLE, Settings, Supervisor};
-use crate::client_cli::{Output, print_json};
-use crate::tables;
+pub use self::control::MemberStatus;
+use self::control::{Reply, Request};
+use self::members::{Kind, Programs, etcd, faafo, postgres};
+use self::supervisor::{DataTier, MAX_PER_ROLE, MAX_POSTGRES, Settings, Supervisor};
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -26,12 +33,14 @@ pub enum ClusterCommand {
     Up(ClusterUpArgs),
     /// Every member: state, pid, uptime, restarts, address and health.
     Status(Location),
-    /// Stop a member (api-1) or a group (gateway, api, worker, all); it stays stopped.
+    /// Stop a member (api-1) or a group (gateway, api, worker, postgres, etcd, all); it
+    /// stays stopped.
     Stop(Targeted),
     /// Start stopped members again.
     Start(Targeted),
     /// Restart members; with --rolling, one at a time, each drained first and back in
-    /// service before the next, so requests never fail.
+    /// service before the next, so requests never fail (postgres: the replicas, then a
+    /// switchover to a synchronous standby, then the old leader).
     Restart {
         #[command(flatten)]
         targeted: Targeted,
@@ -47,7 +56,8 @@ pub enum ClusterCommand {
         #[command(flatten)]
         location: Location,
     },
-    /// Kill one member with SIGKILL (the supervisor restarts it).
+    /// Kill one member with SIGKILL (the supervisor restarts it). A postgres member dies
+    /// whole: Patroni and its PostgreSQL, as when its host dies.
     Kill(Targeted),
     /// Kill a random member with SIGKILL at every interval, one failure at a time, and
     /// print what was killed.
@@ -74,7 +84,8 @@ pub struct Location {
 
 #[derive(Debug, Args)]
 pub struct Targeted {
-    /// A member (gateway-1, api-2, worker-3) or a group (gateway, api, worker, all).
+    /// A member (gateway-1, api-2, worker-3, postgres-1, etcd-2) or a group (gateway, api,
+    /// worker, postgres, etcd, all).
     pub target: String,
     #[command(flatten)]
     pub location: Location,
@@ -88,6 +99,11 @@ pub struct ClusterUpArgs {
     pub apis: u32,
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=MAX_PER_ROLE as i64))]
     pub workers: u32,
+    /// Run PostgreSQL under Patroni with this many members (3 advised), plus three etcd
+    /// members for Patroni's leader election, instead of SQLite. Needs the Debian
+    /// packages patroni, etcd-server and postgresql.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=MAX_POSTGRES as i64), conflicts_with = "database_url")]
+    pub postgres_nodes: u32,
     #[command(flatten)]
     pub location: Location,
     /// The store (default: SQLite in the data directory); see `faafo api --help`.
@@ -105,6 +121,15 @@ pub struct ClusterUpArgs {
     /// Port of the first API instance; the others follow (0: any free ports).
     #[arg(long, default_value_t = 9210)]
     pub api_port: u16,
+    /// Client port of the first etcd member; the others follow, and their peer ports
+    /// start 100 higher (9310: clients 9310-9312, peers 9410-9412; 0: any free ports).
+    #[arg(long, default_value_t = 9310)]
+    pub etcd_port: u16,
+    /// PostgreSQL port of the first postgres member; the others follow, and their
+    /// Patroni REST APIs start 100 higher (9330: PostgreSQL 9330-, Patroni 9430-; away
+    /// from a system PostgreSQL's 5432; 0: any free ports).
+    #[arg(long, default_value_t = 9330)]
+    pub postgres_port: u16,
     /// How long a task's lease lasts without a heartbeat, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub lease_ms: u64,
@@ -113,15 +138,32 @@ pub struct ClusterUpArgs {
     pub max_attempts: u32,
 }
 
+/// What a cluster command has to show.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Outcome {
+    /// `cluster status`: every member.
+    Members(Vec<MemberStatus>),
+    /// A sentence saying what was done (`killed api-1 (pid 123) with SIGKILL`).
+    Message { message: String },
+    /// Commands that printed as they went (`up`, `chaos`).
+    Nothing,
+}
+
 impl ClusterCommand {
-    pub async fn run(self, output: &Output) -> anyhow::Result<()> {
+    /// Carries out the command; `on_progress` gets each progress line of a long request.
+    pub async fn run(self, on_progress: impl FnMut(&str)) -> anyhow::Result<Outcome> {
         let (location, request) = match self {
-            ClusterCommand::Up(args) => return up(args).await,
+            ClusterCommand::Up(args) => return up(args).await.map(|()| Outcome::Nothing),
             ClusterCommand::Chaos {
                 duration,
                 interval,
                 location,
-            } => return chaos(&location, duration, interval).await,
+            } => {
+                return chaos(&location, duration, interval)
+                    .await
+                    .map(|()| Outcome::Nothing);
+            }
             ClusterCommand::Status(location) => (location, Request::Status),
             ClusterCommand::Stop(t) => (t.location, Request::Stop { target: t.target }),
             ClusterCommand::Start(t) => (t.location, Request::Start { target: t.target }),
@@ -141,28 +183,15 @@ impl ClusterCommand {
             ),
             ClusterCommand::Down(location) => (location, Request::Down),
         };
-        let reply = control::call(&socket_path(&location.data_dir)?, &request, |message| {
-            if !output.json {
-                println!("{message}");
-            }
+        let reply = control::call(&socket_path(&location.data_dir)?, &request, on_progress).await?;
+        Ok(match reply {
+            Reply::Status { members } => Outcome::Members(members),
+            Reply::Killed { name, pid } => Outcome::Message {
+                message: format!("killed {name} (pid {pid}) with SIGKILL"),
+            },
+            Reply::Done { message } | Reply::Progress { message } => Outcome::Message { message },
+            Reply::Failed { message } => anyhow::bail!("{message}"),
         })
-        .await?;
-        match reply {
-            Reply::Status { members } if output.json => print_json(&members),
-            Reply::Status { members } => {
-                print!("{}", member_table(&members));
-                Ok(())
-            }
-            Reply::Killed { name, pid } if !output.json => {
-                println!("killed {name} (pid {pid}) with SIGKILL");
-                Ok(())
-            }
-            Reply::Done { message } if !output.json => {
-                println!("{message}");
-                Ok(())
-            }
-            other => print_json(&other),
-        }
     }
 }
 
@@ -207,18 +236,34 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
+    let data_tier = if args.postgres_nodes > 0 {
+        Some(DataTier {
+            programs: Programs::find()?,
+            secrets: postgres::Secrets::load_or_make(&dir.join("secrets.json"))?,
+        })
+    } else {
+        None
+    };
     let settings = Settings {
         exe: std::env::current_exe().context("finding the faafo binary")?,
         dir: dir.clone(),
         host: args.host,
-        database_url: args
-            .database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("faafo.db").display())),
-        object_store: args
-            .object_store
-            .clone()
-            .unwrap_or_else(|| format!("file://{}", data_dir.join("images").display())),
+        backing: faafo::Backing {
+            // With the data tier, the supervisor fills these in once its ports are known.
+            database_url: args
+                .database_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("faafo.db").display())),
+            patroni: Vec::new(),
+            object_store: args
+                .object_store
+                .clone()
+                .unwrap_or_else(|| format!("file://{}", data_dir.join("images").display())),
+            api_args: vec![
+                format!("--lease-ms={}", args.lease_ms),
+                format!("--max-attempts={}", args.max_attempts),
+            ],
+        },
         worker_token: format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
@@ -226,16 +271,29 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
         ),
         gateway_port: args.gateway_port,
         api_port: args.api_port,
-        api_args: vec![
-            format!("--lease-ms={}", args.lease_ms),
-            format!("--max-attempts={}", args.max_attempts),
-        ],
+        etcd_port: args.etcd_port,
+        postgres_port: args.postgres_port,
+        data_tier,
     };
     let supervisor = Supervisor::new(settings)?;
     let control = tokio::spawn(control::serve(listener, std::sync::Arc::clone(&supervisor)));
-    let shutdown = crate::roles::shutdown_on_signal();
+    let shutdown = shutdown_on_signal();
+    let counts = [
+        (
+            Kind::Etcd,
+            if args.postgres_nodes > 0 {
+                etcd::MEMBERS
+            } else {
+                0
+            },
+        ),
+        (Kind::Postgres, args.postgres_nodes),
+        (Kind::Api, args.apis),
+        (Kind::Gateway, args.gateways),
+        (Kind::Worker, args.workers),
+    ];
     let started = tokio::select! {
-        started = supervisor.start(args.gateways, args.apis, args.workers) => started,
+        started = supervisor.start(&counts) => started,
         _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(error) = started {
@@ -254,6 +312,29 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     println!("stopped");
     Ok(())
+}
+
+/// Cancelled on SIGINT or SIGTERM: the supervisor then stops every member in order.
+fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        cancel.cancel();
+    });
+    token
 }
 
 /// What `cluster up` prints once everything is ready; the first line names the
@@ -278,6 +359,14 @@ fn banner(supervisor: &Supervisor, data_dir: &Path, args: &ClusterUpArgs) -> any
         data_dir.display(),
         data_dir.join("cluster").join("logs").display()
     )?;
+    if args.postgres_nodes > 0 {
+        writeln!(
+            out,
+            "database: PostgreSQL under Patroni, {} member(s) ({}), 3 etcd members",
+            args.postgres_nodes,
+            supervisor.patroni_urls().join(", ")
+        )?;
+    }
     for gateway in &gateways {
         writeln!(out, "  gateway {gateway}  (stats: {gateway}/__stats)")?;
     }
@@ -324,38 +413,6 @@ async fn chaos(location: &Location, duration: Duration, interval: Duration) -> a
     }
     println!("chaos: {kills} kill(s), {skipped} skipped while a member was restarting");
     Ok(())
-}
-
-fn member_table(members: &[MemberStatus]) -> String {
-    let rows: Vec<Vec<String>> = members
-        .iter()
-        .map(|m| {
-            vec![
-                m.name.clone(),
-                m.state.clone(),
-                m.pid.map_or_else(|| "-".into(), |pid| pid.to_string()),
-                m.uptime_s
-                    .map_or_else(|| "-".into(), |s| format!("{s:.0} s")),
-                m.restarts.to_string(),
-                m.url.clone().unwrap_or_else(|| "-".into()),
-                m.health.clone(),
-                m.last_exit.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    tables::table(
-        &[
-            "Name",
-            "State",
-            "PID",
-            "Uptime",
-            "Restarts",
-            "Address",
-            "Health",
-            "Last exit",
-        ],
-        &rows,
-    )
 }
 
 fn parse_scale(text: &str) -> Result<(NodeRole, u32), String> {

@@ -12,7 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use super::supervisor::Supervisor;
+use crate::members::Kind;
+use crate::supervisor::Supervisor;
 
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -55,7 +56,7 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberStatus {
     pub name: String,
-    pub role: NodeRole,
+    pub role: Kind,
     pub pid: Option<u32>,
     pub state: String,
     pub uptime_s: Option<f64>,

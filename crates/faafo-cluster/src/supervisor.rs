@@ -1,6 +1,8 @@
-//! The supervisor of the local topology: it runs gateways, API instances and workers as
-//! child processes of this same binary, restarts any that exit, and carries out the
-//! control requests (status, stop, start, restart, rolling restart, scale, kill).
+//! The supervisor of the local topology: it runs the data tier (etcd and Patroni-managed
+//! PostgreSQL members) and gateways, API instances and workers (this same binary) as
+//! child processes, restarts any that exit, and carries out the control requests
+//! (status, stop, start, restart, rolling restart, scale, kill). What each kind of
+//! member runs and how its health is read lives in [`crate::members`].
 //!
 //! Each member has a task that owns its process: it starts the process while the member
 //! is wanted, restarts it when it exits (at once if it ran a while, with growing backoff
@@ -22,7 +24,8 @@ use faafo_core::NodeRole;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::control::{MemberStatus, Replies, Reply, Request, progress};
+use crate::control::{MemberStatus, Replies, Reply, Request, progress};
+use crate::members::{Health, Kind, Programs, Topology, etcd, faafo, postgres};
 
 /// A process that exits sooner than this after starting failed to start: the next start
 /// waits longer each time (like supervisord's `startsecs`).
@@ -36,6 +39,8 @@ const STOP_GRACE: Duration = Duration::from_secs(20);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most members of one role.
 pub const MAX_PER_ROLE: u32 = 32;
+/// Most postgres members (their ports are numbered from one base).
+pub const MAX_POSTGRES: u32 = 9;
 
 /// What the supervisor needs to start members.
 #[derive(Debug, Clone)]
@@ -45,15 +50,29 @@ pub struct Settings {
     /// Logs, the control socket and the pid list live here.
     pub dir: PathBuf,
     pub host: IpAddr,
-    pub database_url: String,
-    pub object_store: String,
+    /// How the API instances reach the data (with the data tier: filled in by
+    /// [`Supervisor::start`] once PostgreSQL runs).
+    pub backing: faafo::Backing,
     pub worker_token: String,
-    /// First port of each role (0: any free port).
+    /// First port of each kind (0: any free port). A second port (etcd's peer port,
+    /// Patroni's REST API) is the first plus [`SECOND_PORT_OFFSET`].
     pub gateway_port: u16,
     pub api_port: u16,
-    /// Extra flags for `faafo api` (lease and attempt settings).
-    pub api_args: Vec<String>,
+    pub etcd_port: u16,
+    pub postgres_port: u16,
+    /// The data tier's programs and passwords, when it runs PostgreSQL.
+    pub data_tier: Option<DataTier>,
 }
+
+/// What running etcd and Patroni needs.
+#[derive(Debug, Clone)]
+pub struct DataTier {
+    pub programs: Programs,
+    pub secrets: postgres::Secrets,
+}
+
+/// A member's second port is its first plus this (etcd 9310 -> 9410).
+pub const SECOND_PORT_OFFSET: u16 = 100;
 
 /// What a member's process is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,10 +106,11 @@ struct Record {
 #[derive(Debug)]
 struct Member {
     name: String,
-    role: NodeRole,
+    kind: Kind,
     index: u32,
-    /// Kept across restarts: gateways and workers know APIs by address.
-    port: Option<u16>,
+    /// Kept across restarts: members know each other by address. See
+    /// [`Kind::port_count`].
+    ports: Vec<u16>,
     wanted: watch::Sender<bool>,
     phase: watch::Sender<Phase>,
     record: Mutex<Record>,
@@ -111,7 +131,7 @@ impl Member {
 #[derive(Debug)]
 pub struct Supervisor {
     settings: Settings,
-    /// In start order: APIs, gateways, workers, each by index.
+    /// In start order ([`Kind`]'s order), each kind by index.
     members: Mutex<Vec<Arc<Member>>>,
     http: reqwest::Client,
     /// One topology change at a time, so that two rolling restarts cannot overlap.
@@ -142,67 +162,140 @@ impl Supervisor {
             .clone()
     }
 
-    fn of_role(&self, role: NodeRole) -> Vec<Arc<Member>> {
+    fn of_kind(&self, kind: Kind) -> Vec<Arc<Member>> {
         self.members()
             .into_iter()
-            .filter(|m| m.role == role)
+            .filter(|m| m.kind == kind)
             .collect()
+    }
+
+    /// The address members are reached at.
+    fn reachable_host(&self) -> IpAddr {
+        if self.settings.host.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            self.settings.host
+        }
+    }
+
+    fn address(&self, member: &Member, port: usize) -> Option<SocketAddr> {
+        member
+            .ports
+            .get(port)
+            .map(|port| SocketAddr::new(self.reachable_host(), *port))
     }
 
     /// The URL this supervisor reaches a gateway or API at.
     fn url(&self, member: &Member) -> Option<String> {
-        let host = if self.settings.host.is_unspecified() {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else {
-            self.settings.host
-        };
-        member
-            .port
-            .map(|port| format!("http://{}", SocketAddr::new(host, port)))
+        match member.kind {
+            Kind::Gateway | Kind::Api => self.address(member, 0).map(|a| format!("http://{a}")),
+            _ => None,
+        }
+    }
+
+    /// The address `cluster status` shows: the URL of a gateway or an API, etcd's client
+    /// URL, a postgres member's PostgreSQL address and its Patroni REST API.
+    fn display_address(&self, member: &Member) -> Option<String> {
+        match member.kind {
+            Kind::Etcd => self.address(member, 0).map(|a| format!("http://{a}")),
+            Kind::Postgres => {
+                let node = self.postgres_node(member)?;
+                Some(format!("{} (http://{})", node.postgres, node.rest))
+            }
+            _ => self.url(member),
+        }
     }
 
     pub fn gateway_urls(&self) -> Vec<String> {
-        self.of_role(NodeRole::Gateway)
+        self.of_kind(Kind::Gateway)
             .iter()
             .filter_map(|m| self.url(m))
             .collect()
     }
 
     pub fn api_urls(&self) -> Vec<String> {
-        self.of_role(NodeRole::Api)
+        self.of_kind(Kind::Api)
             .iter()
             .filter_map(|m| self.url(m))
             .collect()
     }
 
-    /// Adds members of `role` up to `count` and starts them; returns the new ones.
-    fn grow(self: &Arc<Self>, role: NodeRole, count: u32) -> anyhow::Result<Vec<Arc<Member>>> {
+    /// Where every member is, as the members' configurations need it.
+    fn topology(&self) -> Topology {
+        let members = self.members();
+        let with = |kind: Kind| members.iter().filter(move |m| m.kind == kind);
+        Topology {
+            host: self.settings.host,
+            apis: self.api_urls(),
+            etcd: with(Kind::Etcd)
+                .filter_map(|m| {
+                    Some(etcd::Peer {
+                        name: m.name.clone(),
+                        client: self.address(m, 0)?,
+                        peer: self.address(m, 1)?,
+                    })
+                })
+                .collect(),
+            postgres: with(Kind::Postgres)
+                .filter_map(|m| self.postgres_node(m))
+                .collect(),
+        }
+    }
+
+    fn postgres_node(&self, member: &Member) -> Option<postgres::Node> {
+        Some(postgres::Node {
+            name: member.name.clone(),
+            postgres: self.address(member, 0)?,
+            rest: self.address(member, 1)?,
+        })
+    }
+
+    /// The first port of `kind`'s members (0: any free port).
+    fn base_port(&self, kind: Kind) -> u16 {
+        match kind {
+            Kind::Gateway => self.settings.gateway_port,
+            Kind::Api => self.settings.api_port,
+            Kind::Etcd => self.settings.etcd_port,
+            Kind::Postgres => self.settings.postgres_port,
+            Kind::Worker => 0,
+        }
+    }
+
+    /// Adds members of `kind` up to `count` and starts them; returns the new ones.
+    fn grow(self: &Arc<Self>, kind: Kind, count: u32) -> anyhow::Result<Vec<Arc<Member>>> {
         let mut added = Vec::new();
         let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
         let taken: BTreeSet<u32> = members
             .iter()
-            .filter(|m| m.role == role)
+            .filter(|m| m.kind == kind)
             .map(|m| m.index)
             .collect();
-        let used_ports: BTreeSet<u16> = members.iter().filter_map(|m| m.port).collect();
+        let mut used_ports: BTreeSet<u16> = members
+            .iter()
+            .flat_map(|m| m.ports.iter().copied())
+            .collect();
         let mut index = 1;
         while (taken.len() + added.len()) < count as usize {
             if taken.contains(&index) {
                 index += 1;
                 continue;
             }
-            let port = match role {
-                NodeRole::Worker => None,
-                NodeRole::Gateway => {
-                    Some(self.port(self.settings.gateway_port, index, &used_ports)?)
-                }
-                NodeRole::Api => Some(self.port(self.settings.api_port, index, &used_ports)?),
-            };
+            let mut ports = Vec::new();
+            for which in 0..kind.port_count() {
+                let base = match (self.base_port(kind), which) {
+                    (0, _) => 0,
+                    (base, 0) => base,
+                    (base, _) => base.saturating_add(SECOND_PORT_OFFSET),
+                };
+                let port = self.port(base, index, &used_ports)?;
+                used_ports.insert(port);
+                ports.push(port);
+            }
             let member = Arc::new(Member {
-                name: format!("{role}-{index}"),
-                role,
+                name: format!("{kind}-{index}"),
+                kind,
                 index,
-                port,
+                ports,
                 wanted: watch::Sender::new(true),
                 phase: watch::Sender::new(Phase::Stopped),
                 record: Mutex::new(Record::default()),
@@ -212,7 +305,7 @@ impl Supervisor {
             added.push(member);
             index += 1;
         }
-        members.sort_by_key(|m| (start_order(m.role), m.index));
+        members.sort_by_key(|m| (m.kind, m.index));
         drop(members);
         for member in &added {
             tokio::spawn(Arc::clone(self).supervise(Arc::clone(member)));
@@ -290,6 +383,11 @@ impl Supervisor {
                 None => {
                     member.phase.send_replace(Phase::Stopping);
                     let how = stop(&mut child, STOP_GRACE).await;
+                    // Patroni stops its PostgreSQL when it stops; one left behind (Patroni
+                    // killed meanwhile) gets a fast shutdown.
+                    if let Some(postmaster) = self.postmaster_pid(&member) {
+                        stop_pid(postmaster, libc::SIGINT, STOP_GRACE).await;
+                    }
                     let mut record = member.record();
                     record.pid = None;
                     record.last_exit = Some(how);
@@ -313,43 +411,102 @@ impl Supervisor {
 
     fn spawn(&self, member: &Member) -> anyhow::Result<tokio::process::Child> {
         let settings = &self.settings;
-        let mut command = tokio::process::Command::new(&settings.exe);
-        let bind = member
-            .port
-            .map(|port| SocketAddr::new(settings.host, port).to_string());
-        let apis = self.api_urls();
-        match member.role {
-            NodeRole::Gateway => {
-                command.args(["gateway", "--discover", "--bind"]);
-                command.arg(bind.as_deref().unwrap_or_default());
-                for api in &apis {
-                    command.args(["--backend", api]);
-                }
+        let topology = self.topology();
+        let mut command = match member.kind {
+            Kind::Etcd => {
+                let tier = self.data_tier()?;
+                let me = topology
+                    .etcd
+                    .iter()
+                    .find(|p| p.name == member.name)
+                    .ok_or_else(|| anyhow::anyhow!("{} has no ports", member.name))?;
+                let mut command = tokio::process::Command::new(&tier.programs.etcd);
+                command.args(etcd::arguments(
+                    me,
+                    &topology.etcd,
+                    &self.member_dir(member).join("data"),
+                ));
+                command
             }
-            NodeRole::Api => {
-                command.args(["api", "--bind"]);
-                command.arg(bind.as_deref().unwrap_or_default());
-                command.args(["--database-url", &settings.database_url]);
-                command.args(["--object-store", &settings.object_store]);
-                command.args(&settings.api_args);
+            Kind::Postgres => {
+                let tier = self.data_tier()?;
+                let node = self
+                    .postgres_node(member)
+                    .ok_or_else(|| anyhow::anyhow!("{} has no ports", member.name))?;
+                let layout = postgres::Layout {
+                    dir: self.member_dir(member),
+                };
+                std::fs::create_dir_all(&layout.dir)?;
+                let config = postgres::patroni_config(
+                    &node,
+                    &topology.etcd,
+                    &layout,
+                    &tier.programs.postgres_bin,
+                    &tier.secrets,
+                );
+                postgres::write_private(&layout.config(), &serde_json::to_string_pretty(&config)?)?;
+                let mut command = tokio::process::Command::new(&tier.programs.patroni);
+                command.arg(layout.config());
+                // Patroni finds pg_ctl and friends through bin_dir; HOME is for libpq's files.
+                command.env("HOME", &layout.dir);
+                crate::server_user::run_as_server_user(&mut command, &layout.dir)?;
+                command
             }
-            NodeRole::Worker => {
-                command.args(["--endpoint-url", &apis.join(",")]);
-                command.args(["worker", "--name"]);
-                command.arg(format!("{}-{}", faafo_worker::host_name(), member.name));
+            kind => {
+                let mut command = tokio::process::Command::new(&settings.exe);
+                let bind = self
+                    .address(member, 0)
+                    .map(|_| SocketAddr::new(settings.host, member.ports[0]).to_string());
+                faafo::configure(
+                    &mut command,
+                    kind,
+                    &member.name,
+                    bind.as_deref(),
+                    &topology.apis,
+                    &self.backing(&topology),
+                );
+                command
+                    .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
+                    .env_remove("FAAFO_ADVERTISE_URL");
+                command
             }
-        }
+        };
         let log = self.log_file(member)?;
         command
-            .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
-            .env_remove("FAAFO_ADVERTISE_URL")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             // Its own process group: a Ctrl-C in the terminal reaches the supervisor
-            // only, which then stops the members in order.
+            // only, which then stops the members in order; and a kill takes the group.
             .process_group(0);
         Ok(command.spawn()?)
+    }
+
+    /// How the API instances reach the data: the data tier's PostgreSQL through the
+    /// Patroni fence when the cluster runs one, else what `cluster up` was given.
+    fn backing(&self, topology: &Topology) -> faafo::Backing {
+        let mut backing = self.settings.backing.clone();
+        if let Some(tier) = &self.settings.data_tier {
+            backing.database_url = postgres::database_url(&topology.postgres, &tier.secrets);
+            backing.patroni = topology.patroni_urls();
+        }
+        backing
+    }
+
+    pub fn patroni_urls(&self) -> Vec<String> {
+        self.topology().patroni_urls()
+    }
+
+    fn data_tier(&self) -> anyhow::Result<&DataTier> {
+        self.settings
+            .data_tier
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this cluster runs no data tier"))
+    }
+
+    /// A data member's own directory: `DATA/cluster/etcd-1`, `DATA/cluster/postgres-2`.
+    fn member_dir(&self, member: &Member) -> PathBuf {
+        self.settings.dir.join(&member.name)
     }
 
     fn log_file(&self, member: &Member) -> anyhow::Result<File> {
@@ -374,7 +531,8 @@ impl Supervisor {
         let pids: Vec<String> = self
             .members()
             .iter()
-            .filter_map(|m| m.record().pid)
+            .flat_map(|m| [m.record().pid, self.postmaster_pid(m)])
+            .flatten()
             .map(|pid| pid.to_string())
             .collect();
         let path = self.settings.dir.join("pids");
@@ -385,18 +543,11 @@ impl Supervisor {
 
     /// Starts the topology: APIs first (and waits until they are ready, so that a wrong
     /// database URL is reported here), then gateways, then workers.
-    pub async fn start(
-        self: &Arc<Self>,
-        gateways: u32,
-        apis: u32,
-        workers: u32,
-    ) -> anyhow::Result<()> {
-        for (role, count) in [
-            (NodeRole::Api, apis),
-            (NodeRole::Gateway, gateways),
-            (NodeRole::Worker, workers),
-        ] {
-            let added = self.grow(role, count)?;
+    pub async fn start(self: &Arc<Self>, counts: &[(Kind, u32)]) -> anyhow::Result<()> {
+        let mut counts = counts.to_vec();
+        counts.sort();
+        for (kind, count) in counts {
+            let added = self.grow(kind, count)?;
             for member in &added {
                 if let Err(error) = self.wait_ready(member).await {
                     anyhow::bail!(
@@ -405,6 +556,11 @@ impl Supervisor {
                         tail(&self.log_path(&member.name), 15)
                     );
                 }
+            }
+            if kind == Kind::Postgres && count > 0 {
+                let tier = self.data_tier()?;
+                postgres::ensure_database(&self.topology().postgres, &tier.secrets, READY_TIMEOUT)
+                    .await?;
             }
         }
         Ok(())
@@ -446,39 +602,36 @@ impl Supervisor {
     }
 
     async fn health(&self, member: &Member) -> Health {
-        let Some(url) = self.url(member) else {
-            let running = member.phase() == Phase::Running;
-            return Health {
-                ready: running,
-                text: "-".into(),
-            };
-        };
-        match member.role {
-            NodeRole::Api => match self.http.get(format!("{url}/readyz")).send().await {
-                Ok(r) if r.status().is_success() => Health::ready("ready"),
-                Ok(r) => Health::not(format!("not ready ({})", r.status())),
-                Err(_) => Health::not("no answer"),
+        match member.kind {
+            Kind::Api => match self.url(member) {
+                Some(url) => faafo::api_health(&self.http, &url).await,
+                None => Health::not("no address"),
             },
-            NodeRole::Gateway => {
-                let answer = self.http.get(format!("{url}/__stats.json")).send().await;
-                let stats = match answer {
-                    Ok(r) if r.status().is_success() => r.json::<GatewayStats>().await.ok(),
-                    _ => None,
-                };
-                match stats {
-                    Some(stats) => {
-                        let up = stats.backends.iter().filter(|b| b.state == "up").count();
-                        let text = format!("{up}/{} backends up", stats.backends.len());
-                        Health {
-                            ready: up > 0,
-                            text,
-                        }
-                    }
-                    None => Health::not("no answer"),
-                }
-            }
-            NodeRole::Worker => Health::ready("-"),
+            Kind::Gateway => match self.url(member) {
+                Some(url) => faafo::gateway_health(&self.http, &url).await,
+                None => Health::not("no address"),
+            },
+            Kind::Worker => Health::ready("-"),
+            Kind::Etcd => match self.address(member, 0) {
+                Some(client) => etcd::health(&self.http, client).await,
+                None => Health::not("no address"),
+            },
+            Kind::Postgres => match self.postgres_node(member) {
+                Some(node) => postgres::health(&self.http, &node).await,
+                None => Health::not("no address"),
+            },
         }
+    }
+
+    /// The pid of a postgres member's postmaster (Patroni starts it in a session of its
+    /// own, so it outlives Patroni).
+    fn postmaster_pid(&self, member: &Member) -> Option<u32> {
+        (member.kind == Kind::Postgres).then(|| {
+            postgres::Layout {
+                dir: self.member_dir(member),
+            }
+            .postmaster_pid()
+        })?
     }
 
     /// Waits until every running gateway has `api_url` up (or, with `up` false, no longer
@@ -486,7 +639,7 @@ impl Supervisor {
     /// without a backend.
     async fn wait_gateways_see(&self, api_url: &str, up: bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        for gateway in self.of_role(NodeRole::Gateway) {
+        for gateway in self.of_kind(Kind::Gateway) {
             let Some(url) = self.url(&gateway) else {
                 continue;
             };
@@ -494,10 +647,7 @@ impl Supervisor {
                 if gateway.phase() != Phase::Running {
                     break;
                 }
-                let answer = self.http.get(format!("{url}/__stats.json")).send().await;
-                if let Ok(response) = answer
-                    && let Ok(stats) = response.json::<GatewayStats>().await
-                {
+                if let Some(stats) = faafo::gateway_stats(&self.http, &url).await {
                     let is_up = stats
                         .backends
                         .iter()
@@ -524,22 +674,23 @@ impl Supervisor {
         let members = self.members();
         let group = match target {
             "all" => Some(None),
-            "gateway" | "gateways" => Some(Some(NodeRole::Gateway)),
-            "api" | "apis" => Some(Some(NodeRole::Api)),
-            "worker" | "workers" => Some(Some(NodeRole::Worker)),
-            _ => None,
+            other => Kind::parse(other).map(Some),
         };
         let chosen: Vec<Arc<Member>> = match group {
-            Some(role) => members
+            Some(kind) => members
                 .into_iter()
-                .filter(|m| role.is_none_or(|r| m.role == r))
+                .filter(|m| kind.is_none_or(|k| m.kind == k))
                 .collect(),
             None => members.into_iter().filter(|m| m.name == target).collect(),
         };
         if chosen.is_empty() {
             let names: Vec<String> = self.members().iter().map(|m| m.name.clone()).collect();
+            let mut groups: BTreeSet<&str> =
+                self.members().iter().map(|m| m.kind.as_str()).collect();
+            groups.insert("all");
             return Err(format!(
-                "no member or group {target:?}; groups: all, gateway, api, worker; members: {}",
+                "no member or group {target:?}; groups: {}; members: {}",
+                groups.into_iter().collect::<Vec<_>>().join(", "),
                 names.join(", ")
             ));
         }
@@ -552,7 +703,7 @@ impl Supervisor {
             Request::Status => Ok(Reply::Status {
                 members: self.status().await,
             }),
-            Request::Kill { target } => self.kill(target.as_deref()),
+            Request::Kill { target } => self.kill(target.as_deref()).await,
             Request::Down => {
                 self.down.cancel();
                 Ok(Reply::Done {
@@ -590,7 +741,7 @@ impl Supervisor {
                 let phase = member.phase();
                 MemberStatus {
                     name: member.name.clone(),
-                    role: member.role,
+                    role: member.kind,
                     pid: record.pid,
                     state: phase.as_str().to_owned(),
                     uptime_s: record
@@ -598,7 +749,7 @@ impl Supervisor {
                         .filter(|_| phase == Phase::Running)
                         .map(|s| s.elapsed().as_secs_f64()),
                     restarts: record.restarts,
-                    url: self.url(member),
+                    url: self.display_address(member),
                     health: if phase == Phase::Running {
                         health.text
                     } else {
@@ -611,8 +762,11 @@ impl Supervisor {
     }
 
     /// SIGKILL: the named member, or (chaos) a random one, but only while every member is
-    /// running and has been for a second, so one failure is injected at a time.
-    fn kill(&self, target: Option<&str>) -> Result<Reply, String> {
+    /// running and has been for a second, and every member holding data is healthy, so
+    /// one failure is injected at a time and never a second copy of the data while one is
+    /// still recovering. A member's whole process group dies, and a postgres member's
+    /// PostgreSQL with its Patroni, as in the death of a host.
+    async fn kill(&self, target: Option<&str>) -> Result<Reply, String> {
         let member = match target {
             Some(target) => {
                 let mut chosen = self.resolve(target)?;
@@ -634,6 +788,17 @@ impl Supervisor {
                         message: format!("skipped: {} is still (re)starting", member.name),
                     });
                 }
+                for member in members.iter().filter(|m| m.kind.holds_data()) {
+                    let health = self.health(member).await;
+                    if !health.ready {
+                        return Ok(Reply::Done {
+                            message: format!(
+                                "skipped: {} is still recovering ({})",
+                                member.name, health.text
+                            ),
+                        });
+                    }
+                }
                 if members.is_empty() {
                     return Err("no members".into());
                 }
@@ -643,7 +808,17 @@ impl Supervisor {
         let Some(pid) = member.record().pid else {
             return Err(format!("{} is not running", member.name));
         };
-        signal(pid, libc::SIGKILL);
+        // PostgreSQL's processes each start a session of their own, so a process group
+        // does not hold them: the postmaster's children are found by their parent.
+        let mut doomed = self
+            .postmaster_pid(&member)
+            .map(process_tree)
+            .unwrap_or_default();
+        doomed.extend(process_tree(pid));
+        signal_group(pid, libc::SIGKILL);
+        for pid in doomed {
+            signal(pid, libc::SIGKILL);
+        }
         Ok(Reply::Killed {
             name: member.name.clone(),
             pid,
@@ -671,9 +846,9 @@ impl Supervisor {
         wanted: bool,
         replies: &Replies,
     ) -> Result<(), String> {
-        // Stop workers first and APIs last; start in the opposite order.
+        // Stop workers first and the data tier last; start in the opposite order.
         let mut ordered: Vec<&Arc<Member>> = members.iter().collect();
-        ordered.sort_by_key(|m| start_order(m.role));
+        ordered.sort_by_key(|m| m.kind);
         if !wanted {
             ordered.reverse();
         }
@@ -718,7 +893,7 @@ impl Supervisor {
                 .await?;
             self.apply(std::slice::from_ref(member), true, replies)
                 .await?;
-            if member.role == NodeRole::Api
+            if member.kind == Kind::Api
                 && let Some(url) = self.url(member)
             {
                 self.wait_gateways_see(&url, true)
@@ -745,9 +920,14 @@ impl Supervisor {
         replies: &Replies,
     ) -> Result<Reply, String> {
         for &(role, count) in counts {
-            let current = self.of_role(role);
+            let kind = match role {
+                NodeRole::Gateway => Kind::Gateway,
+                NodeRole::Api => Kind::Api,
+                NodeRole::Worker => Kind::Worker,
+            };
+            let current = self.of_kind(kind);
             if count as usize > current.len() {
-                let added = self.grow(role, count).map_err(|e| e.to_string())?;
+                let added = self.grow(kind, count).map_err(|e| e.to_string())?;
                 for member in &added {
                     self.wait_ready(member).await.map_err(|e| e.to_string())?;
                     progress(replies, format!("{} is up", member.name));
@@ -764,9 +944,9 @@ impl Supervisor {
                 }
             }
         }
-        let summary: Vec<String> = [NodeRole::Gateway, NodeRole::Api, NodeRole::Worker]
+        let summary: Vec<String> = [Kind::Gateway, Kind::Api, Kind::Worker]
             .iter()
-            .map(|role| format!("{} {role}(s)", self.of_role(*role).len()))
+            .map(|kind| format!("{} {kind}(s)", self.of_kind(*kind).len()))
             .collect();
         Ok(Reply::Done {
             message: format!("now {}", summary.join(", ")),
@@ -784,14 +964,6 @@ impl Supervisor {
     }
 }
 
-fn start_order(role: NodeRole) -> u8 {
-    match role {
-        NodeRole::Api => 0,
-        NodeRole::Gateway => 1,
-        NodeRole::Worker => 2,
-    }
-}
-
 fn names(members: &[Arc<Member>]) -> String {
     members
         .iter()
@@ -800,44 +972,48 @@ fn names(members: &[Arc<Member>]) -> String {
         .join(", ")
 }
 
-struct Health {
-    ready: bool,
-    text: String,
-}
-
-impl Health {
-    fn ready(text: &str) -> Health {
-        Health {
-            ready: true,
-            text: text.into(),
-        }
-    }
-
-    fn not(text: impl Into<String>) -> Health {
-        Health {
-            ready: false,
-            text: text.into(),
-        }
-    }
-}
-
-/// The part of a gateway's `/__stats.json` the supervisor reads.
-#[derive(Debug, serde::Deserialize)]
-struct GatewayStats {
-    backends: Vec<GatewayBackend>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct GatewayBackend {
-    url: String,
-    state: String,
-}
-
 fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a pid has no memory-safety effect; a pid that is gone fails with
     // ESRCH, which is harmless here.
     unsafe {
         libc::kill(pid as i32, signal);
+    }
+}
+
+/// `root` and every process descended from it, from `/proc`.
+fn process_tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name is in parentheses and may hold spaces: read after it.
+            let after_name = &stat[stat.rfind(')')? + 1..];
+            let ppid = after_name.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
+        at += 1;
+    }
+    tree
+}
+
+/// Signals the process group `leader` leads (each member is started as one).
+fn signal_group(leader: u32, signal: i32) {
+    // SAFETY: as in `signal`; a negative pid names a process group.
+    unsafe {
+        libc::kill(-(leader as i32), signal);
     }
 }
 
@@ -892,26 +1068,35 @@ pub async fn stop_leftovers(dir: &std::path::Path) -> usize {
         .lines()
         .filter_map(|line| line.trim().parse().ok())
         .filter(|pid: &u32| {
-            // Only processes of this same program: the pid may have been reused.
+            // Only our own processes: the pid may have been reused. faafo members run this
+            // program; etcd, Patroni and PostgreSQL name a path in the cluster directory.
             let running = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-            running.is_some() && running == exe
+            let command_line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let names_dir =
+                String::from_utf8_lossy(&command_line).contains(&*dir.to_string_lossy());
+            (running.is_some() && running == exe) || names_dir
         })
         .collect();
-    for &pid in &leftovers {
-        signal(pid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + STOP_GRACE;
-    while leftovers
+    let stops = leftovers
         .iter()
-        .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-    {
+        .map(|&pid| stop_pid(pid, libc::SIGTERM, STOP_GRACE));
+    futures::future::join_all(stops).await;
+    leftovers.len()
+}
+
+/// Sends `first` to `pid`, and SIGKILL if it is still there after `grace`.
+async fn stop_pid(pid: u32, first: i32, grace: Duration) {
+    let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+    if !alive() {
+        return;
+    }
+    signal(pid, first);
+    let deadline = Instant::now() + grace;
+    while alive() {
         if Instant::now() > deadline {
-            for &pid in &leftovers {
-                signal(pid, libc::SIGKILL);
-            }
-            break;
+            signal(pid, libc::SIGKILL);
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    leftovers.len()
 }

@@ -1,0 +1,414 @@
+//! Postgres members: each is a Patroni process managing its own PostgreSQL server, the
+//! leader elected through etcd, with synchronous replication so that a commit
+//! acknowledged by the leader is on a standby too, and that standby is the only one
+//! Patroni may promote.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Health, etcd};
+
+/// Patroni's timings. With ttl 10 s a dead leader's key expires within 10 s and a
+/// standby takes over; loop_wait 1 s renews it every second; a leader that cannot reach
+/// etcd for retry_timeout 4 s demotes itself. faafo's fence trusts a confirmation of the
+/// leader for ttl - loop_wait - retry_timeout = 5 s ([`faafo_store::patroni::FENCE_WINDOW`]).
+pub const TTL_S: u64 = 10;
+pub const LOOP_WAIT_S: u64 = 1;
+pub const RETRY_TIMEOUT_S: u64 = 4;
+const _: () =
+    assert!(faafo_store::patroni::FENCE_WINDOW.as_secs() <= TTL_S - LOOP_WAIT_S - RETRY_TIMEOUT_S);
+
+/// The database and the role the API instances use.
+pub const DATABASE: &str = "faafo";
+pub const APP_USER: &str = "faafo";
+/// The Patroni scope (cluster name) in etcd.
+pub const SCOPE: &str = "faafo";
+
+/// One postgres member's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// Where PostgreSQL listens.
+    pub postgres: SocketAddr,
+    /// Where Patroni's REST API listens.
+    pub rest: SocketAddr,
+}
+
+/// The passwords of a cluster, made once and kept (readable by the owner only) in the
+/// cluster directory, so a cluster started again on the same data uses the same ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Secrets {
+    pub superuser: String,
+    pub replication: String,
+    pub rewind: String,
+    pub app: String,
+}
+
+impl Secrets {
+    pub fn load_or_make(path: &Path) -> anyhow::Result<Secrets> {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("reading the cluster's passwords in {}", path.display()));
+        }
+        let password = || uuid::Uuid::new_v4().simple().to_string();
+        let secrets = Secrets {
+            superuser: password(),
+            replication: password(),
+            rewind: password(),
+            app: password(),
+        };
+        write_private(path, &serde_json::to_string_pretty(&secrets)?)?;
+        Ok(secrets)
+    }
+}
+
+/// Writes a file only its owner can read.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Where the newest PostgreSQL server binaries are: `FAAFO_PG_BIN`, or Debian's
+/// `/usr/lib/postgresql/VERSION/bin`.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("FAAFO_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// The member's directory layout: its Patroni configuration, PostgreSQL's data
+/// directory and socket directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("patroni.yml")
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The postmaster's pid, from the first line of `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+/// Patroni's configuration for member `me` (JSON, which is YAML too).
+pub fn patroni_config(
+    me: &Node,
+    etcd: &[etcd::Peer],
+    layout: &Layout,
+    bin_dir: &Path,
+    secrets: &Secrets,
+) -> Value {
+    let etcd_hosts: Vec<String> = etcd.iter().map(|p| p.client.to_string()).collect();
+    json!({
+        "scope": SCOPE,
+        "namespace": "/faafo/",
+        "name": me.name,
+        "log": { "level": "INFO", "format": "%(asctime)s %(levelname)s: %(message)s" },
+        "restapi": {
+            "listen": me.rest.to_string(),
+            "connect_address": me.rest.to_string(),
+        },
+        "etcd3": { "hosts": etcd_hosts },
+        "bootstrap": {
+            "dcs": {
+                "ttl": TTL_S,
+                "loop_wait": LOOP_WAIT_S,
+                "retry_timeout": RETRY_TIMEOUT_S,
+                "maximum_lag_on_failover": 1_048_576,
+                // A commit returns only once a standby has it, and only that standby may be
+                // promoted: a failover loses no acknowledged write.
+                "synchronous_mode": true,
+                "postgresql": {
+                    // An old leader rejoins as a replica by rewinding what it had that the
+                    // new one has not.
+                    "use_pg_rewind": true,
+                    "use_slots": true,
+                    "parameters": {
+                        "wal_log_hints": "on",
+                        "max_connections": 200,
+                        "max_wal_senders": 10,
+                        "max_replication_slots": 10,
+                        "wal_keep_size": "128MB",
+                    },
+                },
+            },
+            "initdb": [{ "encoding": "UTF8" }, "data-checksums"],
+        },
+        "postgresql": {
+            "listen": me.postgres.to_string(),
+            "connect_address": me.postgres.to_string(),
+            "data_dir": layout.data(),
+            "bin_dir": bin_dir,
+            "pgpass": layout.dir.join("pgpass"),
+            "authentication": {
+                "superuser": { "username": "postgres", "password": secrets.superuser },
+                "replication": { "username": "replicator", "password": secrets.replication },
+                "rewind": { "username": "rewinder", "password": secrets.rewind },
+            },
+            "parameters": {
+                "unix_socket_directories": layout.dir,
+            },
+            "pg_hba": [
+                "local all all trust",
+                "host replication replicator all scram-sha-256",
+                "host all all all scram-sha-256",
+            ],
+        },
+        "tags": { "nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false },
+    })
+}
+
+/// One member as Patroni's `GET /cluster` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterMember {
+    pub name: String,
+    /// `leader`, `sync_standby` or `replica`.
+    pub role: String,
+    /// `running`, `starting`, `stopped`, `crashed`, ...
+    pub state: String,
+    #[serde(default)]
+    pub lag: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClusterView {
+    members: Vec<ClusterMember>,
+}
+
+/// The cluster as the Patroni at `rest` sees it.
+pub async fn cluster(
+    http: &reqwest::Client,
+    rest: SocketAddr,
+) -> anyhow::Result<Vec<ClusterMember>> {
+    let view: ClusterView = http
+        .get(format!("http://{rest}/cluster"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(view.members)
+}
+
+/// The member's health: its role first (`leader`, `sync_standby`, `replica` with its
+/// replication lag), as its own Patroni sees the cluster; ready once PostgreSQL runs.
+pub async fn health(http: &reqwest::Client, node: &Node) -> Health {
+    let members = match cluster(http, node.rest).await {
+        Ok(members) => members,
+        Err(_) => return Health::not("down: Patroni does not answer"),
+    };
+    let Some(me) = members.into_iter().find(|m| m.name == node.name) else {
+        return Health::not("down: not registered in etcd yet");
+    };
+    describe(&me)
+}
+
+/// What [`health`] says of one member.
+pub fn describe(member: &ClusterMember) -> Health {
+    if member.state != "running" && member.state != "streaming" {
+        return Health::not(format!("down: {} ({})", member.state, member.role));
+    }
+    match (&*member.role, &member.lag) {
+        ("leader", _) => Health::ready("leader"),
+        (role, Some(Value::Number(bytes))) => Health::ready(format!("{role}, lag {bytes} B")),
+        (role, Some(Value::String(lag))) => Health::ready(format!("{role}, lag {lag}")),
+        (role, _) => Health::ready(role.to_owned()),
+    }
+}
+
+/// Creates the role and the database faafo uses, if they are missing, on the leader.
+pub async fn ensure_database(
+    nodes: &[Node],
+    secrets: &Secrets,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let fence = faafo_store::patroni::PatroniFence::start(
+        nodes.iter().map(|n| format!("http://{}", n.rest)).collect(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let (host, port) = match fence.confirmed(wait).await {
+        faafo_store::patroni::Leader::Confirmed { host, port, .. } => (host, port),
+        faafo_store::patroni::Leader::Unknown(reason) => {
+            anyhow::bail!("PostgreSQL did not elect a leader within {wait:?}: {reason}")
+        }
+    };
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&host)
+        .port(port)
+        .user("postgres")
+        .password(&secrets.superuser)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to the leader at {host}:{port}"))?;
+    let driver = tokio::spawn(connection);
+    let exists = |sql: &'static str| {
+        let client = &client;
+        async move { anyhow::Ok(!client.query(sql, &[]).await?.is_empty()) }
+    };
+    if !exists("SELECT 1 FROM pg_roles WHERE rolname = 'faafo'").await? {
+        // The password is ours (a uuid): nothing in it needs quoting beyond the quotes.
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE {APP_USER} LOGIN PASSWORD '{}'",
+                secrets.app
+            ))
+            .await
+            .context("creating the faafo role")?;
+    }
+    if !exists("SELECT 1 FROM pg_database WHERE datname = 'faafo'").await? {
+        client
+            .batch_execute(&format!("CREATE DATABASE {DATABASE} OWNER {APP_USER}"))
+            .await
+            .context("creating the faafo database")?;
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
+
+/// The URL the API instances use: every member's PostgreSQL (the fence picks the leader).
+pub fn database_url(nodes: &[Node], secrets: &Secrets) -> String {
+    let hosts: Vec<String> = nodes.iter().map(|n| n.postgres.to_string()).collect();
+    format!(
+        "postgres://{APP_USER}:{}@{}/{DATABASE}?target_session_attrs=read-write",
+        secrets.app,
+        hosts.join(",")
+    )
+}
+
+/// Asks Patroni for a planned switchover from `leader` to `candidate`.
+pub async fn switchover(
+    http: &reqwest::Client,
+    via: SocketAddr,
+    leader: &str,
+    candidate: &str,
+) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("http://{via}/switchover"))
+        .timeout(Duration::from_secs(30))
+        .json(&json!({ "leader": leader, "candidate": candidate }))
+        .send()
+        .await
+        .context("asking Patroni for a switchover")?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "Patroni refused the switchover from {leader} to {candidate}: {status} {body}"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes() -> Vec<Node> {
+        (1..=3)
+            .map(|i| Node {
+                name: format!("postgres-{i}"),
+                postgres: format!("127.0.0.1:{}", 9410 + i).parse().unwrap(),
+                rest: format!("127.0.0.1:{}", 9510 + i).parse().unwrap(),
+            })
+            .collect()
+    }
+
+    fn secrets() -> Secrets {
+        Secrets {
+            superuser: "S".into(),
+            replication: "R".into(),
+            rewind: "W".into(),
+            app: "A".into(),
+        }
+    }
+
+    #[test]
+    fn patroni_configuration() {
+        let etcd: Vec<etcd::Peer> = (1..=3)
+            .map(|i| etcd::Peer {
+                name: format!("etcd-{i}"),
+                client: format!("127.0.0.1:{}", 9310 + i).parse().unwrap(),
+                peer: format!("127.0.0.1:{}", 9320 + i).parse().unwrap(),
+            })
+            .collect();
+        let layout = Layout {
+            dir: "/data/cluster/postgres-2".into(),
+        };
+        let config = patroni_config(
+            &nodes()[1],
+            &etcd,
+            &layout,
+            Path::new("/usr/lib/postgresql/15/bin"),
+            &secrets(),
+        );
+        insta::assert_snapshot!(serde_json::to_string_pretty(&config).unwrap());
+    }
+
+    #[test]
+    fn the_api_url_lists_every_member() {
+        assert_eq!(
+            database_url(&nodes(), &secrets()),
+            "postgres://faafo:A@127.0.0.1:9411,127.0.0.1:9412,127.0.0.1:9413/faafo?target_session_attrs=read-write"
+        );
+    }
+
+    #[test]
+    fn health_names_the_role_first() {
+        let member = |role: &str, state: &str, lag: Option<Value>| ClusterMember {
+            name: "postgres-1".into(),
+            role: role.into(),
+            state: state.into(),
+            lag,
+        };
+        let leader = describe(&member("leader", "running", None));
+        assert!(leader.ready && leader.text == "leader");
+        let sync = describe(&member("sync_standby", "streaming", Some(json!(0))));
+        assert!(
+            sync.ready && sync.text == "sync_standby, lag 0 B",
+            "{}",
+            sync.text
+        );
+        let replica = describe(&member("replica", "running", Some(json!("unknown"))));
+        assert_eq!(replica.text, "replica, lag unknown");
+        let starting = describe(&member("replica", "starting", None));
+        assert!(!starting.ready && starting.text.starts_with("down: starting"));
+    }
+}
