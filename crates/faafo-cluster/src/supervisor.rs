@@ -134,6 +134,8 @@ pub struct Supervisor {
     /// In start order ([`Kind`]'s order), each kind by index.
     members: Mutex<Vec<Arc<Member>>>,
     http: reqwest::Client,
+    /// For calls that take a while (a switchover).
+    http_long: reqwest::Client,
     /// One topology change at a time, so that two rolling restarts cannot overlap.
     changing: tokio::sync::Mutex<()>,
     /// Cancelled by `down` (or a signal): the supervisor stops everything and exits.
@@ -150,6 +152,9 @@ impl Supervisor {
             settings,
             members: Mutex::new(Vec::new()),
             http,
+            http_long: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
             changing: tokio::sync::Mutex::new(()),
             down: CancellationToken::new(),
         }))
@@ -879,6 +884,7 @@ impl Supervisor {
         replies: &Replies,
     ) -> Result<Reply, String> {
         let members = self.resolve(target)?;
+        let all_names = names(&members);
         if !rolling {
             self.apply(&members, false, replies).await?;
             self.apply(&members, true, replies).await?;
@@ -886,6 +892,13 @@ impl Supervisor {
                 message: format!("restarted {}", names(&members)),
             });
         }
+        // A leader goes last, and not by being stopped: it hands over first.
+        let (mut members, databases): (Vec<_>, Vec<_>) =
+            members.into_iter().partition(|m| m.kind != Kind::Postgres);
+        if !databases.is_empty() {
+            self.rolling_postgres(&databases, replies).await?;
+        }
+        members.retain(|m| m.kind != Kind::Postgres);
         for member in &members {
             let started = Instant::now();
             progress(replies, format!("{}: draining and stopping", member.name));
@@ -910,8 +923,143 @@ impl Supervisor {
             );
         }
         Ok(Reply::Done {
-            message: format!("rolling restart of {} done", names(&members)),
+            message: format!("rolling restart of {all_names} done"),
         })
+    }
+
+    /// A rolling restart of postgres members: the replicas one at a time, then a planned
+    /// switchover from the leader to a synchronous standby (which has every acknowledged
+    /// commit), then the old leader. Each step waits until the cluster is whole again: every
+    /// member running and a synchronous standby in place.
+    async fn rolling_postgres(
+        &self,
+        chosen: &[Arc<Member>],
+        replies: &Replies,
+    ) -> Result<(), String> {
+        self.postgres_settled().await?;
+        let leader = self.postgres_leader().await?;
+        let (old_leader, replicas): (Vec<_>, Vec<_>) =
+            chosen.iter().cloned().partition(|m| m.name == leader);
+        for member in &replicas {
+            self.restart_postgres_member(member, replies).await?;
+        }
+        if let Some(old_leader) = old_leader.first() {
+            let view = self.postgres_view().await?;
+            let candidate = view
+                .iter()
+                .find(|m| m.role == "sync_standby" && m.is_running())
+                .ok_or("no synchronous standby to hand the leadership to")?
+                .name
+                .clone();
+            let node = self
+                .postgres_node(old_leader)
+                .ok_or("the leader has no address")?;
+            let started = Instant::now();
+            progress(replies, format!("{leader}: switching over to {candidate}"));
+            postgres::switchover(&self.http_long, node.rest, &leader, &candidate)
+                .await
+                .map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                if self.postgres_leader().await.ok().as_deref() == Some(candidate.as_str()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{candidate} did not take over within {READY_TIMEOUT:?}"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            progress(
+                replies,
+                format!(
+                    "{candidate} leads after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ),
+            );
+            self.postgres_settled().await?;
+            self.restart_postgres_member(old_leader, replies).await?;
+        }
+        Ok(())
+    }
+
+    async fn restart_postgres_member(
+        &self,
+        member: &Arc<Member>,
+        replies: &Replies,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        progress(replies, format!("{}: stopping", member.name));
+        self.apply(std::slice::from_ref(member), false, replies)
+            .await?;
+        self.apply(std::slice::from_ref(member), true, replies)
+            .await?;
+        self.postgres_settled().await?;
+        progress(
+            replies,
+            format!(
+                "{}: back after {:.1} s",
+                member.name,
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        Ok(())
+    }
+
+    /// The cluster as the first Patroni that answers sees it.
+    async fn postgres_view(&self) -> Result<Vec<postgres::ClusterMember>, String> {
+        let mut why = String::from("no postgres members");
+        for member in self.of_kind(Kind::Postgres) {
+            let Some(node) = self.postgres_node(&member) else {
+                continue;
+            };
+            match postgres::cluster(&self.http, node.rest).await {
+                Ok(view) => return Ok(view),
+                Err(error) => why = format!("{}: {error}", member.name),
+            }
+        }
+        Err(format!("no Patroni answers ({why})"))
+    }
+
+    async fn postgres_leader(&self) -> Result<String, String> {
+        self.postgres_view()
+            .await?
+            .into_iter()
+            .find(|m| m.role == "leader" && m.is_running())
+            .map(|m| m.name)
+            .ok_or_else(|| "PostgreSQL has no running leader".to_owned())
+    }
+
+    /// Waits until every postgres member runs, one leads and one is a synchronous
+    /// standby.
+    async fn postgres_settled(&self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let wanted = self.of_kind(Kind::Postgres).len();
+        loop {
+            let mut why = String::new();
+            match self.postgres_view().await {
+                Ok(view) => {
+                    let running = view.iter().filter(|m| m.is_running()).count();
+                    let has = |role: &str| view.iter().any(|m| m.role == role);
+                    if running == wanted && has("leader") && (wanted < 2 || has("sync_standby")) {
+                        return Ok(());
+                    }
+                    why = format!(
+                        "{running} of {wanted} running, leader: {}, sync standby: {}",
+                        has("leader"),
+                        has("sync_standby")
+                    );
+                }
+                Err(error) => why.push_str(&error),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "PostgreSQL did not settle within {READY_TIMEOUT:?} ({why})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn scale(

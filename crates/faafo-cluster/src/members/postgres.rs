@@ -204,6 +204,14 @@ pub struct ClusterMember {
     pub lag: Option<Value>,
 }
 
+impl ClusterMember {
+    /// Whether its PostgreSQL runs (Patroni says `streaming` for a replica that
+    /// replicates, in the versions that distinguish it).
+    pub fn is_running(&self) -> bool {
+        self.state == "running" || self.state == "streaming"
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct ClusterView {
     members: Vec<ClusterMember>,
@@ -239,7 +247,7 @@ pub async fn health(http: &reqwest::Client, node: &Node) -> Health {
 
 /// What [`health`] says of one member.
 pub fn describe(member: &ClusterMember) -> Health {
-    if member.state != "running" && member.state != "streaming" {
+    if !member.is_running() {
         return Health::not(format!("down: {} ({})", member.state, member.role));
     }
     match (&*member.role, &member.lag) {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod load;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -64,7 +66,8 @@ impl Process {
             for _ in lines {}
         });
         let line = receiver
-            .recv_timeout(Duration::from_secs(30))
+            // A cluster with its data tier bootstraps PostgreSQL first.
+            .recv_timeout(Duration::from_secs(120))
             .unwrap_or_else(|_| {
                 panic!(
                     "{name} did not announce its address; log:\n{}",

@@ -1,0 +1,180 @@
+//! Continuous client load for fault tests: creates with client-chosen uuids, reads of
+//! each created fractal and of the list, over and over, through a client that retries
+//! and fails over. Every operation's outcome and every acknowledged create is recorded,
+//! so a test can assert that nothing failed and nothing acknowledged was lost.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faafo_client::{Client, RetryPolicy};
+use faafo_core::FractalState;
+use faafo_core::wire::CreateFractal;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{verify_image, wait_for_state};
+
+/// What the load generators did.
+#[derive(Default)]
+pub struct Load {
+    operations: AtomicU64,
+    failures: Mutex<Vec<String>>,
+    /// Every acknowledged create, with when the acknowledgement arrived.
+    created: Mutex<Vec<(Instant, Uuid)>>,
+}
+
+impl Load {
+    fn record<T>(&self, what: &str, result: Result<T, faafo_client::ClientError>) -> Option<T> {
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("{what}: {error}"));
+                None
+            }
+        }
+    }
+
+    pub fn created(&self) -> Vec<Uuid> {
+        self.created
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, u)| *u)
+            .collect()
+    }
+
+    /// The longest time without an acknowledged create from `since` until the next
+    /// acknowledgement after `since + window` (or now): how long writes were unavailable.
+    pub fn write_gap(&self, since: Instant) -> Duration {
+        let acks: Vec<Instant> = self
+            .created
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| *at)
+            .filter(|at| *at >= since)
+            .collect();
+        let mut longest = Duration::ZERO;
+        let mut previous = since;
+        for at in acks.iter().copied().chain(std::iter::once(Instant::now())) {
+            longest = longest.max(at.saturating_duration_since(previous));
+            previous = at;
+        }
+        longest
+    }
+}
+
+/// Two load generators, each creating a fractal, reading it back and reading the first
+/// page of the list, over and over, through a client of every given endpoint.
+pub struct LoadRun {
+    pub client: Arc<Client>,
+    pub load: Arc<Load>,
+    stop: CancellationToken,
+    generators: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LoadRun {
+    pub fn start(endpoints: &str) -> LoadRun {
+        // Long enough never to give up within the test's time, and to cover a failover.
+        let policy = RetryPolicy {
+            total: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
+        let client = Arc::new(Client::new(endpoints, policy).unwrap().with_discovery());
+        let load = Arc::new(Load::default());
+        let stop = CancellationToken::new();
+        let generators = (0..2)
+            .map(|_| {
+                let (client, load, stop) = (Arc::clone(&client), Arc::clone(&load), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let request = tiny_fractal();
+                        let uuid = request.uuid.unwrap();
+                        if let Some(view) = load.record("create", client.create(&request).await) {
+                            assert_eq!(view.uuid, uuid);
+                            load.created.lock().unwrap().push((Instant::now(), uuid));
+                            load.record("get", client.get(uuid).await);
+                        }
+                        load.record("list", client.list_page(1, 5).await);
+                    }
+                })
+            })
+            .collect();
+        LoadRun {
+            client,
+            load,
+            stop,
+            generators,
+        }
+    }
+
+    /// Waits until the load has made `creates` more creates than it had.
+    pub async fn wait_for_creates(&self, creates: usize) {
+        let target = self.load.created().len() + creates;
+        super::wait_for("the load to go on", Duration::from_secs(60), || async {
+            (self.load.created().len() >= target).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the generators; prints and returns what they did, failing on any failure.
+    pub async fn finish(self, what: &str) -> (Arc<Client>, Vec<Uuid>) {
+        self.stop.cancel();
+        for generator in self.generators {
+            generator.await.unwrap();
+        }
+        let created = self.load.created();
+        let failures = self.load.failures.lock().unwrap().clone();
+        println!(
+            "{what}: {} operations ({} creates), {} client retries, {} failures",
+            self.load.operations.load(Ordering::Relaxed),
+            created.len(),
+            self.client.retries(),
+            failures.len()
+        );
+        assert!(failures.is_empty(), "failed operations: {failures:#?}");
+        (self.client, created)
+    }
+}
+
+pub fn tiny_fractal() -> CreateFractal {
+    CreateFractal {
+        width: 64,
+        height: 48,
+        iterations: 64,
+        ..super::small_fractal()
+    }
+}
+
+/// Every fractal created is done with a verified image, and the list holds each exactly
+/// once and nothing else. Returns how many were rendered more than once.
+pub async fn assert_all_rendered_once(client: &Client, created: &[Uuid]) -> usize {
+    let mut rerendered = 0;
+    for &uuid in created {
+        let view = wait_for_state(client, uuid, FractalState::Done, Duration::from_secs(120)).await;
+        verify_image(client, &view).await;
+        if view.attempts > 1 {
+            rerendered += 1;
+        }
+    }
+    let mut listed = Vec::new();
+    let mut page = 1;
+    loop {
+        let answer = client.list_page(page, 100).await.unwrap();
+        listed.extend(answer.objects.iter().map(|f| f.uuid));
+        if page >= answer.total_pages {
+            break;
+        }
+        page += 1;
+    }
+    let unique: HashSet<Uuid> = listed.iter().copied().collect();
+    assert_eq!(unique.len(), listed.len(), "a fractal is listed twice");
+    assert_eq!(unique, created.iter().copied().collect::<HashSet<_>>());
+    rerendered
+}
