@@ -98,7 +98,12 @@ fn liveness(node: &NodeRecord) -> Liveness {
 
 /// `GET /v1/nodes`: every node the store remembers, and the queue.
 pub async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let (nodes, stats) = tokio::try_join!(state.store.nodes(), state.store.stats())?;
+    let (nodes, stats, database) = tokio::join!(
+        state.store.nodes(),
+        state.store.stats(),
+        state.store.database_members()
+    );
+    let (nodes, stats) = (nodes?, stats?);
     let mut nodes: Vec<NodeView> = nodes
         .iter()
         .map(|node| NodeView {
@@ -119,7 +124,12 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
         failed: stats.count(FractalState::Failed),
         oldest_queued_age_s: stats.oldest_queued_age.map(|age| age.as_secs_f64()),
     };
-    Ok(Json(ClusterStatus { nodes, queue }).into_response())
+    Ok(Json(ClusterStatus {
+        nodes,
+        queue,
+        database,
+    })
+    .into_response())
 }
 
 /// `GET /v1/endpoints`: the addresses of live gateways and API instances.

@@ -143,11 +143,28 @@ pub struct QueueView {
     pub oldest_queued_age_s: Option<f64>,
 }
 
+/// One member of a replicated database, as its manager (Patroni) reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseMemberView {
+    pub name: String,
+    /// `leader`, `sync_standby` or `replica`.
+    pub role: String,
+    /// `running`, `streaming`, `starting`, `stopped`, ...
+    pub state: String,
+    /// Where its PostgreSQL listens.
+    pub address: Option<String>,
+    /// Bytes of WAL it is behind the leader (standbys), when known.
+    pub lag_bytes: Option<u64>,
+}
+
 /// `GET /v1/nodes`: every node and the queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub nodes: Vec<NodeView>,
     pub queue: QueueView,
+    /// The database's members, when the store knows them (PostgreSQL under Patroni).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub database: Vec<DatabaseMemberView>,
 }
 
 /// `GET /v1/endpoints`: where clients can send requests, live nodes only.

@@ -173,6 +173,12 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// The members of a replicated database and their roles, for stores that know them;
+    /// empty otherwise, or when nobody answers.
+    async fn database_members(&self) -> Vec<faafo_core::node::DatabaseMemberView> {
+        Vec::new()
+    }
+
     /// Woken when another process may have created work, for stores that can tell.
     /// A hint only: waiters must still poll.
     fn work_hints(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use faafo_core::node::DatabaseMemberView;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -64,6 +65,8 @@ impl Leader {
 pub struct PatroniFence {
     leader: watch::Receiver<Leader>,
     stop: CancellationToken,
+    http: reqwest::Client,
+    endpoints: Vec<String>,
 }
 
 impl Drop for PatroniFence {
@@ -100,8 +103,18 @@ impl PatroniFence {
             "the Patroni leader has not been confirmed yet".into(),
         ));
         let stop = CancellationToken::new();
-        tokio::spawn(follow(http, normalized, sender, stop.clone()));
-        Ok(PatroniFence { leader, stop })
+        tokio::spawn(follow(
+            http.clone(),
+            normalized.clone(),
+            sender,
+            stop.clone(),
+        ));
+        Ok(PatroniFence {
+            leader,
+            stop,
+            http,
+            endpoints: normalized,
+        })
     }
 
     pub fn current(&self) -> Leader {
@@ -110,6 +123,30 @@ impl PatroniFence {
 
     pub fn subscribe(&self) -> watch::Receiver<Leader> {
         self.leader.clone()
+    }
+
+    /// The members as the first Patroni that answers lists them (`GET /cluster`).
+    pub async fn members(&self) -> Vec<DatabaseMemberView> {
+        for endpoint in &self.endpoints {
+            let Ok(view) = cluster_view(&self.http, endpoint).await else {
+                continue;
+            };
+            return view
+                .members
+                .into_iter()
+                .map(|m| DatabaseMemberView {
+                    address: m.host.map(|host| match m.port {
+                        Some(port) => format!("{host}:{port}"),
+                        None => host,
+                    }),
+                    lag_bytes: m.lag.as_ref().and_then(serde_json::Value::as_u64),
+                    name: m.name,
+                    role: m.role,
+                    state: m.state,
+                })
+                .collect();
+        }
+        Vec::new()
     }
 
     /// Waits until a leader is confirmed, or `limit` passes.
@@ -136,9 +173,26 @@ struct ClusterView {
 #[derive(Debug, Deserialize)]
 struct ClusterMember {
     name: String,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    state: String,
     api_url: Option<String>,
     host: Option<String>,
     port: Option<u16>,
+    /// Bytes behind the leader, or "unknown".
+    lag: Option<serde_json::Value>,
+}
+
+async fn cluster_view(http: &reqwest::Client, endpoint: &str) -> Result<ClusterView, String> {
+    http.get(format!("{endpoint}/cluster"))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("{endpoint}/cluster: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("{endpoint}/cluster: {e}"))
 }
 
 /// The PostgreSQL address behind one REST endpoint, learned from `GET /cluster`.
@@ -254,15 +308,7 @@ async fn ask_every_endpoint(
 
 /// The PostgreSQL server that the member behind `endpoint` runs, from `GET /cluster`.
 async fn server_behind(http: &reqwest::Client, endpoint: &str) -> Result<Server, String> {
-    let view: ClusterView = http
-        .get(format!("{endpoint}/cluster"))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("{endpoint}/cluster: {e}"))?
-        .json()
-        .await
-        .map_err(|e| format!("{endpoint}/cluster: {e}"))?;
+    let view = cluster_view(http, endpoint).await?;
     let authority = |url: &str| {
         reqwest::Url::parse(url)
             .ok()

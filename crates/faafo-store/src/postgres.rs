@@ -990,6 +990,13 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn database_members(&self) -> Vec<faafo_core::node::DatabaseMemberView> {
+        match &*self.target {
+            Target::Patroni { fence, .. } => fence.members().await,
+            Target::Url { .. } => Vec::new(),
+        }
+    }
+
     fn work_hints(&self) -> Option<Arc<Notify>> {
         (self.wakeups == Wakeups::ListenNotify).then(|| Arc::clone(&self.hints))
     }

@@ -131,6 +131,25 @@ pub fn cluster_status(status: &ClusterStatus) -> String {
         &["State", "Role", "Node", "Load", "Version", "Last seen"],
         &rows,
     );
+    if !status.database.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .database
+            .iter()
+            .map(|member| {
+                vec![
+                    member.state.to_uppercase(),
+                    member.role.clone(),
+                    member.name.clone(),
+                    member.address.clone().unwrap_or_else(|| "-".into()),
+                    member
+                        .lag_bytes
+                        .map_or_else(|| "-".into(), |lag| format!("{lag} B")),
+                ]
+            })
+            .collect();
+        out += "Database (Patroni):\n";
+        out += &table(&["State", "Role", "Member", "Address", "Lag"], &rows);
+    }
     out
 }
 
@@ -325,6 +344,22 @@ mod tests {
                 failed: 0,
                 oldest_queued_age_s: Some(1.25),
             },
+            database: vec![
+                faafo_core::node::DatabaseMemberView {
+                    name: "postgres-1".into(),
+                    role: "leader".into(),
+                    state: "running".into(),
+                    address: Some("127.0.0.1:9330".into()),
+                    lag_bytes: None,
+                },
+                faafo_core::node::DatabaseMemberView {
+                    name: "postgres-2".into(),
+                    role: "sync_standby".into(),
+                    state: "streaming".into(),
+                    address: Some("127.0.0.1:9331".into()),
+                    lag_bytes: Some(0),
+                },
+            ],
         };
         insta::assert_snapshot!(cluster_status(&status));
     }

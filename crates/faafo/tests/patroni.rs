@@ -102,6 +102,32 @@ fn kill(pid: i32, signal: i32) {
     assert_eq!(result, 0, "kill({pid}, {signal})");
 }
 
+/// `root` and its descendants, from `/proc`.
+fn process_tree(root: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after_name = &stat[stat.rfind(')')? + 1..];
+            Some((pid, after_name.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
+        at += 1;
+    }
+    tree
+}
+
 fn postmaster_pid(data: &Path, member: &str) -> i32 {
     let file = data
         .join("cluster")
@@ -156,6 +182,31 @@ async fn the_database_survives_the_loss_of_its_primary_in_every_way() {
         run_faafo(&["cluster", "kill", &leader.name, "--data-dir", bed.data()]).await;
         bed.settled().await;
         println!("{} killed; {} leads", leader.name, bed.leader().await.name);
+    })
+    .await;
+
+    // The leader's host stops dead (every process of the member frozen, as when a host
+    // hangs or its network is gone): a standby is promoted; then the host is killed and
+    // its member, started again, rejoins as a replica (rewound by pg_rewind).
+    bed.scenario("leader's host frozen, then killed", async |bed| {
+        let leader = bed.leader().await;
+        let mut host = process_tree(leader.pid.unwrap());
+        host.extend(process_tree(postmaster_pid(&bed.data, &leader.name)));
+        for &pid in &host {
+            kill(pid, libc::SIGSTOP);
+        }
+        let next = wait_for("a new leader", Duration::from_secs(60), || async {
+            bed.members()
+                .await
+                .into_iter()
+                .find(|m| m.role == "postgres" && m.health == "leader" && m.name != leader.name)
+        })
+        .await;
+        run_faafo(&["cluster", "kill", &leader.name, "--data-dir", bed.data()]).await;
+        println!(
+            "{} frozen then killed; {} took over",
+            leader.name, next.name
+        );
     })
     .await;
 
@@ -254,5 +305,19 @@ async fn the_database_survives_the_loss_of_its_primary_in_every_way() {
     // Nothing acknowledged was lost, seen through a fresh client.
     let client = Client::new(&bed.gateways, Default::default()).unwrap();
     assert_all_rendered_once(&client, &bed.created).await;
+
+    // `faafo status` shows the database members beside the other nodes.
+    let gateway = bed.gateways.split(',').next().unwrap().to_owned();
+    let status = wait_for(
+        "the database in faafo status",
+        Duration::from_secs(30),
+        || async {
+            let status = run_faafo(&["--endpoint-url", &gateway, "status"]).await;
+            (status.matches("postgres-").count() == 3 && status.contains("| leader "))
+                .then_some(status)
+        },
+    )
+    .await;
+    println!("{status}");
     drop(cluster);
 }
