@@ -38,6 +38,9 @@ pub enum Request {
     /// SIGKILL one member: the named one, or a random one when the topology is whole.
     Kill {
         target: Option<String>,
+        /// Leave it stopped, as a host that died stays down until someone repairs it.
+        #[serde(default)]
+        stay_down: bool,
     },
     Down,
 }

@@ -58,7 +58,13 @@ pub enum ClusterCommand {
     },
     /// Kill one member with SIGKILL (the supervisor restarts it). A postgres member dies
     /// whole: Patroni and its PostgreSQL, as when its host dies.
-    Kill(Targeted),
+    Kill {
+        #[command(flatten)]
+        targeted: Targeted,
+        /// Leave it down, as a dead host stays down, until `cluster start NAME`.
+        #[arg(long)]
+        stay_down: bool,
+    },
     /// Kill a random member with SIGKILL at every interval, one failure at a time, and
     /// print what was killed.
     Chaos {
@@ -175,10 +181,14 @@ impl ClusterCommand {
                 },
             ),
             ClusterCommand::Scale { counts, location } => (location, Request::Scale { counts }),
-            ClusterCommand::Kill(t) => (
-                t.location,
+            ClusterCommand::Kill {
+                targeted,
+                stay_down,
+            } => (
+                targeted.location,
                 Request::Kill {
-                    target: Some(t.target),
+                    target: Some(targeted.target),
+                    stay_down,
                 },
             ),
             ClusterCommand::Down(location) => (location, Request::Down),
@@ -399,7 +409,16 @@ async fn chaos(location: &Location, duration: Duration, interval: Duration) -> a
     while started.elapsed() + interval <= duration {
         ticks.tick().await;
         let at = started.elapsed().as_secs_f64();
-        match control::call(&socket, &Request::Kill { target: None }, |_| {}).await? {
+        match control::call(
+            &socket,
+            &Request::Kill {
+                target: None,
+                stay_down: false,
+            },
+            |_| {},
+        )
+        .await?
+        {
             Reply::Killed { name, pid } => {
                 kills += 1;
                 println!("{at:6.1} s  killed {name} (pid {pid})");

@@ -708,7 +708,7 @@ impl Supervisor {
             Request::Status => Ok(Reply::Status {
                 members: self.status().await,
             }),
-            Request::Kill { target } => self.kill(target.as_deref()).await,
+            Request::Kill { target, stay_down } => self.kill(target.as_deref(), stay_down).await,
             Request::Down => {
                 self.down.cancel();
                 Ok(Reply::Done {
@@ -771,7 +771,7 @@ impl Supervisor {
     /// one failure is injected at a time and never a second copy of the data while one is
     /// still recovering. A member's whole process group dies, and a postgres member's
     /// PostgreSQL with its Patroni, as in the death of a host.
-    async fn kill(&self, target: Option<&str>) -> Result<Reply, String> {
+    async fn kill(&self, target: Option<&str>, stay_down: bool) -> Result<Reply, String> {
         let member = match target {
             Some(target) => {
                 let mut chosen = self.resolve(target)?;
@@ -813,6 +813,10 @@ impl Supervisor {
         let Some(pid) = member.record().pid else {
             return Err(format!("{} is not running", member.name));
         };
+        if stay_down {
+            // Not wanted any more: its task sees it die and does not start it again.
+            member.wanted.send_replace(false);
+        }
         // PostgreSQL's processes each start a session of their own, so a process group
         // does not hold them: the postmaster's children are found by their parent.
         let mut doomed = self

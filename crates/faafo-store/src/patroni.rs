@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How often every Patroni endpoint is asked who leads.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How long one confirmation of the leader is trusted. With the timings `faafo cluster`
 /// gives Patroni (ttl 10 s, loop_wait 1 s, retry_timeout 4 s), the old leader's key
 /// cannot pass to another member sooner than ttl - loop_wait - retry_timeout = 5 s after
@@ -215,9 +215,10 @@ async fn follow(
     loop {
         let sent = Instant::now();
         // A round never outlives the current confirmation: expiry is acted on in time.
-        let round_deadline = confirmed_until.map_or(sent + REQUEST_TIMEOUT, |until| {
-            until.min(sent + REQUEST_TIMEOUT)
-        });
+        // Otherwise it ends a little after the requests' own time limit, so that their
+        // reasons (refused, timed out) are what is reported.
+        let round_end = sent + REQUEST_TIMEOUT + Duration::from_millis(250);
+        let round_deadline = confirmed_until.map_or(round_end, |until| until.min(round_end));
         let round = tokio::time::timeout_at(
             round_deadline,
             ask_every_endpoint(&http, &endpoints, &mut servers),
@@ -267,43 +268,41 @@ async fn follow(
     }
 }
 
-/// Asks every endpoint `GET /primary` at once; the one answering 200 leads.
+/// Asks every endpoint `GET /primary` at once; the first to answer 200 leads (Patroni
+/// answers so only while it holds the leader key). An endpoint that hangs (a frozen
+/// host) holds up nobody: the others' answers are taken as they come.
 async fn ask_every_endpoint(
     http: &reqwest::Client,
     endpoints: &[String],
     servers: &mut HashMap<String, Server>,
 ) -> Result<Server, String> {
-    let answers = futures::future::join_all(endpoints.iter().map(|endpoint| async move {
-        let answer = http.get(format!("{endpoint}/primary")).send().await;
-        (endpoint, answer.map(|r| r.status()))
-    }))
-    .await;
-    let mut leaders = Vec::new();
+    use futures::StreamExt;
+    let mut answers: futures::stream::FuturesUnordered<_> = endpoints
+        .iter()
+        .map(|endpoint| async move {
+            let answer = http.get(format!("{endpoint}/primary")).send().await;
+            (endpoint, answer.map(|r| r.status()))
+        })
+        .collect();
     let mut why = Vec::new();
-    for (endpoint, answer) in answers {
+    while let Some((endpoint, answer)) = answers.next().await {
         match answer {
-            Ok(status) if status == reqwest::StatusCode::OK => leaders.push(endpoint.clone()),
+            Ok(status) if status == reqwest::StatusCode::OK => {
+                if let Some(server) = servers.get(endpoint) {
+                    return Ok(server.clone());
+                }
+                let server = server_behind(http, endpoint).await?;
+                servers.insert(endpoint.clone(), server.clone());
+                return Ok(server);
+            }
             Ok(status) => why.push(format!("{endpoint} is not the leader ({status})")),
             Err(error) if error.is_timeout() => why.push(format!("{endpoint} timed out")),
             Err(error) if error.is_connect() => why.push(format!("{endpoint} refused")),
             Err(error) => why.push(format!("{endpoint}: {error}")),
         }
     }
-    match leaders.as_slice() {
-        [] => Err(why.join("; ")),
-        [endpoint] => match servers.get(endpoint) {
-            Some(server) => Ok(server.clone()),
-            None => {
-                let server = server_behind(http, endpoint).await?;
-                servers.insert(endpoint.clone(), server.clone());
-                Ok(server)
-            }
-        },
-        several => Err(format!(
-            "several members claim to lead: {}",
-            several.join(", ")
-        )),
-    }
+    why.sort();
+    Err(why.join("; "))
 }
 
 /// The PostgreSQL server that the member behind `endpoint` runs, from `GET /cluster`.

@@ -117,10 +117,16 @@ impl Layout {
         self.dir.join("data")
     }
 
-    /// The postmaster's pid, from the first line of `postmaster.pid`.
+    /// The pid of the running postmaster, from the first line of `postmaster.pid`: only
+    /// while that process is this member's PostgreSQL (the file outlives a killed server,
+    /// and its pid may have been reused).
     pub fn postmaster_pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let command_line = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&command_line)
+            .contains(&*self.data().to_string_lossy())
+            .then_some(pid)
     }
 }
 

@@ -155,6 +155,14 @@ pub fn tiny_fractal() -> CreateFractal {
 /// Every fractal created is done with a verified image, and the list holds each exactly
 /// once and nothing else. Returns how many were rendered more than once.
 pub async fn assert_all_rendered_once(client: &Client, created: &[Uuid]) -> usize {
+    let rerendered = assert_rendered(client, created).await;
+    assert_listed_once(client, created).await;
+    rerendered
+}
+
+/// Every fractal in `created` is done with a verified image. Returns how many were
+/// rendered more than once.
+pub async fn assert_rendered(client: &Client, created: &[Uuid]) -> usize {
     let mut rerendered = 0;
     for &uuid in created {
         let view = wait_for_state(client, uuid, FractalState::Done, Duration::from_secs(120)).await;
@@ -163,6 +171,11 @@ pub async fn assert_all_rendered_once(client: &Client, created: &[Uuid]) -> usiz
             rerendered += 1;
         }
     }
+    rerendered
+}
+
+/// The list holds every fractal of `created` exactly once, and nothing else.
+pub async fn assert_listed_once(client: &Client, created: &[Uuid]) {
     let mut listed = Vec::new();
     let mut page = 1;
     loop {
@@ -176,5 +189,4 @@ pub async fn assert_all_rendered_once(client: &Client, created: &[Uuid]) -> usiz
     let unique: HashSet<Uuid> = listed.iter().copied().collect();
     assert_eq!(unique.len(), listed.len(), "a fractal is listed twice");
     assert_eq!(unique, created.iter().copied().collect::<HashSet<_>>());
-    rerendered
 }
