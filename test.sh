@@ -6,13 +6,20 @@ cd "$(dirname "$0")"
 
 # Debian package -> a file it installs. python3 runs the original renderer as a reference;
 # Chromium checks the web gallery in a real browser; the tests start their own PostgreSQL
-# servers, Patroni members and etcd members from the installed programs.
+# servers, Patroni members, etcd members and OpenStack Swift clusters (S3 through s3api)
+# from the installed programs.
 declare -A needs=(
   [python3]=/usr/bin/python3
   [chromium]=/usr/bin/chromium
   [postgresql]=/usr/lib/postgresql
   [patroni]=/usr/bin/patroni
   [etcd-server]=/usr/bin/etcd
+  [swift]=/usr/bin/swift-ring-builder
+  [swift-proxy]=/usr/bin/swift-proxy-server
+  [swift-object]=/usr/bin/swift-object-server
+  [swift-container]=/usr/bin/swift-container-server
+  [swift-account]=/usr/bin/swift-account-server
+  [rsync]=/usr/bin/rsync
 )
 missing=()
 for package in "${!needs[@]}"; do

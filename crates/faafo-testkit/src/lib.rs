@@ -1,11 +1,14 @@
 //! Real infrastructure for tests: a throwaway PostgreSQL cluster started from the
-//! installed binaries, and a TCP proxy that can cut every connection through it.
+//! installed binaries, a throwaway OpenStack Swift cluster serving S3, and a TCP proxy
+//! that can cut every connection through it.
 
 mod postgres;
 mod proxy;
+mod swift;
 
 pub use postgres::PostgresServer;
 pub use proxy::TcpProxy;
+pub use swift::SwiftCluster;
 
 /// A free TCP port on loopback (bound, read, released).
 pub fn free_port() -> u16 {

@@ -1,10 +1,13 @@
-//! `GET /fractal/<uuid>`: the PNG itself.
+//! `GET /fractal/<uuid>`: the PNG itself, streamed from the object store. A done
+//! fractal's image never changes, so it is cacheable forever, revalidated by its
+//! checksum (`ETag`, `If-None-Match` -> 304), and served in byte ranges.
 
 use std::sync::Arc;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::FractalState;
 use faafo_core::wire::ErrorBody;
@@ -15,6 +18,7 @@ use crate::{ApiError, AppState, ImagesError};
 pub async fn download(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let uuid = parse_uuid(&uuid)?;
     let fractal = state
@@ -49,24 +53,153 @@ pub async fn download(
         }
         return Ok(response);
     };
-    let png = state.images.get(uuid).await.map_err(|error| match error {
-        ImagesError::Unavailable(_) => {
-            ApiError::Unavailable(format!("the object store is unavailable ({error})"))
-        }
-        other => ApiError::Internal(Box::new(other)),
-    })?;
     let etag = format!("\"{}\"", result.checksum);
-    Ok((
+    let cached = [
+        (header::ETAG, etag.clone()),
+        // A fractal's image never changes: it is a pure function of the record.
+        (
+            header::CACHE_CONTROL,
+            "public, max-age=31536000, immutable".to_owned(),
+        ),
+    ];
+    if if_none_match(&headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, cached).into_response());
+    }
+    let wanted = match headers
+        .get(header::RANGE)
+        .map(|r| byte_range(r, result.size))
+    {
+        None | Some(RangeAsked::Ignored) => None,
+        Some(RangeAsked::Satisfiable(range)) => Some(range),
+        Some(RangeAsked::Unsatisfiable) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{}", result.size))],
+            )
+                .into_response());
+        }
+    };
+    let image = state
+        .images
+        .stream(uuid, wanted.clone())
+        .await
+        .map_err(|error| match error {
+            ImagesError::Unavailable(_) => {
+                ApiError::Unavailable(format!("the object store is unavailable ({error})"))
+            }
+            other => ApiError::Internal(Box::new(other)),
+        })?;
+    let length = image.range.end - image.range.start;
+    let mut response = (
+        cached,
         [
             (header::CONTENT_TYPE, "image/png".to_owned()),
-            (header::ETAG, etag),
-            // A fractal's image never changes: it is a pure function of the record.
-            (
-                header::CACHE_CONTROL,
-                "public, max-age=31536000, immutable".to_owned(),
-            ),
+            (header::ACCEPT_RANGES, "bytes".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
         ],
-        png,
+        Body::from_stream(image.bytes),
     )
-        .into_response())
+        .into_response();
+    if wanted.is_some() {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let content_range = format!(
+            "bytes {}-{}/{}",
+            image.range.start,
+            image.range.end - 1,
+            image.size
+        );
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&content_range).expect("ASCII"),
+        );
+    }
+    Ok(response)
+}
+
+/// Whether `If-None-Match` names `etag` (or is `*`).
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == etag || tag == "*")
+}
+
+/// What a `Range` header asks of an image of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeAsked {
+    /// One range of bytes, `start..end`.
+    Satisfiable(std::ops::Range<u64>),
+    /// A range that starts past the end.
+    Unsatisfiable,
+    /// Not one byte range we serve (several ranges, another unit, garbage): the whole
+    /// image is sent, as RFC 9110 allows.
+    Ignored,
+}
+
+fn byte_range(header: &HeaderValue, size: u64) -> RangeAsked {
+    let Some(spec) = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.trim().strip_prefix("bytes="))
+    else {
+        return RangeAsked::Ignored;
+    };
+    if spec.contains(',') {
+        return RangeAsked::Ignored;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeAsked::Ignored;
+    };
+    let number = |text: &str| text.trim().parse::<u64>().ok();
+    let range = match (first.trim().is_empty(), number(first), number(last)) {
+        // bytes=-N: the last N bytes.
+        (true, _, Some(suffix)) if suffix > 0 => size.saturating_sub(suffix)..size,
+        (true, _, _) => return RangeAsked::Unsatisfiable,
+        (false, Some(start), None) if last.trim().is_empty() => start..size,
+        (false, Some(start), Some(end)) if end >= start => start..(end + 1).min(size),
+        _ => return RangeAsked::Ignored,
+    };
+    if range.start >= size {
+        return RangeAsked::Unsatisfiable;
+    }
+    RangeAsked::Satisfiable(range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asked(text: &str) -> RangeAsked {
+        byte_range(&HeaderValue::from_str(text).unwrap(), 1000)
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(asked("bytes=0-99"), RangeAsked::Satisfiable(0..100));
+        assert_eq!(asked("bytes=900-"), RangeAsked::Satisfiable(900..1000));
+        assert_eq!(asked("bytes=-100"), RangeAsked::Satisfiable(900..1000));
+        assert_eq!(asked("bytes=-5000"), RangeAsked::Satisfiable(0..1000));
+        assert_eq!(asked("bytes=990-5000"), RangeAsked::Satisfiable(990..1000));
+        assert_eq!(asked("bytes=1000-"), RangeAsked::Unsatisfiable);
+        assert_eq!(asked("bytes=-0"), RangeAsked::Unsatisfiable);
+        assert_eq!(asked("bytes=5-1"), RangeAsked::Ignored);
+        assert_eq!(asked("bytes=0-1,5-9"), RangeAsked::Ignored);
+        assert_eq!(asked("items=0-1"), RangeAsked::Ignored);
+        assert_eq!(asked("bytes=x-y"), RangeAsked::Ignored);
+    }
+
+    #[test]
+    fn etags_match_with_or_without_weakness() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"a\", W/\"b\""),
+        );
+        assert!(if_none_match(&headers, "\"b\""));
+        assert!(if_none_match(&headers, "\"a\""));
+        assert!(!if_none_match(&headers, "\"c\""));
+    }
 }

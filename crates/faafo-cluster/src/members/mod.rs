@@ -4,6 +4,7 @@
 pub mod etcd;
 pub mod faafo;
 pub mod postgres;
+pub mod swift;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
