@@ -24,7 +24,10 @@ async fn behaves(images: &Images) {
     assert_eq!(read_all(images, uuid, None).await, png);
 
     let stream = images.stream(uuid, Some(1000..2000)).await.unwrap();
-    assert_eq!((stream.range.clone(), stream.size), (1000..2000, png.len() as u64));
+    assert_eq!(
+        (stream.range.clone(), stream.size),
+        (1000..2000, png.len() as u64)
+    );
     let part: Vec<Bytes> = stream.bytes.try_collect().await.unwrap();
     assert_eq!(part.concat(), &png[1000..2000]);
     let tail = read_all(images, uuid, Some(299_990..300_000)).await;
@@ -68,7 +71,9 @@ fn s3_on_replicated_swift_behaves_with_a_storage_node_dead() {
     runtime.block_on(behaves(&images));
     // A prefix keeps another deployment's images apart in the same bucket.
     let prefixed = runtime
-        .block_on(Images::open(&url.replace("faafo-test?", "faafo-test/staging?")))
+        .block_on(Images::open(
+            &url.replace("faafo-test?", "faafo-test/staging?"),
+        ))
         .unwrap();
     runtime.block_on(behaves(&prefixed));
 

@@ -171,7 +171,11 @@ impl SwiftCluster {
     /// The last lines of every log, for failure messages.
     pub fn logs(&self) -> String {
         let mut text = String::new();
-        for entry in std::fs::read_dir(&self.layout.root).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(&self.layout.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "log") {
                 let content = std::fs::read_to_string(&path).unwrap_or_default();

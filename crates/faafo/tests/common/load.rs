@@ -1,6 +1,6 @@
 //! Continuous client load for fault tests: creates with client-chosen uuids, reads of
-//! each created fractal and of the list, over and over, through a client that retries
-//! and fails over. Every operation's outcome and every acknowledged create is recorded,
+//! each created fractal, of the previous one's image (checked against its checksum) and
+//! of the list, over and over, through a client that retries and fails over. Every operation's outcome and every acknowledged create is recorded,
 //! so a test can assert that nothing failed and nothing acknowledged was lost.
 
 use std::collections::HashSet;
@@ -20,6 +20,8 @@ use super::{verify_image, wait_for_state};
 #[derive(Default)]
 pub struct Load {
     operations: AtomicU64,
+    /// Image downloads, each checked against the fractal's checksum.
+    images: AtomicU64,
     failures: Mutex<Vec<String>>,
     /// Every acknowledged create, with when the acknowledgement arrived.
     created: Mutex<Vec<(Instant, Uuid)>>,
@@ -38,6 +40,28 @@ impl Load {
                 None
             }
         }
+    }
+
+    /// Downloads the image of `uuid` if it is done, and checks it against the record;
+    /// says whether it was done.
+    async fn read_image(&self, client: &Client, uuid: Uuid) -> bool {
+        let Some(view) = self.record("get", client.get(uuid).await) else {
+            return false;
+        };
+        if view.state != FractalState::Done {
+            return false;
+        }
+        if let Some(png) = self.record("image", client.image(uuid).await) {
+            self.images.fetch_add(1, Ordering::Relaxed);
+            let checksum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&png));
+            if Some(&checksum) != view.checksum.as_ref() {
+                self.failures.lock().unwrap().push(format!(
+                    "image of {uuid}: checksum {checksum}, record {:?}",
+                    view.checksum
+                ));
+            }
+        }
+        true
     }
 
     pub fn created(&self) -> Vec<Uuid> {
@@ -93,6 +117,8 @@ impl LoadRun {
             .map(|_| {
                 let (client, load, stop) = (Arc::clone(&client), Arc::clone(&load), stop.clone());
                 tokio::spawn(async move {
+                    // Created, image not read yet: oldest first.
+                    let mut unread = std::collections::VecDeque::new();
                     while !stop.is_cancelled() {
                         let request = tiny_fractal();
                         let uuid = request.uuid.unwrap();
@@ -100,6 +126,12 @@ impl LoadRun {
                             assert_eq!(view.uuid, uuid);
                             load.created.lock().unwrap().push((Instant::now(), uuid));
                             load.record("get", client.get(uuid).await);
+                        }
+                        unread.push_back(uuid);
+                        if let Some(&oldest) = unread.front()
+                            && load.read_image(&client, oldest).await
+                        {
+                            unread.pop_front();
                         }
                         load.record("list", client.list_page(1, 5).await);
                     }
@@ -132,9 +164,10 @@ impl LoadRun {
         let created = self.load.created();
         let failures = self.load.failures.lock().unwrap().clone();
         println!(
-            "{what}: {} operations ({} creates), {} client retries, {} failures",
+            "{what}: {} operations ({} creates, {} image reads), {} client retries, {} failures",
             self.load.operations.load(Ordering::Relaxed),
             created.len(),
+            self.load.images.load(Ordering::Relaxed),
             self.client.retries(),
             failures.len()
         );

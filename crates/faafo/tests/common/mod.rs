@@ -201,6 +201,17 @@ pub fn spawn_api(dir: &Path, name: &str, extra: &[&str]) -> Process {
 /// `faafo api` on port 0 over the database at `database` and the images in `dir`.
 pub fn spawn_api_on(dir: &Path, name: &str, database: &str, extra: &[&str]) -> Process {
     let images = format!("file://{}", dir.join("images").display());
+    spawn_api_with(dir, name, database, &images, extra)
+}
+
+/// `faafo api` on port 0 over the database at `database` and the object store `images`.
+pub fn spawn_api_with(
+    dir: &Path,
+    name: &str,
+    database: &str,
+    images: &str,
+    extra: &[&str],
+) -> Process {
     let mut args = vec![
         "api",
         "--bind",
@@ -208,7 +219,7 @@ pub fn spawn_api_on(dir: &Path, name: &str, database: &str, extra: &[&str]) -> P
         "--database-url",
         &database,
         "--object-store",
-        &images,
+        images,
     ];
     args.extend_from_slice(&["--worker-token", TOKEN]);
     args.extend_from_slice(extra);
