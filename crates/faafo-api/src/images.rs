@@ -146,6 +146,8 @@ impl Images {
                 tracing::info!(bucket, endpoint, "created the bucket");
                 Ok(())
             }
+            // Another instance created it meanwhile.
+            Ok(response) if response.status() == reqwest::StatusCode::CONFLICT => Ok(()),
             Ok(response) => {
                 tracing::warn!(bucket, status = %response.status(), "could not create the bucket");
                 Err(no_bucket())

@@ -77,6 +77,9 @@ pub(crate) struct AppState {
     config: ApiConfig,
     metrics: Metrics,
     work: WorkSignal,
+    /// Whether the object store answered its last probe (and why not), kept fresh in the
+    /// background so that `/readyz` answers at once even when the store is slow.
+    object_store_health: tokio::sync::watch::Sender<Result<(), String>>,
     /// Cancelled when the process begins to shut down: `/readyz` turns 503, the instance
     /// leaves the membership, and lease requests are sent elsewhere.
     shutdown: CancellationToken,
@@ -98,9 +101,12 @@ pub async fn serve(
         config,
         metrics: Metrics::new(),
         work: WorkSignal::default(),
+        // Opening the object store wrote to it: it answered a moment ago.
+        object_store_health: tokio::sync::watch::Sender::new(Ok(())),
         shutdown: shutdown.clone(),
     });
     let background = TaskTracker::new();
+    background.spawn(routes::health::watch_object_store(Arc::clone(&state)));
     background.spawn(queue::sweep_expired_leases(Arc::clone(&state)));
     if let Some(hints) = state.store.work_hints() {
         background.spawn(queue::forward_store_hints(Arc::clone(&state), hints));

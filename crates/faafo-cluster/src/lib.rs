@@ -23,8 +23,10 @@ use faafo_core::NodeRole;
 
 pub use self::control::MemberStatus;
 use self::control::{Reply, Request};
-use self::members::{Kind, Programs, etcd, faafo, postgres};
-use self::supervisor::{DataTier, MAX_PER_ROLE, MAX_POSTGRES, Settings, Supervisor};
+use self::members::{Kind, Programs, etcd, faafo, postgres, swift};
+use self::supervisor::{
+    DataTier, MAX_PER_ROLE, MAX_POSTGRES, MAX_SWIFT, Settings, Supervisor, SwiftTier,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -110,6 +112,12 @@ pub struct ClusterUpArgs {
     /// packages patroni, etcd-server and postgresql.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=MAX_POSTGRES as i64), conflicts_with = "database_url")]
     pub postgres_nodes: u32,
+    /// Keep the images in OpenStack Swift (through S3) with this many storage nodes and 3
+    /// replicas (4 advised: any one can die), one Swift proxy per API instance and an
+    /// rsync daemon, instead of a directory. Needs the Debian packages swift, swift-proxy,
+    /// swift-object, swift-container, swift-account and rsync.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=MAX_SWIFT as i64), conflicts_with = "object_store")]
+    pub swift_nodes: u32,
     #[command(flatten)]
     pub location: Location,
     /// The store (default: SQLite in the data directory); see `faafo api --help`.
@@ -136,6 +144,11 @@ pub struct ClusterUpArgs {
     /// from a system PostgreSQL's 5432; 0: any free ports).
     #[arg(long, default_value_t = 9330)]
     pub postgres_port: u16,
+    /// First port of the Swift storage nodes: account servers from it, container servers
+    /// 100 higher, object servers 200 higher, proxies 300 higher (9500: 9500-, 9600-,
+    /// 9700-, 9800-), the rsync daemon at 9899; 0: any free ports.
+    #[arg(long, default_value_t = 9500)]
+    pub swift_port: u16,
     /// How long a task's lease lasts without a heartbeat, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub lease_ms: u64,
@@ -238,7 +251,9 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let leftovers = supervisor::stop_leftovers(&dir).await;
     if leftovers > 0 {
-        println!("stopped {leftovers} member(s) left running by a supervisor that was killed");
+        say(format_args!(
+            "stopped {leftovers} member(s) left running by a supervisor that was killed"
+        ));
     }
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("listening on {}", socket.display()))?;
@@ -254,6 +269,35 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let swift = if args.swift_nodes > 0 {
+        members::check_swift()?;
+        if args.swift_nodes < swift::REPLICAS {
+            bail!(
+                "--swift-nodes {} is fewer than the {} replicas Swift keeps of every object",
+                args.swift_nodes,
+                swift::REPLICAS
+            );
+        }
+        let layout = swift::SwiftLayout {
+            root: dir.join("swift"),
+        };
+        std::fs::create_dir_all(&layout.root)?;
+        let hash_file = layout.root.join("hash");
+        let hash_suffix = match std::fs::read_to_string(&hash_file) {
+            Ok(hash) => hash.trim().to_owned(),
+            Err(_) => {
+                let hash = uuid::Uuid::new_v4().simple().to_string();
+                postgres::write_private(&hash_file, &hash)?;
+                hash
+            }
+        };
+        Some(SwiftTier {
+            layout,
+            hash_suffix,
+        })
+    } else {
+        None
+    };
     let settings = Settings {
         exe: std::env::current_exe().context("finding the faafo binary")?,
         dir: dir.clone(),
@@ -265,6 +309,7 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("faafo.db").display())),
             patroni: Vec::new(),
+            s3_credentials: false,
             object_store: args
                 .object_store
                 .clone()
@@ -283,7 +328,9 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
         api_port: args.api_port,
         etcd_port: args.etcd_port,
         postgres_port: args.postgres_port,
+        swift_port: args.swift_port,
         data_tier,
+        swift,
     };
     let supervisor = Supervisor::new(settings)?;
     let control = tokio::spawn(control::serve(listener, std::sync::Arc::clone(&supervisor)));
@@ -298,6 +345,12 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
             },
         ),
         (Kind::Postgres, args.postgres_nodes),
+        (Kind::SwiftRsync, u32::from(args.swift_nodes > 0)),
+        (Kind::SwiftNode, args.swift_nodes),
+        (
+            Kind::SwiftProxy,
+            if args.swift_nodes > 0 { args.apis } else { 0 },
+        ),
         (Kind::Api, args.apis),
         (Kind::Gateway, args.gateways),
         (Kind::Worker, args.workers),
@@ -311,17 +364,30 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&socket);
         return Err(error);
     }
-    banner(&supervisor, &data_dir, &args)?;
+    if let Err(error) = banner(&supervisor, &data_dir, &args) {
+        // Nobody reads our output; the cluster runs all the same.
+        tracing::warn!(%error, "cannot print the banner");
+    }
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = supervisor.down.cancelled() => {}
     }
-    println!("stopping every member...");
+    say(format_args!("stopping every member..."));
     supervisor.stop_all().await;
     control.abort();
     let _ = std::fs::remove_file(&socket);
-    println!("stopped");
+    say(format_args!("stopped"));
     Ok(())
+}
+
+/// Prints a line for whoever watches the supervisor. Its terminal or pipe may be gone (the
+/// terminal closed, the program reading it killed): the supervisor goes on regardless,
+/// since it must still stop its members.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 /// Cancelled on SIGINT or SIGTERM: the supervisor then stops every member in order.
@@ -375,6 +441,15 @@ fn banner(supervisor: &Supervisor, data_dir: &Path, args: &ClusterUpArgs) -> any
             "database: PostgreSQL under Patroni, {} member(s) ({}), 3 etcd members",
             args.postgres_nodes,
             supervisor.patroni_urls().join(", ")
+        )?;
+    }
+    if args.swift_nodes > 0 {
+        writeln!(
+            out,
+            "images: OpenStack Swift, {} storage nodes, {} replicas, bucket {:?} through one S3 proxy per API instance",
+            args.swift_nodes,
+            swift::REPLICAS,
+            swift::BUCKET
         )?;
     }
     for gateway in &gateways {

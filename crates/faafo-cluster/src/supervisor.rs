@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{MemberStatus, Replies, Reply, Request, progress};
-use crate::members::{Health, Kind, Programs, Topology, etcd, faafo, postgres};
+use crate::members::{Health, Kind, Programs, Topology, etcd, faafo, postgres, swift};
 
 /// A process that exits sooner than this after starting failed to start: the next start
 /// waits longer each time (like supervisord's `startsecs`).
@@ -41,6 +41,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_PER_ROLE: u32 = 32;
 /// Most postgres members (their ports are numbered from one base).
 pub const MAX_POSTGRES: u32 = 9;
+/// Most Swift storage nodes.
+pub const MAX_SWIFT: u32 = 16;
 
 /// What the supervisor needs to start members.
 #[derive(Debug, Clone)]
@@ -60,8 +62,21 @@ pub struct Settings {
     pub api_port: u16,
     pub etcd_port: u16,
     pub postgres_port: u16,
+    /// Swift storage nodes' first port: account servers from it, container servers 100
+    /// higher, object servers 200 higher, proxies 300 higher, the rsync daemon at +399.
+    pub swift_port: u16,
     /// The data tier's programs and passwords, when it runs PostgreSQL.
     pub data_tier: Option<DataTier>,
+    /// Where Swift's files live, when the cluster runs Swift.
+    pub swift: Option<SwiftTier>,
+}
+
+/// What running Swift needs.
+#[derive(Debug, Clone)]
+pub struct SwiftTier {
+    pub layout: swift::SwiftLayout,
+    /// Places objects in the rings; made once, kept with the data.
+    pub hash_suffix: String,
 }
 
 /// What running etcd and Patroni needs.
@@ -207,6 +222,12 @@ impl Supervisor {
                 let node = self.postgres_node(member)?;
                 Some(format!("{} (http://{})", node.postgres, node.rest))
             }
+            Kind::SwiftNode => {
+                let ports: Vec<String> = member.ports.iter().map(u16::to_string).collect();
+                Some(format!("{}:{}", self.reachable_host(), ports.join(",")))
+            }
+            Kind::SwiftProxy => self.address(member, 0).map(|a| format!("http://{a}")),
+            Kind::SwiftRsync => self.address(member, 0).map(|a| format!("rsync://{a}")),
             _ => self.url(member),
         }
     }
@@ -244,6 +265,21 @@ impl Supervisor {
             postgres: with(Kind::Postgres)
                 .filter_map(|m| self.postgres_node(m))
                 .collect(),
+            swift_nodes: with(Kind::SwiftNode)
+                .filter_map(|m| {
+                    Some(swift::StorageNode {
+                        name: m.name.clone(),
+                        zone: m.index,
+                        account: self.address(m, 0)?,
+                        container: self.address(m, 1)?,
+                        object: self.address(m, 2)?,
+                    })
+                })
+                .collect(),
+            swift_proxies: with(Kind::SwiftProxy)
+                .filter_map(|m| Some((m.name.clone(), self.address(m, 0)?)))
+                .collect(),
+            swift_rsync: with(Kind::SwiftRsync).find_map(|m| self.address(m, 0)),
         }
     }
 
@@ -262,12 +298,32 @@ impl Supervisor {
             Kind::Api => self.settings.api_port,
             Kind::Etcd => self.settings.etcd_port,
             Kind::Postgres => self.settings.postgres_port,
-            Kind::Worker => 0,
+            Kind::SwiftNode => self.settings.swift_port,
+            Kind::SwiftProxy if self.settings.swift_port > 0 => self
+                .settings
+                .swift_port
+                .saturating_add(3 * SECOND_PORT_OFFSET),
+            Kind::SwiftRsync if self.settings.swift_port > 0 => self
+                .settings
+                .swift_port
+                .saturating_add(4 * SECOND_PORT_OFFSET - 1),
+            Kind::SwiftProxy | Kind::SwiftRsync | Kind::Worker => 0,
         }
     }
 
     /// Adds members of `kind` up to `count` and starts them; returns the new ones.
     fn grow(self: &Arc<Self>, kind: Kind, count: u32) -> anyhow::Result<Vec<Arc<Member>>> {
+        self.add(kind, count, true)
+    }
+
+    /// Adds members of `kind` up to `count`, started at once if `wanted`; returns the new
+    /// ones.
+    fn add(
+        self: &Arc<Self>,
+        kind: Kind,
+        count: u32,
+        wanted: bool,
+    ) -> anyhow::Result<Vec<Arc<Member>>> {
         let mut added = Vec::new();
         let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
         let taken: BTreeSet<u32> = members
@@ -287,10 +343,10 @@ impl Supervisor {
             }
             let mut ports = Vec::new();
             for which in 0..kind.port_count() {
-                let base = match (self.base_port(kind), which) {
-                    (0, _) => 0,
-                    (base, 0) => base,
-                    (base, _) => base.saturating_add(SECOND_PORT_OFFSET),
+                // The k-th port of each member is k * 100 above its first.
+                let base = match self.base_port(kind) {
+                    0 => 0,
+                    base => base.saturating_add(SECOND_PORT_OFFSET * which as u16),
                 };
                 let port = self.port(base, index, &used_ports)?;
                 used_ports.insert(port);
@@ -301,7 +357,7 @@ impl Supervisor {
                 kind,
                 index,
                 ports,
-                wanted: watch::Sender::new(true),
+                wanted: watch::Sender::new(wanted),
                 phase: watch::Sender::new(Phase::Stopped),
                 record: Mutex::new(Record::default()),
                 retired: CancellationToken::new(),
@@ -343,8 +399,8 @@ impl Supervisor {
                 _ = member.retired.cancelled() => return,
                 _ = wanted.wait_for(|w| *w) => {}
             }
-            let mut child = match self.spawn(&member) {
-                Ok(child) => child,
+            let mut children = match self.spawn(&member) {
+                Ok(children) => children,
                 Err(error) => {
                     tracing::error!(member = %member.name, %error, "cannot start");
                     member.record().last_exit = Some(format!("cannot start: {error}"));
@@ -356,17 +412,21 @@ impl Supervisor {
             let started = Instant::now();
             {
                 let mut record = member.record();
-                record.pid = child.id();
+                record.pid = children[0].id();
                 record.started = Some(started);
             }
             member.phase.send_replace(Phase::Running);
             self.write_pid_list();
             let exited = tokio::select! {
-                status = child.wait() => Some(status),
+                status = wait_any(&mut children) => Some(status),
                 _ = wanted.wait_for(|w| !*w) => None,
             };
             match exited {
                 Some(status) => {
+                    // One program of a set died: the rest go with it, and all restart.
+                    if children.len() > 1 {
+                        stop(&mut children, Duration::ZERO).await;
+                    }
                     let how = match status {
                         Ok(status) => describe_exit(status),
                         Err(error) => format!("lost track of it: {error}"),
@@ -387,7 +447,7 @@ impl Supervisor {
                 }
                 None => {
                     member.phase.send_replace(Phase::Stopping);
-                    let how = stop(&mut child, STOP_GRACE).await;
+                    let how = stop(&mut children, STOP_GRACE).await;
                     // Patroni stops its PostgreSQL when it stops; one left behind (Patroni
                     // killed meanwhile) gets a fast shutdown.
                     if let Some(postmaster) = self.postmaster_pid(&member) {
@@ -414,10 +474,40 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self, member: &Member) -> anyhow::Result<tokio::process::Child> {
+    /// Starts a member's programs: one for most kinds, several for a Swift storage node.
+    /// They share one process group (the first one's), so a kill takes them all.
+    fn spawn(&self, member: &Member) -> anyhow::Result<Vec<tokio::process::Child>> {
+        let log = self.log_file(member)?;
+        let mut children: Vec<tokio::process::Child> = Vec::new();
+        for mut command in self.commands(member)? {
+            let group = children.first().and_then(|c| c.id()).unwrap_or(0);
+            command
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log.try_clone()?)
+                // Its own process group: a Ctrl-C in the terminal reaches the supervisor
+                // only, which then stops the members in order; and a kill takes the group.
+                .process_group(group as i32);
+            match command.spawn() {
+                Ok(child) => children.push(child),
+                Err(error) => {
+                    for started in &mut children {
+                        // Reaped by tokio once dead.
+                        let _ = started.start_kill();
+                    }
+                    return Err(anyhow::anyhow!("{error}"));
+                }
+            }
+        }
+        anyhow::ensure!(!children.is_empty(), "{} has nothing to run", member.name);
+        Ok(children)
+    }
+
+    /// The programs of a member, with their arguments and environment.
+    fn commands(&self, member: &Member) -> anyhow::Result<Vec<tokio::process::Command>> {
         let settings = &self.settings;
         let topology = self.topology();
-        let mut command = match member.kind {
+        let command = match member.kind {
             Kind::Etcd => {
                 let tier = self.data_tier()?;
                 let me = topology
@@ -457,6 +547,9 @@ impl Supervisor {
                 crate::server_user::run_as_server_user(&mut command, &layout.dir)?;
                 command
             }
+            Kind::SwiftRsync | Kind::SwiftNode | Kind::SwiftProxy => {
+                return self.swift_commands(member, &topology);
+            }
             kind => {
                 let mut command = tokio::process::Command::new(&settings.exe);
                 let bind = self
@@ -468,7 +561,7 @@ impl Supervisor {
                     &member.name,
                     bind.as_deref(),
                     &topology.apis,
-                    &self.backing(&topology),
+                    &self.backing(&topology, member.index),
                 );
                 command
                     .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
@@ -476,24 +569,75 @@ impl Supervisor {
                 command
             }
         };
-        let log = self.log_file(member)?;
-        command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C in the terminal reaches the supervisor
-            // only, which then stops the members in order; and a kill takes the group.
-            .process_group(0);
-        Ok(command.spawn()?)
+        Ok(vec![command])
+    }
+
+    /// A Swift member's programs, after (re)writing the cluster's configuration files
+    /// and, the first time, its rings.
+    fn swift_commands(
+        &self,
+        member: &Member,
+        topology: &Topology,
+    ) -> anyhow::Result<Vec<tokio::process::Command>> {
+        let tier = self
+            .settings
+            .swift
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this cluster runs no Swift"))?;
+        let rsync = topology
+            .swift_rsync
+            .ok_or_else(|| anyhow::anyhow!("the Swift rsync daemon has no port"))?;
+        swift::write_configs(
+            &tier.layout,
+            &topology.swift_nodes,
+            &topology.swift_proxies,
+            rsync,
+            &tier.hash_suffix,
+        )?;
+        swift::build_rings(&tier.layout, &topology.swift_nodes)?;
+        let command = |program: &str, config: &std::path::Path| {
+            let mut command = tokio::process::Command::new(program);
+            // -v: logs on stdout, into the member's log (there may be no syslog).
+            command.arg(config).arg("-v");
+            command
+        };
+        Ok(match member.kind {
+            Kind::SwiftRsync => {
+                let mut rsync = tokio::process::Command::new("rsync");
+                rsync
+                    .args(["--daemon", "--no-detach", "--config"])
+                    .arg(tier.layout.rsync_config());
+                vec![rsync]
+            }
+            Kind::SwiftNode => swift::node_programs(&tier.layout, &member.name)
+                .iter()
+                .map(|(program, config)| command(program, config))
+                .collect(),
+            _ => vec![command(
+                "swift-proxy-server",
+                &tier.layout.proxy_config(&member.name),
+            )],
+        })
     }
 
     /// How the API instances reach the data: the data tier's PostgreSQL through the
     /// Patroni fence when the cluster runs one, else what `cluster up` was given.
-    fn backing(&self, topology: &Topology) -> faafo::Backing {
+    fn backing(&self, topology: &Topology, index: u32) -> faafo::Backing {
         let mut backing = self.settings.backing.clone();
         if let Some(tier) = &self.settings.data_tier {
             backing.database_url = postgres::database_url(&topology.postgres, &tier.secrets);
             backing.patroni = topology.patroni_urls();
+        }
+        // Each API instance has a Swift proxy of its own (the one of its index): a dead
+        // proxy takes only its API out of rotation.
+        if self.settings.swift.is_some()
+            && let Some((_, proxy)) = topology
+                .swift_proxies
+                .iter()
+                .find(|(name, _)| *name == format!("{}-{index}", Kind::SwiftProxy))
+        {
+            backing.object_store = swift::object_store_url(swift::BUCKET, *proxy);
+            backing.s3_credentials = true;
         }
         backing
     }
@@ -546,14 +690,21 @@ impl Supervisor {
         }
     }
 
-    /// Starts the topology: APIs first (and waits until they are ready, so that a wrong
-    /// database URL is reported here), then gateways, then workers.
+    /// Starts the topology kind by kind in [`Kind`]'s order, each kind ready before the
+    /// next (so that a wrong database URL is reported here). Every member is known, with
+    /// its ports, before the first starts: the configurations name them all.
     pub async fn start(self: &Arc<Self>, counts: &[(Kind, u32)]) -> anyhow::Result<()> {
         let mut counts = counts.to_vec();
         counts.sort();
-        for (kind, count) in counts {
-            let added = self.grow(kind, count)?;
-            for member in &added {
+        let mut added = Vec::new();
+        for &(kind, count) in &counts {
+            added.push((kind, count, self.add(kind, count, false)?));
+        }
+        for (kind, count, members) in added {
+            for member in &members {
+                member.wanted.send_replace(true);
+            }
+            for member in &members {
                 if let Err(error) = self.wait_ready(member).await {
                     anyhow::bail!(
                         "{error}\nlast lines of {}:\n{}",
@@ -624,6 +775,25 @@ impl Supervisor {
             Kind::Postgres => match self.postgres_node(member) {
                 Some(node) => postgres::health(&self.http, &node).await,
                 None => Health::not("no address"),
+            },
+            Kind::SwiftNode => {
+                let topology = self.topology();
+                match topology.swift_nodes.iter().find(|n| n.name == member.name) {
+                    Some(node) => swift::node_health(&self.http, node).await,
+                    None => Health::not("no address"),
+                }
+            }
+            Kind::SwiftProxy => match self.address(member, 0) {
+                Some(address) if swift::healthy(&self.http, address).await => {
+                    Health::ready("healthy")
+                }
+                _ => Health::not("down: does not answer"),
+            },
+            Kind::SwiftRsync => match self.address(member, 0) {
+                Some(address) if tokio::net::TcpStream::connect(address).await.is_ok() => {
+                    Health::ready("listening")
+                }
+                _ => Health::not("down: not listening"),
             },
         }
     }
@@ -1078,6 +1248,16 @@ impl Supervisor {
                 NodeRole::Worker => Kind::Worker,
             };
             let current = self.of_kind(kind);
+            if kind == Kind::Api && self.settings.swift.is_some() {
+                // Each API instance uses the Swift proxy of its index.
+                let added = self
+                    .grow(Kind::SwiftProxy, count.max(current.len() as u32))
+                    .map_err(|e| e.to_string())?;
+                for member in &added {
+                    self.wait_ready(member).await.map_err(|e| e.to_string())?;
+                    progress(replies, format!("{} is up", member.name));
+                }
+            }
             if count as usize > current.len() {
                 let added = self.grow(kind, count).map_err(|e| e.to_string())?;
                 for member in &added {
@@ -1169,19 +1349,40 @@ fn signal_group(leader: u32, signal: i32) {
     }
 }
 
-/// SIGTERM, then SIGKILL if the process is still there after `grace`.
-async fn stop(child: &mut tokio::process::Child, grace: Duration) -> String {
-    if let Some(pid) = child.id() {
-        signal(pid, libc::SIGTERM);
-    }
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(Ok(status)) => format!("stopped ({})", describe_exit(status)),
-        Ok(Err(error)) => format!("lost track of it: {error}"),
-        Err(_) => {
-            let _ = child.kill().await;
-            format!("killed after not stopping within {grace:?}")
+/// SIGTERM to every program, then SIGKILL to those still there after `grace`; says how
+/// the first one ended.
+async fn stop(children: &mut [tokio::process::Child], grace: Duration) -> String {
+    for child in children.iter() {
+        if let Some(pid) = child.id() {
+            signal(
+                pid,
+                if grace.is_zero() {
+                    libc::SIGKILL
+                } else {
+                    libc::SIGTERM
+                },
+            );
         }
     }
+    let mut first = None;
+    for child in children.iter_mut() {
+        let how = match tokio::time::timeout(grace, child.wait()).await {
+            Ok(Ok(status)) => format!("stopped ({})", describe_exit(status)),
+            Ok(Err(error)) => format!("lost track of it: {error}"),
+            Err(_) => {
+                let _ = child.kill().await;
+                format!("killed after not stopping within {grace:?}")
+            }
+        };
+        first.get_or_insert(how);
+    }
+    first.unwrap_or_else(|| "nothing to stop".into())
+}
+
+/// The first exit of any of `children`.
+async fn wait_any(children: &mut [tokio::process::Child]) -> std::io::Result<ExitStatus> {
+    let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
+    futures::future::select_all(waits).await.0
 }
 
 fn describe_exit(status: ExitStatus) -> String {

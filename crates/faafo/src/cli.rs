@@ -99,7 +99,9 @@ pub struct ApiArgs {
     /// (several hosts: the one that accepts writes is used, and found again after a failover).
     #[arg(long, env = "FAAFO_DATABASE_URL")]
     pub database_url: String,
-    /// Where images are kept: file:///absolute/directory.
+    /// Where images are kept: file:///absolute/directory, or an S3-compatible store,
+    /// s3://BUCKET[/PREFIX]?endpoint=http://host:port&region=us-east-1, with the
+    /// credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
     #[arg(long, env = "FAAFO_OBJECT_STORE")]
     pub object_store: String,
     /// The secret workers must present.

@@ -181,7 +181,12 @@ pub fn cluster_members(members: &[faafo_cluster::MemberStatus]) -> String {
                 m.restarts.to_string(),
                 m.url.clone().unwrap_or_else(|| "-".into()),
                 m.health.clone(),
-                m.last_exit.clone().unwrap_or_else(|| "-".into()),
+                // The first line: a long error is in the member's log.
+                m.last_exit
+                    .as_deref()
+                    .and_then(|e| e.lines().next())
+                    .unwrap_or("-")
+                    .to_owned(),
             ]
         })
         .collect();

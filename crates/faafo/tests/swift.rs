@@ -1,13 +1,14 @@
 //! Images on S3, on a real replicated OpenStack Swift (4 storage nodes, 3 replicas): a
 //! `faafo api` and a worker under continuous creates and image reads while a whole
-//! storage node dies and comes back, and while the S3 proxy is down.
+//! storage node dies and comes back, and while the S3 proxy is down; and `faafo cluster
+//! --swift-nodes 4` serving every image while each storage node in turn is dead.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::load::{LoadRun, assert_all_rendered_once};
-use common::{spawn_api_with, spawn_worker, wait_for};
+use common::load::{LoadRun, assert_all_rendered_once, verify_done_images};
+use common::{run_faafo, spawn_api_with, spawn_cluster, spawn_worker, wait_for};
 use faafo_testkit::SwiftCluster;
 
 #[test]
@@ -97,4 +98,114 @@ fn images_survive_a_dead_storage_node_and_a_dead_proxy() {
         "{} fractals, every image intact (lost 0), {rerendered} re-rendered",
         created.len()
     );
+}
+
+/// One member of `cluster status --json`.
+#[derive(Debug, serde::Deserialize)]
+struct Member {
+    name: String,
+    role: String,
+    url: Option<String>,
+    health: String,
+}
+
+async fn members(data: &str) -> Vec<Member> {
+    let status = run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await;
+    serde_json::from_str(&status).unwrap()
+}
+
+async fn all_healthy(data: &str) {
+    wait_for("every member healthy", Duration::from_secs(90), || async {
+        members(data)
+            .await
+            .iter()
+            .filter(|m| m.role.starts_with("swift") || m.role == "api")
+            .all(|m| m.health == "healthy" || m.health == "listening" || m.health == "ready")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_serves_every_image_while_any_one_storage_node_is_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let cluster = spawn_cluster(
+        dir.path(),
+        2,
+        2,
+        2,
+        &[
+            "--swift-nodes",
+            "4",
+            "--swift-port",
+            "0",
+            "--lease-ms",
+            "3000",
+        ],
+    );
+    println!(
+        "cluster with 4 Swift storage nodes up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    // Paced: 2 cores run 4 storage nodes (32 processes), 2 proxies and faafo here.
+    let load = LoadRun::start_paced(cluster.url(), Duration::from_millis(100));
+    load.wait_for_creates(20).await;
+    for node in 1..=4 {
+        let name = format!("swift-{node}");
+        run_faafo(&["cluster", "kill", "--stay-down", &name, "--data-dir", data]).await;
+        // Every image made so far reads back intact, and new ones are made.
+        let phase = Instant::now();
+        let verified = verify_done_images(&load.client, &load.load.created()).await;
+        println!(
+            "{name} dead: {verified} images read back intact in {:.1} s",
+            phase.elapsed().as_secs_f64()
+        );
+        load.wait_for_creates(10).await;
+        run_faafo(&["cluster", "start", &name, "--data-dir", data]).await;
+        all_healthy(data).await;
+    }
+
+    // A dead proxy takes only its API out of rotation: the gateways send to the other.
+    let api_1 = members(data)
+        .await
+        .into_iter()
+        .find(|m| m.name == "api-1")
+        .and_then(|m| m.url)
+        .unwrap();
+    run_faafo(&[
+        "cluster",
+        "kill",
+        "--stay-down",
+        "swift-proxy-1",
+        "--data-dir",
+        data,
+    ])
+    .await;
+    wait_for(
+        "api-1 to say its object store is down",
+        Duration::from_secs(30),
+        || async {
+            let answer = reqwest::get(format!("{api_1}/readyz")).await.ok()?;
+            (answer.status() == 503 && answer.text().await.ok()?.contains("object_store"))
+                .then_some(())
+        },
+    )
+    .await;
+    load.wait_for_creates(20).await;
+    run_faafo(&["cluster", "start", "swift-proxy-1", "--data-dir", data]).await;
+    all_healthy(data).await;
+    load.wait_for_creates(10).await;
+
+    let (client, created) = load
+        .finish("4 storage nodes killed one by one, a proxy killed")
+        .await;
+    let rerendered = assert_all_rendered_once(&client, &created).await;
+    println!(
+        "{} fractals, every image intact (lost 0), {rerendered} re-rendered",
+        created.len()
+    );
+    drop(cluster);
 }

@@ -23,7 +23,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             json!({ "status": "draining", "message": "shutting down; send requests elsewhere" });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    let (store, images) = tokio::join!(state.store.ping(), state.images.probe());
+    let store = state.store.ping().await;
+    let images = state.object_store_health.borrow().clone();
     let describe = |result: Result<(), String>| match result {
         Ok(()) => "ok".to_owned(),
         Err(message) => message,
@@ -32,7 +33,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let body = json!({
         "status": if healthy { "ready" } else { "unavailable" },
         "store": describe(store.map_err(|e| error_chain(&e))),
-        "object_store": describe(images.map_err(|e| error_chain(&e))),
+        "object_store": describe(images),
     });
     let status = if healthy {
         StatusCode::OK
@@ -40,6 +41,37 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// How often the object store is probed for `/readyz`, and how long a probe may take.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Probes the object store every second and keeps the outcome for `/readyz`: a store
+/// that answers slowly (a Swift cluster healing itself) does not make the health checks
+/// of the load balancers time out, while one that fails or stops answering within 5 s is
+/// reported within seconds.
+pub async fn watch_object_store(state: Arc<AppState>) {
+    let mut ticks = tokio::time::interval(PROBE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let outcome = match tokio::time::timeout(PROBE_TIMEOUT, state.images.probe()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error_chain(&error)),
+            Err(_) => Err(format!(
+                "the object store did not answer within {PROBE_TIMEOUT:?}"
+            )),
+        };
+        state.object_store_health.send_if_modified(|current| {
+            let changed = *current != outcome;
+            *current = outcome;
+            changed
+        });
+    }
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -2,7 +2,7 @@
 
 mod fractals;
 mod gallery;
-mod health;
+pub(crate) mod health;
 mod image;
 mod worker;
 

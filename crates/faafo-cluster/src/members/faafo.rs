@@ -12,6 +12,8 @@ pub struct Backing {
     /// Patroni's REST endpoints, when PostgreSQL runs under Patroni.
     pub patroni: Vec<String>,
     pub object_store: String,
+    /// Give the API the Swift cluster's S3 credentials (tempauth's user).
+    pub s3_credentials: bool,
     /// Extra flags for `faafo api` (lease and attempt settings).
     pub api_args: Vec<String>,
 }
@@ -45,6 +47,11 @@ pub fn configure(
                 command.env("FAAFO_PATRONI", backing.patroni.join(","));
             }
             command.args(["--object-store", &backing.object_store]);
+            if backing.s3_credentials {
+                command
+                    .env("AWS_ACCESS_KEY_ID", super::swift::ACCESS_KEY)
+                    .env("AWS_SECRET_ACCESS_KEY", super::swift::SECRET_KEY);
+            }
             command.args(&backing.api_args);
         }
         Kind::Worker => {
@@ -55,7 +62,7 @@ pub fn configure(
                 gethostname::gethostname().to_string_lossy()
             ));
         }
-        Kind::Etcd | Kind::Postgres => unreachable!("{kind} is not a faafo member"),
+        other => unreachable!("{other} is not a faafo member"),
     }
 }
 

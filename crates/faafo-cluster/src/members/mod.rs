@@ -17,17 +17,35 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
+    #[serde(rename = "etcd")]
     Etcd,
+    #[serde(rename = "postgres")]
     Postgres,
+    /// The rsync daemon Swift's container and account replicators push to.
+    #[serde(rename = "swift-rsync")]
+    SwiftRsync,
+    /// A Swift storage node: account, container and object servers, replicators and
+    /// updaters.
+    #[serde(rename = "swift")]
+    SwiftNode,
+    /// A Swift proxy serving S3; one per API instance.
+    #[serde(rename = "swift-proxy")]
+    SwiftProxy,
+    #[serde(rename = "api")]
     Api,
+    #[serde(rename = "gateway")]
     Gateway,
+    #[serde(rename = "worker")]
     Worker,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Etcd,
         Kind::Postgres,
+        Kind::SwiftRsync,
+        Kind::SwiftNode,
+        Kind::SwiftProxy,
         Kind::Api,
         Kind::Gateway,
         Kind::Worker,
@@ -37,6 +55,9 @@ impl Kind {
         match self {
             Kind::Etcd => "etcd",
             Kind::Postgres => "postgres",
+            Kind::SwiftRsync => "swift-rsync",
+            Kind::SwiftNode => "swift",
+            Kind::SwiftProxy => "swift-proxy",
             Kind::Api => "api",
             Kind::Gateway => "gateway",
             Kind::Worker => "worker",
@@ -56,7 +77,7 @@ impl Kind {
             Kind::Api => Some(NodeRole::Api),
             Kind::Gateway => Some(NodeRole::Gateway),
             Kind::Worker => Some(NodeRole::Worker),
-            Kind::Etcd | Kind::Postgres => None,
+            _ => None,
         }
     }
 
@@ -67,11 +88,13 @@ impl Kind {
     }
 
     /// How many ports one member takes: etcd a client and a peer port, a postgres member
-    /// PostgreSQL's and its Patroni REST API's, a gateway or API its HTTP port.
+    /// PostgreSQL's and its Patroni REST API's, a Swift node its account, container and
+    /// object servers', a gateway, an API, a proxy or the rsync daemon one.
     pub fn port_count(self) -> usize {
         match self {
+            Kind::SwiftNode => 3,
             Kind::Etcd | Kind::Postgres => 2,
-            Kind::Api | Kind::Gateway => 1,
+            Kind::Api | Kind::Gateway | Kind::SwiftProxy | Kind::SwiftRsync => 1,
             Kind::Worker => 0,
         }
     }
@@ -79,7 +102,7 @@ impl Kind {
     /// Whether killing a member of this kind takes a replica of the data with it, so
     /// chaos never kills a second one while one is still recovering.
     pub fn holds_data(self) -> bool {
-        matches!(self, Kind::Etcd | Kind::Postgres)
+        matches!(self, Kind::Etcd | Kind::Postgres | Kind::SwiftNode)
     }
 }
 
@@ -100,6 +123,10 @@ pub struct Topology {
     pub etcd: Vec<etcd::Peer>,
     /// Every postgres member's PostgreSQL and Patroni REST ports.
     pub postgres: Vec<postgres::Node>,
+    /// Swift: the storage nodes, the proxies by name, and the rsync daemon.
+    pub swift_nodes: Vec<swift::StorageNode>,
+    pub swift_proxies: Vec<(String, std::net::SocketAddr)>,
+    pub swift_rsync: Option<std::net::SocketAddr>,
 }
 
 impl Topology {
@@ -159,6 +186,30 @@ impl Programs {
     }
 }
 
+/// Checks that OpenStack Swift and rsync are installed; the error names the Debian
+/// packages.
+pub fn check_swift() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("swift-ring-builder", "swift"),
+        ("swift-proxy-server", "swift-proxy"),
+        ("swift-object-server", "swift-object"),
+        ("swift-container-server", "swift-container"),
+        ("swift-account-server", "swift-account"),
+        ("rsync", "rsync"),
+    ]
+    .into_iter()
+    .filter(|(program, _)| find_program(program).is_none())
+    .map(|(_, package)| package)
+    .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "--swift-nodes needs OpenStack Swift and rsync, which are not installed: \
+         apt-get install --no-install-recommends {}",
+        missing.join(" ")
+    );
+    Ok(())
+}
+
 fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -202,5 +253,8 @@ mod tests {
         assert_eq!(Kind::parse("db"), None);
         assert!(Kind::Etcd < Kind::Postgres && Kind::Postgres < Kind::Api);
         assert!(Kind::Api < Kind::Gateway && Kind::Gateway < Kind::Worker);
+        assert!(Kind::Postgres < Kind::SwiftNode && Kind::SwiftProxy < Kind::Api);
+        assert_eq!(Kind::parse("swift"), Some(Kind::SwiftNode));
+        assert_eq!(Kind::parse("swift-proxy"), Some(Kind::SwiftProxy));
     }
 }

@@ -18,6 +18,11 @@ pub const REPLICAS: u32 = 3;
 pub const ACCESS_KEY: &str = "test:tester";
 pub const SECRET_KEY: &str = "testing";
 pub const REGION: &str = "us-east-1";
+/// The bucket `faafo cluster` keeps the images in.
+pub const BUCKET: &str = "faafo";
+
+/// Storage nodes of a cluster: 4 keep every listing right while one is down.
+pub const ADVISED_NODES: u32 = 4;
 
 /// The three servers of a storage node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,10 +161,10 @@ pub fn server_conf(
         Server::Object => text.push_str(
             "[object-replicator]\n\
              sync_method = ssync\n\
-             interval = 5\n\
+             interval = 15\n\
              \n\
              [object-updater]\n\
-             interval = 5\n\
+             interval = 15\n\
              \n\
              [object-auditor]\n",
         ),
@@ -167,13 +172,13 @@ pub fn server_conf(
             // rsync URLs name the cluster's one daemon and a module per node and server.
             text.push_str(&format!(
                 "[{name}-replicator]\n\
-                 interval = 5\n\
+                 interval = 15\n\
                  rsync_module = rsync://{{replication_ip}}:{rsync_port}/{name}_{{replication_port}}\n\
                  \n",
                 rsync_port = rsync.port(),
             ));
             if server == Server::Container {
-                text.push_str("[container-updater]\ninterval = 5\n\n[container-sync]\n\n");
+                text.push_str("[container-updater]\ninterval = 15\n\n[container-sync]\n\n");
             }
             text.push_str(&format!("[{name}-auditor]\n"));
         }
@@ -200,7 +205,10 @@ pub fn node_programs(layout: &SwiftLayout, node: &str) -> Vec<(String, PathBuf)>
     ]
 }
 
-/// A proxy: S3 (s3api) with tempauth's user, and Swift's own API.
+/// A proxy: S3 (s3api) with tempauth's user, and Swift's own API. A node that failed is
+/// skipped for `error_suppression_interval` (60 s by default); nodes here come back within
+/// seconds, and with the default a second node dying within a minute of the first would
+/// leave two of three replicas skipped, so it is 5 s.
 pub fn proxy_conf(layout: &SwiftLayout, name: &str, bind: SocketAddr, user: &str) -> String {
     format!(
         "[DEFAULT]\n\
@@ -217,6 +225,7 @@ pub fn proxy_conf(layout: &SwiftLayout, name: &str, bind: SocketAddr, user: &str
          [app:proxy-server]\n\
          use = egg:swift#proxy\n\
          account_autocreate = true\n\
+         error_suppression_interval = 5\n\
          \n\
          [filter:s3api]\n\
          use = egg:swift#s3api\n\
@@ -401,6 +410,19 @@ pub fn build_rings(layout: &SwiftLayout, nodes: &[StorageNode]) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// A storage node's health: every one of its servers answers.
+pub async fn node_health(http: &reqwest::Client, node: &StorageNode) -> super::Health {
+    for server in Server::ALL {
+        if !healthy(http, node.address(server)).await {
+            return super::Health::not(format!(
+                "down: its {} server does not answer",
+                server.as_str()
+            ));
+        }
+    }
+    super::Health::ready("healthy")
 }
 
 /// Whether a Swift server at `address` answers its health check.

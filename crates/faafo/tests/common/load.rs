@@ -105,6 +105,12 @@ pub struct LoadRun {
 
 impl LoadRun {
     pub fn start(endpoints: &str) -> LoadRun {
+        Self::start_paced(endpoints, Duration::ZERO)
+    }
+
+    /// Like [`LoadRun::start`], each generator pausing `pause` between rounds: a bounded
+    /// rate, so that a slow backing store is not buried under a backlog.
+    pub fn start_paced(endpoints: &str, pause: Duration) -> LoadRun {
         // Long enough never to give up within the test's time, and to cover a failover.
         let policy = RetryPolicy {
             total: Duration::from_secs(30),
@@ -134,6 +140,9 @@ impl LoadRun {
                             unread.pop_front();
                         }
                         load.record("list", client.list_page(1, 5).await);
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
                     }
                 })
             })
@@ -205,6 +214,20 @@ pub async fn assert_rendered(client: &Client, created: &[Uuid]) -> usize {
         }
     }
     rerendered
+}
+
+/// Downloads and checks the image of every fractal of `created` that is done now (without
+/// waiting for the others); returns how many.
+pub async fn verify_done_images(client: &Client, created: &[Uuid]) -> usize {
+    let mut verified = 0;
+    for &uuid in created {
+        let view = client.get(uuid).await.unwrap();
+        if view.state == FractalState::Done {
+            verify_image(client, &view).await;
+            verified += 1;
+        }
+    }
+    verified
 }
 
 /// The list holds every fractal of `created` exactly once, and nothing else.
