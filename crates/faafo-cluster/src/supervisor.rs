@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{MemberStatus, Replies, Reply, Request, progress};
 use crate::members::{Health, Kind, Programs, Topology, etcd, faafo, postgres, swift};
+use crate::process_tree;
 
 /// A process that exits sooner than this after starting failed to start: the next start
 /// waits longer each time (like supervisord's `startsecs`).
@@ -1310,35 +1311,6 @@ fn signal(pid: u32, signal: i32) {
     unsafe {
         libc::kill(pid as i32, signal);
     }
-}
-
-/// `root` and every process descended from it, from `/proc`.
-fn process_tree(root: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The command name is in parentheses and may hold spaces: read after it.
-            let after_name = &stat[stat.rfind(')')? + 1..];
-            let ppid = after_name.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut tree = vec![root];
-    let mut at = 0;
-    while at < tree.len() {
-        let parent = tree[at];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, p)| *p == parent)
-                .map(|(pid, _)| *pid),
-        );
-        at += 1;
-    }
-    tree
 }
 
 /// Signals the process group `leader` leads (each member is started as one).

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::load::{LoadRun, assert_all_rendered_once, assert_rendered, tiny_fractal};
 use common::{run_faafo, spawn_cluster, wait_for};
 use faafo_client::Client;
+use faafo_cluster::process_tree;
 use uuid::Uuid;
 
 /// The cluster and everything acknowledged to clients so far.
@@ -48,6 +49,17 @@ impl Bed {
                 .await
                 .into_iter()
                 .find(|m| m.role == "postgres" && m.health == "leader")
+        })
+        .await
+    }
+
+    /// Waits until a member other than `old` leads.
+    async fn leader_other_than(&self, old: &str) -> Member {
+        wait_for("a new leader", Duration::from_secs(60), || async {
+            self.members()
+                .await
+                .into_iter()
+                .find(|m| m.role == "postgres" && m.health == "leader" && m.name != old)
         })
         .await
     }
@@ -100,32 +112,6 @@ fn kill(pid: i32, signal: i32) {
     // SAFETY: kill(2) has no memory-safety effect.
     let result = unsafe { libc::kill(pid, signal) };
     assert_eq!(result, 0, "kill({pid}, {signal})");
-}
-
-/// `root` and its descendants, from `/proc`.
-fn process_tree(root: i32) -> Vec<i32> {
-    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| {
-            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let after_name = &stat[stat.rfind(')')? + 1..];
-            Some((pid, after_name.split_whitespace().nth(1)?.parse().ok()?))
-        })
-        .collect();
-    let mut tree = vec![root];
-    let mut at = 0;
-    while at < tree.len() {
-        let parent = tree[at];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, p)| *p == parent)
-                .map(|(pid, _)| *pid),
-        );
-        at += 1;
-    }
-    tree
 }
 
 fn postmaster_pid(data: &Path, member: &str) -> i32 {
@@ -198,13 +184,7 @@ async fn the_database_survives_the_loss_of_its_primary_in_every_way() {
             bed.data(),
         ])
         .await;
-        let next = wait_for("a new leader", Duration::from_secs(60), || async {
-            bed.members()
-                .await
-                .into_iter()
-                .find(|m| m.role == "postgres" && m.health == "leader" && m.name != leader.name)
-        })
-        .await;
+        let next = bed.leader_other_than(&leader.name).await;
         run_faafo(&["cluster", "start", &leader.name, "--data-dir", bed.data()]).await;
         println!("{} dead; {} took over", leader.name, next.name);
     })
@@ -215,18 +195,12 @@ async fn the_database_survives_the_loss_of_its_primary_in_every_way() {
     // its member, started again, rejoins as a replica (rewound by pg_rewind).
     bed.scenario("leader's host frozen, then killed", async |bed| {
         let leader = bed.leader().await;
-        let mut host = process_tree(leader.pid.unwrap());
-        host.extend(process_tree(postmaster_pid(&bed.data, &leader.name)));
+        let mut host = process_tree(leader.pid.unwrap() as u32);
+        host.extend(process_tree(postmaster_pid(&bed.data, &leader.name) as u32));
         for &pid in &host {
-            kill(pid, libc::SIGSTOP);
+            kill(pid as i32, libc::SIGSTOP);
         }
-        let next = wait_for("a new leader", Duration::from_secs(60), || async {
-            bed.members()
-                .await
-                .into_iter()
-                .find(|m| m.role == "postgres" && m.health == "leader" && m.name != leader.name)
-        })
-        .await;
+        let next = bed.leader_other_than(&leader.name).await;
         run_faafo(&["cluster", "kill", &leader.name, "--data-dir", bed.data()]).await;
         println!(
             "{} frozen then killed; {} took over",
@@ -249,13 +223,7 @@ async fn the_database_survives_the_loss_of_its_primary_in_every_way() {
         let leader = bed.leader().await;
         let pid = leader.pid.unwrap();
         kill(pid, libc::SIGSTOP);
-        let next = wait_for("a new leader", Duration::from_secs(60), || async {
-            bed.members()
-                .await
-                .into_iter()
-                .find(|m| m.role == "postgres" && m.health == "leader" && m.name != leader.name)
-        })
-        .await;
+        let next = bed.leader_other_than(&leader.name).await;
         kill(pid, libc::SIGCONT);
         println!("{} frozen; {} took over", leader.name, next.name);
     })
