@@ -55,23 +55,36 @@ impl Bed {
 
     /// Waits until a member other than `old` leads.
     async fn leader_other_than(&self, old: &str) -> Member {
-        wait_for("a new leader", Duration::from_secs(60), || async {
-            self.members()
-                .await
-                .into_iter()
-                .find(|m| m.role == "postgres" && m.health == "leader" && m.name != old)
-        })
-        .await
+        let found = tokio::time::timeout(
+            Duration::from_secs(60),
+            wait_for("a new leader", Duration::from_secs(65), || async {
+                self.members()
+                    .await
+                    .into_iter()
+                    .find(|m| m.role == "postgres" && m.health == "leader" && m.name != old)
+            }),
+        )
+        .await;
+        match found {
+            Ok(leader) => leader,
+            Err(_) => panic!(
+                "no member but {old} led within 60 s:\n{:#?}\n{}",
+                self.members().await,
+                self.postgres_logs()
+            ),
+        }
     }
 
     /// Waits until every member is healthy again: etcd healthy, one postgres leader, a
     /// synchronous standby, every replica running, every API ready.
     async fn settled(&self) {
-        wait_for(
+        let last = std::sync::Mutex::new(String::new());
+        let whole = wait_for(
             "the cluster to be whole",
-            Duration::from_secs(120),
+            Duration::from_secs(245),
             || async {
                 let members = self.members().await;
+                *last.lock().unwrap() = format!("{members:#?}");
                 let count = |f: &dyn Fn(&Member) -> bool| members.iter().filter(|m| f(m)).count();
                 let whole = count(&|m| m.role == "etcd" && m.health == "healthy") == 3
                     && count(&|m| m.role == "postgres" && m.health == "leader") == 1
@@ -81,8 +94,36 @@ impl Bed {
                     && count(&|m| m.role == "api" && m.health == "ready") == 2;
                 whole.then_some(())
             },
-        )
-        .await;
+        );
+        // An old leader may need a rewind, or a new copy of the leader's data.
+        if tokio::time::timeout(Duration::from_secs(240), whole)
+            .await
+            .is_err()
+        {
+            panic!(
+                "the cluster was not whole within 240 s:\n{}\n{}",
+                last.lock().unwrap(),
+                self.postgres_logs()
+            );
+        }
+    }
+
+    /// The last lines of every postgres member's log, for failure messages.
+    fn postgres_logs(&self) -> String {
+        let logs = self.data.join("cluster").join("logs");
+        (1..=3)
+            .map(|i| {
+                let path = logs.join(format!("postgres-{i}.log"));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!(
+                    "--- {}\n{}",
+                    path.display(),
+                    lines[lines.len().saturating_sub(20)..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Runs `fault` under load; checks that nothing failed and nothing was lost; prints

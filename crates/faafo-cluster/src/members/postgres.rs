@@ -180,6 +180,11 @@ pub fn patroni_config(
             "data_dir": layout.data(),
             "bin_dir": bin_dir,
             "pgpass": layout.dir.join("pgpass"),
+            // An old leader whose rewind fails, or whose timeline diverged past rewinding,
+            // is cloned again from the leader rather than left down for a person to fix:
+            // what it alone had was never acknowledged (synchronous replication).
+            "remove_data_directory_on_rewind_failure": true,
+            "remove_data_directory_on_diverged_timelines": true,
             "authentication": {
                 "superuser": { "username": "postgres", "password": secrets.superuser },
                 "replication": { "username": "replicator", "password": secrets.replication },
