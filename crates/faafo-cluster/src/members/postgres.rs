@@ -158,6 +158,11 @@ pub fn patroni_config(
                 // A commit returns only once a standby has it, and only that standby may be
                 // promoted: a failover loses no acknowledged write.
                 "synchronous_mode": true,
+                // Never without a synchronous standby: when Patroni cannot name one (it
+                // was seen to fail to reassign it for minutes), commits wait (faafo
+                // answers 503) rather than be acknowledged on the leader alone, where a
+                // failover would lose them.
+                "synchronous_mode_strict": true,
                 "postgresql": {
                     // An old leader rejoins as a replica by rewinding what it had that the
                     // new one has not.
