@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
@@ -27,8 +28,8 @@ pub enum ImagesError {
         "the bucket {bucket:?} does not exist at {endpoint}: create it first (for example `aws s3 mb s3://{bucket} --endpoint-url {endpoint}`)"
     )]
     NoBucket { bucket: String, endpoint: String },
-    #[error("image {0} is not in the object store")]
-    Missing(Uuid),
+    #[error("the {1} of fractal {0} is not in the object store")]
+    Missing(Uuid, Rendition),
     #[error("the object store is unavailable")]
     Unavailable(#[source] object_store::Error),
     #[error("cannot prepare the image directory {path}")]
@@ -36,6 +37,25 @@ pub enum ImagesError {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// Which picture of a fractal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rendition {
+    /// The image itself, as large as asked.
+    Full,
+    /// The same fractal rendered small for galleries (`JuliaParams::preview`); only
+    /// images larger than a preview have one.
+    Preview,
+}
+
+impl std::fmt::Display for Rendition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Rendition::Full => "image",
+            Rendition::Preview => "preview",
+        })
+    }
 }
 
 /// Where fractal images live. Cloning shares the store.
@@ -276,45 +296,62 @@ impl Images {
         ImagesError::Unavailable(error)
     }
 
-    /// `fractals/ab/ab12...png`: spread over 256 prefixes, so no directory of a filesystem
-    /// store (and no key prefix of an S3 one) takes every write.
-    fn key(uuid: Uuid) -> Path {
+    /// `fractals/ab/ab12...png` (and `...preview.png`): spread over 256 prefixes, so no
+    /// directory of a filesystem store (and no key prefix of an S3 one) takes every write.
+    fn key(uuid: Uuid, rendition: Rendition) -> Path {
         let text = uuid.to_string();
-        Path::from(format!("fractals/{}/{text}.png", &text[..2]))
+        let suffix = match rendition {
+            Rendition::Full => "png",
+            Rendition::Preview => "preview.png",
+        };
+        Path::from(format!("fractals/{}/{text}.{suffix}", &text[..2]))
     }
 
-    /// Stores the PNG of `uuid`, atomically: readers see the whole image or none.
-    pub async fn put(&self, uuid: Uuid, png: Bytes) -> Result<(), ImagesError> {
+    /// Stores a PNG of `uuid`, atomically: readers see the whole image or none.
+    pub async fn put(
+        &self,
+        uuid: Uuid,
+        rendition: Rendition,
+        png: Bytes,
+    ) -> Result<(), ImagesError> {
         self.store
-            .put(&Self::key(uuid), PutPayload::from_bytes(png))
+            .put(&Self::key(uuid, rendition), PutPayload::from_bytes(png))
             .await
             .map_err(ImagesError::Unavailable)?;
         Ok(())
     }
 
-    pub async fn get(&self, uuid: Uuid) -> Result<Bytes, ImagesError> {
-        let found = match self.store.get(&Self::key(uuid)).await {
-            Ok(found) => found,
-            Err(object_store::Error::NotFound { .. }) => return Err(ImagesError::Missing(uuid)),
-            Err(e) => return Err(ImagesError::Unavailable(e)),
-        };
-        found.bytes().await.map_err(ImagesError::Unavailable)
+    pub async fn get(&self, uuid: Uuid, rendition: Rendition) -> Result<Bytes, ImagesError> {
+        self.stream(uuid, rendition, None)
+            .await?
+            .bytes
+            .try_fold(Vec::new(), |mut all, chunk| {
+                all.extend_from_slice(&chunk);
+                futures::future::ready(Ok(all))
+            })
+            .await
+            .map(Bytes::from)
+            .map_err(ImagesError::Unavailable)
     }
 
-    /// The image of `uuid`, or the bytes `range` of it, streamed from the store (never
-    /// held whole in memory).
+    /// A PNG of `uuid`, or the bytes `range` of it, streamed from the store (never held
+    /// whole in memory).
     pub async fn stream(
         &self,
         uuid: Uuid,
+        rendition: Rendition,
         range: Option<std::ops::Range<u64>>,
     ) -> Result<ImageStream, ImagesError> {
         let options = GetOptions {
             range: range.map(GetRange::Bounded),
             ..GetOptions::default()
         };
-        let found = match self.store.get_opts(&Self::key(uuid), options).await {
+        let key = Self::key(uuid, rendition);
+        let found = match self.store.get_opts(&key, options).await {
             Ok(found) => found,
-            Err(object_store::Error::NotFound { .. }) => return Err(ImagesError::Missing(uuid)),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ImagesError::Missing(uuid, rendition));
+            }
             Err(e) => return Err(ImagesError::Unavailable(e)),
         };
         let (range, size) = (found.range.clone(), found.meta.size);
@@ -325,12 +362,15 @@ impl Images {
         })
     }
 
-    /// Removes the PNG of `uuid`; an image that is not there is already removed.
+    /// Removes every PNG of `uuid`; one that is not there is already removed.
     pub async fn delete(&self, uuid: Uuid) -> Result<(), ImagesError> {
-        match self.store.delete(&Self::key(uuid)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(ImagesError::Unavailable(e)),
+        for rendition in [Rendition::Preview, Rendition::Full] {
+            match self.store.delete(&Self::key(uuid, rendition)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(ImagesError::Unavailable(e)),
+            }
         }
+        Ok(())
     }
 
     /// Succeeds when the store answers reads.

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ApiError;
-pub use images::{Images, ImagesError};
+pub use images::{Images, ImagesError, Rendition};
 use metrics::Metrics;
 use queue::WorkSignal;
 

@@ -572,6 +572,138 @@ async fn uploads_are_verified() {
     app.stop().await;
 }
 
+/// The bytes and `ETag` of a `GET` that must succeed.
+async fn fetch(app: &TestApp, path: &str) -> (bytes::Bytes, String) {
+    let response = app.http.get(app.url(path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    (response.bytes().await.unwrap(), etag)
+}
+
+fn upload_of<'a>(grant: &LeaseGrant, png: &'a faafo_render::RenderedPng) -> Upload<'a> {
+    Upload {
+        uuid: grant.uuid,
+        lease_token: grant.lease_token,
+        png: png.bytes.clone().into(),
+        checksum: &png.checksum,
+        duration: Duration::from_millis(5),
+        generated_by: "test-worker",
+    }
+}
+
+#[tokio::test]
+async fn previews_are_taken_under_the_lease_served_small_and_deleted_with_the_image() {
+    let app = TestApp::start().await;
+    let big = app
+        .create(json!({"width": 600, "height": 400, "iterations": 64, "xa": -1.5, "xb": 1.5, "ya": -1.0, "yb": 1.0}))
+        .await;
+    let grant = app.lease().await;
+    let (full, preview_params) = (render(&grant), grant.render_params().preview().unwrap());
+    assert_eq!((preview_params.width, preview_params.height), (512, 341));
+    let preview = render_png(&preview_params, Engine::Scalar, &AtomicBool::new(false)).unwrap();
+
+    // A preview of the wrong size is refused; the right one is taken.
+    let response = app
+        .http
+        .put(app.url(&format!("/v1/worker/tasks/{}/preview", big.uuid)))
+        .bearer_auth(TOKEN)
+        .header("faafo-lease-token", grant.lease_token.to_string())
+        .header("faafo-checksum", &full.checksum)
+        .body(full.bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("512x341"),
+        "{body}"
+    );
+    let sent = app
+        .worker
+        .upload_preview(
+            big.uuid,
+            grant.lease_token,
+            preview.bytes.clone().into(),
+            &preview.checksum,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent, LeaseOutcome::Held);
+    // Nothing is shown before the fractal is done.
+    let (status, _) = app.get(&format!("/fractal/{}/preview", big.uuid)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let uploaded = app.worker.upload(&upload_of(&grant, &full)).await.unwrap();
+    assert_eq!(uploaded, LeaseOutcome::Held);
+
+    let (bytes, etag) = fetch(&app, &format!("/fractal/{}/preview", big.uuid)).await;
+    assert_eq!(bytes, preview.bytes);
+    assert_eq!(etag, format!("\"{}-preview\"", full.checksum));
+    let revalidated = app
+        .http
+        .get(app.url(&format!("/fractal/{}/preview", big.uuid)))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revalidated.status(), StatusCode::NOT_MODIFIED);
+    let (bytes, _) = fetch(&app, &format!("/fractal/{}", big.uuid)).await;
+    assert_eq!(bytes, full.bytes);
+
+    // An image no larger than a preview is its own; a preview for it is refused.
+    let small = app.create(spec()).await;
+    let grant = app.lease().await;
+    let small_png = render(&grant);
+    let refused = app
+        .worker
+        .upload_preview(
+            small.uuid,
+            grant.lease_token,
+            small_png.bytes.clone().into(),
+            &small_png.checksum,
+        )
+        .await;
+    let error = refused.unwrap_err().to_string();
+    assert!(error.contains("its own preview"), "{error}");
+    app.worker
+        .upload(&upload_of(&grant, &small_png))
+        .await
+        .unwrap();
+    let (bytes, etag) = fetch(&app, &format!("/fractal/{}/preview", small.uuid)).await;
+    assert_eq!(
+        (bytes, etag),
+        (
+            small_png.bytes.into(),
+            format!("\"{}\"", small_png.checksum)
+        )
+    );
+
+    // A large fractal rendered before previews existed shows its image.
+    let old = app
+        .create(json!({"width": 700, "height": 100, "iterations": 16, "xa": -1.5, "xb": 1.5, "ya": -1.0, "yb": 1.0}))
+        .await;
+    let grant = app.lease().await;
+    let old_png = render(&grant);
+    app.worker
+        .upload(&upload_of(&grant, &old_png))
+        .await
+        .unwrap();
+    let (bytes, _) = fetch(&app, &format!("/fractal/{}/preview", old.uuid)).await;
+    assert_eq!(bytes, old_png.bytes);
+
+    // Deleting the fractal takes its preview too.
+    let text = big.uuid.to_string();
+    let preview_file = app
+        ._dir
+        .path()
+        .join(format!("images/fractals/{}/{text}.preview.png", &text[..2]));
+    assert!(preview_file.exists(), "{}", preview_file.display());
+    app.worker.delete(big.uuid).await.unwrap();
+    assert!(!preview_file.exists());
+    assert!(!preview_file.with_file_name(format!("{text}.png")).exists());
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_expired_lease_is_fenced_and_the_task_goes_to_the_next_worker() {
     let app = TestApp::start_with(|config| {

@@ -3,13 +3,13 @@
 //! storage node dead.
 
 use bytes::Bytes;
-use faafo_api::{Images, ImagesError};
+use faafo_api::{Images, ImagesError, Rendition};
 use faafo_testkit::SwiftCluster;
 use futures::TryStreamExt;
 use uuid::Uuid;
 
 async fn read_all(images: &Images, uuid: Uuid, range: Option<std::ops::Range<u64>>) -> Vec<u8> {
-    let stream = images.stream(uuid, range).await.unwrap();
+    let stream = images.stream(uuid, Rendition::Full, range).await.unwrap();
     let chunks: Vec<Bytes> = stream.bytes.try_collect().await.unwrap();
     chunks.concat()
 }
@@ -19,11 +19,17 @@ async fn behaves(images: &Images) {
     let uuid = Uuid::new_v4();
     // Larger than one network read, so streaming really streams.
     let png: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    images.put(uuid, Bytes::from(png.clone())).await.unwrap();
-    assert_eq!(images.get(uuid).await.unwrap(), png);
+    images
+        .put(uuid, Rendition::Full, Bytes::from(png.clone()))
+        .await
+        .unwrap();
+    assert_eq!(images.get(uuid, Rendition::Full).await.unwrap(), png);
     assert_eq!(read_all(images, uuid, None).await, png);
 
-    let stream = images.stream(uuid, Some(1000..2000)).await.unwrap();
+    let stream = images
+        .stream(uuid, Rendition::Full, Some(1000..2000))
+        .await
+        .unwrap();
     assert_eq!(
         (stream.range.clone(), stream.size),
         (1000..2000, png.len() as u64)
@@ -34,23 +40,44 @@ async fn behaves(images: &Images) {
     assert_eq!(tail, &png[299_990..]);
 
     // The same bytes again (a redelivered task) are harmless.
-    images.put(uuid, Bytes::from(png.clone())).await.unwrap();
-    assert_eq!(images.get(uuid).await.unwrap(), png);
+    images
+        .put(uuid, Rendition::Full, Bytes::from(png.clone()))
+        .await
+        .unwrap();
+    assert_eq!(images.get(uuid, Rendition::Full).await.unwrap(), png);
 
+    // The preview is a separate object of the same fractal.
+    assert!(matches!(
+        images.get(uuid, Rendition::Preview).await,
+        Err(ImagesError::Missing(u, Rendition::Preview)) if u == uuid
+    ));
+    let preview = Bytes::from_static(b"a small picture");
+    images
+        .put(uuid, Rendition::Preview, preview.clone())
+        .await
+        .unwrap();
+    assert_eq!(images.get(uuid, Rendition::Preview).await.unwrap(), preview);
+    assert_eq!(images.get(uuid, Rendition::Full).await.unwrap(), png);
+
+    // A delete takes both.
     images.delete(uuid).await.unwrap();
-    // Swift is eventually consistent: with a node down or just back, a replica that missed
-    // the delete may still answer for a moment (faafo never asks: the record goes first).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !matches!(images.get(uuid).await, Err(ImagesError::Missing(u)) if u == uuid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{uuid} still there 60 s after its delete"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for rendition in [Rendition::Full, Rendition::Preview] {
+        // Swift is eventually consistent: with a node down or just back, a replica that
+        // missed the delete may still answer for a moment (faafo never asks: the record
+        // goes first).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !matches!(images.get(uuid, rendition).await, Err(ImagesError::Missing(u, r)) if u == uuid && r == rendition)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the {rendition} of {uuid} still there 60 s after its delete"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
     assert!(matches!(
-        images.stream(uuid, None).await,
-        Err(ImagesError::Missing(_))
+        images.stream(uuid, Rendition::Full, None).await,
+        Err(ImagesError::Missing(..))
     ));
     // Deleting what is gone is not an error.
     images.delete(uuid).await.unwrap();
@@ -93,13 +120,16 @@ fn s3_on_replicated_swift_behaves_with_a_storage_node_dead() {
         .collect();
     runtime.block_on(async {
         for (uuid, png) in &before {
-            images.put(*uuid, png.clone()).await.unwrap();
+            images
+                .put(*uuid, Rendition::Full, png.clone())
+                .await
+                .unwrap();
         }
     });
     swift.kill_node(1);
     runtime.block_on(async {
         for (uuid, png) in &before {
-            assert_eq!(&images.get(*uuid).await.unwrap(), png);
+            assert_eq!(&images.get(*uuid, Rendition::Full).await.unwrap(), png);
         }
         behaves(&images).await;
     });

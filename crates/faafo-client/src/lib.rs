@@ -405,6 +405,26 @@ impl Client {
         lease_outcome(self.send(Method::PUT, &path, body, Some(timeout)).await?)
     }
 
+    /// Uploads the small preview of a task's image; send it before the image, whose
+    /// upload ends the lease.
+    pub async fn upload_preview(
+        &self,
+        uuid: Uuid,
+        lease_token: Uuid,
+        png: Bytes,
+        checksum: &str,
+    ) -> Result<LeaseOutcome, ClientError> {
+        let path = format!("/v1/worker/tasks/{uuid}/preview");
+        let body = Body::Png {
+            png,
+            headers: vec![
+                (upload_headers::LEASE_TOKEN, lease_token.to_string()),
+                (upload_headers::CHECKSUM, checksum.to_owned()),
+            ],
+        };
+        lease_outcome(self.send(Method::PUT, &path, body, None).await?)
+    }
+
     async fn lease_call<T: serde::Serialize>(
         &self,
         path: &str,

@@ -91,6 +91,12 @@ pub fn image_path(uuid: Uuid) -> String {
     format!("/fractal/{uuid}")
 }
 
+/// Where its preview is served: at most 512 pixels on the long side, or the image
+/// itself when that is no larger.
+pub fn preview_path(uuid: Uuid) -> String {
+    format!("/fractal/{uuid}/preview")
+}
+
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))

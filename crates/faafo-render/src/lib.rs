@@ -52,7 +52,31 @@ impl JuliaParams {
     pub fn row_im(&self, y: u32) -> f64 {
         axis_value(y, self.height, self.ya, self.yb)
     }
+
+    /// The same fractal (window, `c`, iterations) at most [`PREVIEW_MAX_SIDE`] pixels on
+    /// its long side, for galleries; `None` when the image is no larger than that and so
+    /// is its own preview.
+    pub fn preview(&self) -> Option<JuliaParams> {
+        let long = self.width.max(self.height);
+        if long <= PREVIEW_MAX_SIDE {
+            return None;
+        }
+        let scale = |side: u32| {
+            let scaled = (u64::from(side) * u64::from(PREVIEW_MAX_SIDE) + u64::from(long) / 2)
+                / u64::from(long);
+            scaled.max(1) as u32
+        };
+        Some(JuliaParams {
+            width: scale(self.width),
+            height: scale(self.height),
+            ..*self
+        })
+    }
 }
+
+/// The longest side of a preview, in pixels: sharp in a gallery card on a high-density
+/// screen, and a few tens of kilobytes.
+pub const PREVIEW_MAX_SIDE: u32 = 512;
 
 /// `k*(b-a)/(n-1)+a` in f64, in that order. The original divides by zero when `n == 1`;
 /// the only sensible coordinate of a single row or column is `a`.
@@ -62,4 +86,51 @@ fn axis_value(k: u32, n: u32, a: f64, b: f64) -> f64 {
         return a;
     }
     f64::from(k) * (b - a) / f64::from(n - 1) + a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(width: u32, height: u32) -> JuliaParams {
+        JuliaParams {
+            width,
+            height,
+            iterations: 64,
+            xa: -1.5,
+            xb: 1.5,
+            ya: -1.0,
+            yb: 1.0,
+            cx: -0.8,
+            cy: 0.156,
+        }
+    }
+
+    fn preview_size(width: u32, height: u32) -> Option<(u32, u32)> {
+        sized(width, height).preview().map(|p| (p.width, p.height))
+    }
+
+    #[test]
+    fn previews_keep_the_shape_and_the_fractal_within_the_longest_side() {
+        assert_eq!(preview_size(9999, 9999), Some((512, 512)));
+        assert_eq!(preview_size(600, 400), Some((512, 341)));
+        assert_eq!(preview_size(400, 600), Some((341, 512)));
+        assert_eq!(preview_size(513, 10), Some((512, 10)));
+        assert_eq!(preview_size(9999, 1), Some((512, 1)));
+        let preview = sized(2000, 1000).preview().unwrap();
+        assert_eq!(
+            (
+                preview.xa, preview.xb, preview.ya, preview.yb, preview.cx, preview.cy
+            ),
+            (-1.5, 1.5, -1.0, 1.0, -0.8, 0.156)
+        );
+        assert_eq!(preview.iterations, 64);
+    }
+
+    #[test]
+    fn small_images_are_their_own_preview() {
+        assert_eq!(preview_size(512, 512), None);
+        assert_eq!(preview_size(512, 100), None);
+        assert_eq!(preview_size(1, 1), None);
+    }
 }

@@ -270,7 +270,10 @@ async fn follow(
 
 /// Asks every endpoint `GET /primary` at once; the first to answer 200 leads (Patroni
 /// answers so only while it holds the leader key). An endpoint that hangs (a frozen
-/// host) holds up nobody: the others' answers are taken as they come.
+/// host) holds up nobody: the others' answers are taken as they come. Each request runs
+/// to its end in a task of its own (bounded by its timeout) even after the round is
+/// decided, so that Patroni is never left writing to a closed socket (it logs a
+/// traceback for each).
 async fn ask_every_endpoint(
     http: &reqwest::Client,
     endpoints: &[String],
@@ -279,13 +282,27 @@ async fn ask_every_endpoint(
     use futures::StreamExt;
     let mut answers: futures::stream::FuturesUnordered<_> = endpoints
         .iter()
-        .map(|endpoint| async move {
-            let answer = http.get(format!("{endpoint}/primary")).send().await;
-            (endpoint, answer.map(|r| r.status()))
+        .map(|endpoint| {
+            let (http, endpoint) = (http.clone(), endpoint.clone());
+            tokio::spawn(async move {
+                let answer = match http.get(format!("{endpoint}/primary")).send().await {
+                    Ok(response) => {
+                        let status = response.status();
+                        let _ = response.bytes().await;
+                        Ok(status)
+                    }
+                    Err(error) => Err(error),
+                };
+                (endpoint, answer)
+            })
         })
         .collect();
     let mut why = Vec::new();
-    while let Some((endpoint, answer)) = answers.next().await {
+    while let Some(joined) = answers.next().await {
+        let Ok((endpoint, answer)) = joined else {
+            continue;
+        };
+        let endpoint = &endpoint;
         match answer {
             Ok(status) if status == reqwest::StatusCode::OK => {
                 if let Some(server) = servers.get(endpoint) {

@@ -178,10 +178,18 @@ async fn render_and_upload(
 ) -> TaskEnd {
     let params = grant.render_params();
     let engine = config.engine;
-    let started = Instant::now();
     let render_cancel = Arc::clone(cancel);
-    let mut render =
-        tokio::task::spawn_blocking(move || render_png(&params, engine, &render_cancel));
+    let mut render = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let png = render_png(&params, engine, &render_cancel)?;
+        // The recorded duration is the image's alone, as it always was.
+        let duration = started.elapsed();
+        let preview = params
+            .preview()
+            .map(|preview| render_png(&preview, engine, &render_cancel))
+            .transpose()?;
+        Ok::<_, RenderError>((png, duration, preview))
+    });
     let rendered = tokio::select! {
         result = &mut render => result,
         _ = async { shutdown.cancelled().await; tokio::time::sleep(config.shutdown_grace).await } => {
@@ -190,9 +198,8 @@ async fn render_and_upload(
             return give_back(client, grant).await;
         }
     };
-    let duration = started.elapsed();
-    let png = match rendered {
-        Ok(Ok(png)) => png,
+    let (png, duration, preview) = match rendered {
+        Ok(Ok(rendered)) => rendered,
         Ok(Err(RenderError::Cancelled)) => return TaskEnd::LeaseLost(lost_reason(lease_lost)),
         Ok(Err(error)) => {
             return report_failure(
@@ -211,6 +218,29 @@ async fn render_and_upload(
             .await;
         }
     };
+    // The preview goes first: the image's upload ends the lease. Without one, the
+    // gallery shows the image itself, so a refused preview costs no work.
+    if let Some(preview) = preview {
+        let bytes = Bytes::from(preview.bytes);
+        let send = || {
+            client.upload_preview(
+                grant.uuid,
+                grant.lease_token,
+                bytes.clone(),
+                &preview.checksum,
+            )
+        };
+        match deliver(grant, lease_lost, shutdown, send).await {
+            Delivery::Held => {}
+            Delivery::Abandoned(why) => return TaskEnd::LeaseLost(why),
+            Delivery::Lost(why) => {
+                tracing::warn!(fractal.uuid = %grant.uuid, reason = %why, "preview not taken")
+            }
+            Delivery::Refused(error) => {
+                tracing::warn!(fractal.uuid = %grant.uuid, %error, "preview refused")
+            }
+        }
+    }
     let upload = Upload {
         uuid: grant.uuid,
         lease_token: grant.lease_token,
@@ -219,24 +249,52 @@ async fn render_and_upload(
         duration,
         generated_by: &config.name,
     };
-    // The client fails over within its own time bound; beyond it, keep trying until the
-    // lease is known to be lost, so a rendered image is not thrown away for an outage.
+    match deliver(grant, lease_lost, shutdown, || client.upload(&upload)).await {
+        Delivery::Held => TaskEnd::Done,
+        Delivery::Lost(why) => already_ours(client, grant, &png.checksum, why).await,
+        Delivery::Refused(error) => {
+            report_failure(client, grant, &format!("upload refused: {error}")).await
+        }
+        Delivery::Abandoned(why) => TaskEnd::LeaseLost(why),
+    }
+}
+
+/// How an upload ended.
+enum Delivery {
+    /// The server took it.
+    Held,
+    /// The server said the lease moved on.
+    Lost(String),
+    /// The server refused it for what it is.
+    Refused(ClientError),
+    /// Given up: the lease is known lost, or the worker is stopping.
+    Abandoned(String),
+}
+
+/// Sends an upload until the server answers it. The client fails over within its own
+/// time bound; beyond it, keep trying until the lease is known to be lost, so a rendered
+/// image is not thrown away for an outage.
+async fn deliver<Sent>(
+    grant: &LeaseGrant,
+    lease_lost: &CancellationToken,
+    shutdown: &CancellationToken,
+    send: impl Fn() -> Sent,
+) -> Delivery
+where
+    Sent: std::future::Future<Output = Result<LeaseOutcome, ClientError>>,
+{
     loop {
         if lease_lost.is_cancelled() {
-            return TaskEnd::LeaseLost(lost_reason(lease_lost));
+            return Delivery::Abandoned(lost_reason(lease_lost));
         }
-        match client.upload(&upload).await {
-            Ok(LeaseOutcome::Held) => return TaskEnd::Done,
-            Ok(LeaseOutcome::Lost(why)) => {
-                return already_ours(client, grant, &png.checksum, why).await;
-            }
-            Err(error @ ClientError::Api { .. }) => {
-                return report_failure(client, grant, &format!("upload refused: {error}")).await;
-            }
+        match send().await {
+            Ok(LeaseOutcome::Held) => return Delivery::Held,
+            Ok(LeaseOutcome::Lost(why)) => return Delivery::Lost(why),
+            Err(error @ ClientError::Api { .. }) => return Delivery::Refused(error),
             Err(error) => {
                 tracing::warn!(fractal.uuid = %grant.uuid, error = %error, "upload failed; retrying");
                 if shutdown.is_cancelled() {
-                    return TaskEnd::LeaseLost("shutting down with the API unreachable".into());
+                    return Delivery::Abandoned("shutting down with the API unreachable".into());
                 }
             }
         }

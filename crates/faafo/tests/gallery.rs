@@ -3,9 +3,13 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use faafo_core::FractalState;
@@ -44,6 +48,145 @@ fn chromium(profile: &Path, args: &[&str], url: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Headless Chromium driven over the DevTools protocol on a pipe
+/// (`--remote-debugging-pipe`: JSON messages ending in NUL, read on fd 3, written on fd 4).
+struct DevTools {
+    child: Child,
+    to_browser: std::io::PipeWriter,
+    from_browser: mpsc::Receiver<serde_json::Value>,
+    session: Option<String>,
+    next_id: u64,
+}
+
+impl DevTools {
+    fn launch(profile: &Path) -> DevTools {
+        let (browser_reads, to_browser) = std::io::pipe().unwrap();
+        let (from_browser, browser_writes) = std::io::pipe().unwrap();
+        let (read_fd, write_fd) = (browser_reads.as_raw_fd(), browser_writes.as_raw_fd());
+        let mut command = Command::new(CHROMIUM);
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .args(["--disable-background-networking", "--remote-debugging-pipe"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec. The copies above
+        // fd 10 keep the two dup2 calls from overwriting each other's source.
+        unsafe {
+            command.pre_exec(move || {
+                let read_copy = libc::fcntl(read_fd, libc::F_DUPFD, 10);
+                let write_copy = libc::fcntl(write_fd, libc::F_DUPFD, 10);
+                if read_copy < 0
+                    || write_copy < 0
+                    || libc::dup2(read_copy, 3) < 0
+                    || libc::dup2(write_copy, 4) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("chromium starts");
+        drop((browser_reads, browser_writes));
+        let (messages, from_browser_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(from_browser);
+            let mut message = Vec::new();
+            while reader.read_until(0, &mut message).unwrap_or(0) > 0 {
+                message.pop();
+                if let Ok(value) = serde_json::from_slice(&message)
+                    && messages.send(value).is_err()
+                {
+                    return;
+                }
+                message.clear();
+            }
+        });
+        DevTools {
+            child,
+            to_browser,
+            from_browser: from_browser_rx,
+            session: None,
+            next_id: 1,
+        }
+    }
+
+    /// Sends one command (to the attached page, once there is one) and returns its result.
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut message = serde_json::json!({ "id": id, "method": method, "params": params });
+        if let Some(session) = &self.session {
+            message["sessionId"] = session.clone().into();
+        }
+        let mut bytes = serde_json::to_vec(&message).unwrap();
+        bytes.push(0);
+        self.to_browser.write_all(&bytes).unwrap();
+        let reply = self.next_message(&format!("the answer to {method}"), |m| m["id"] == id);
+        assert!(reply.get("error").is_none(), "{method}: {reply}");
+        reply["result"].clone()
+    }
+
+    fn wait_for_event(&mut self, method: &str) {
+        self.next_message(method, |m| m["method"] == method);
+    }
+
+    /// The next message `wanted` picks, skipping others, within 60 s.
+    fn next_message(
+        &mut self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.from_browser.recv_timeout(left) {
+                Ok(message) if wanted(&message) => return message,
+                Ok(_) => {}
+                Err(error) => panic!("no {what} from Chromium: {error}"),
+            }
+        }
+    }
+
+    /// Opens `url` in a new tab and waits for its load event.
+    fn open(&mut self, url: &str) {
+        let target = self.call(
+            "Target.createTarget",
+            serde_json::json!({ "url": "about:blank" }),
+        );
+        let attached = self.call(
+            "Target.attachToTarget",
+            serde_json::json!({ "targetId": target["targetId"], "flatten": true }),
+        );
+        self.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
+        self.call("Page.enable", serde_json::json!({}));
+        self.call("Page.navigate", serde_json::json!({ "url": url }));
+        self.wait_for_event("Page.loadEventFired");
+    }
+
+    /// Evaluates `expression` in the page, awaiting it if it is a promise.
+    fn evaluate(&mut self, expression: &str) -> serde_json::Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({ "expression": expression, "awaitPromise": true, "returnByValue": true }),
+        );
+        assert!(result.get("exceptionDetails").is_none(), "{result}");
+        result["result"]["value"].clone()
+    }
+}
+
+impl Drop for DevTools {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn fractal(width: u32, height: u32, iterations: u32) -> CreateFractal {
@@ -227,4 +370,70 @@ async fn unfinished_fractals_show_their_state_and_the_page_notices_changes() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     client.delete(uuid).await.unwrap();
+}
+
+/// How long the page took to draw (from navigation to every picture decoded and two
+/// frames painted) and how many bytes it transferred (document, style, script, pictures).
+const DRAWN_AND_WEIGHED: &str = r#"(async () => {
+    await Promise.all([...document.images].map(image => image.decode()));
+    await new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)));
+    const entries = [
+        ...performance.getEntriesByType("navigation"),
+        ...performance.getEntriesByType("resource"),
+    ];
+    return {
+        drawn_ms: performance.now(),
+        bytes: entries.reduce((sum, entry) => sum + entry.transferSize, 0),
+        images: document.images.length,
+        loaded: [...document.images].filter(image => image.complete && image.naturalWidth > 0).length,
+    };
+})()"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_of_huge_fractals_is_light_because_it_shows_previews() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = spawn_up(dir.path(), "up", 2);
+    let client = client(up.url());
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        created.push(client.create(&fractal(9999, 9999, 256)).await.unwrap().uuid);
+    }
+    let mut full_bytes = 0;
+    for uuid in &created {
+        let done =
+            wait_for_state(&client, *uuid, FractalState::Done, Duration::from_secs(300)).await;
+        full_bytes += done.size.unwrap();
+    }
+
+    let mut browser = DevTools::launch(&dir.path().join("chromium-profile"));
+    browser.open(&format!("{}/", up.url()));
+    let page = browser.evaluate(DRAWN_AND_WEIGHED);
+    let (bytes, drawn_ms) = (
+        page["bytes"].as_u64().unwrap(),
+        page["drawn_ms"].as_f64().unwrap(),
+    );
+    println!(
+        "gallery page of five 9999x9999 fractals: {:.0} KB transferred, drawn in {:.0} ms (the five images themselves: {:.1} MB)",
+        bytes as f64 / 1e3,
+        drawn_ms,
+        full_bytes as f64 / 1e6
+    );
+    assert_eq!(
+        (page["images"].as_u64(), page["loaded"].as_u64()),
+        (Some(5), Some(5)),
+        "{page}"
+    );
+    assert!(bytes > 5 * 1000, "the pictures were counted: {page}");
+    assert!(
+        bytes < 1_000_000,
+        "a page of previews weighs under 1 MB: {page}"
+    );
+    // Every picture is the fractal's preview; each links to its full image.
+    let sources = browser.evaluate(
+        "[...document.querySelectorAll('a.picture')].map(a => [a.getAttribute('href'), a.querySelector('img').getAttribute('src')])",
+    );
+    for pair in sources.as_array().unwrap() {
+        let (href, src) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
+        assert_eq!(src, format!("{href}/preview"), "{sources}");
+    }
 }

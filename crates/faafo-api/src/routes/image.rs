@@ -1,6 +1,7 @@
-//! `GET /fractal/<uuid>`: the PNG itself, streamed from the object store. A done
-//! fractal's image never changes, so it is cacheable forever, revalidated by its
-//! checksum (`ETag`, `If-None-Match` -> 304), and served in byte ranges.
+//! `GET /fractal/<uuid>` (the PNG itself) and `GET /fractal/<uuid>/preview` (its small
+//! rendition), streamed from the object store. A done fractal's images never change, so
+//! they are cacheable forever and revalidated by its checksum (`ETag`, `If-None-Match`
+//! -> 304); the image is also served in byte ranges.
 
 use std::sync::Arc;
 
@@ -9,61 +10,66 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use faafo_core::FractalState;
 use faafo_core::wire::ErrorBody;
+use faafo_core::{Fractal, FractalState};
 
 use super::parse_uuid;
-use crate::{ApiError, AppState, ImagesError};
+use crate::images::ImageStream;
+use crate::{ApiError, AppState, ImagesError, Rendition};
 
 pub async fn download(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let uuid = parse_uuid(&uuid)?;
+    serve(&state, &uuid, &headers, Rendition::Full).await
+}
+
+/// `GET /fractal/<uuid>/preview`: the small rendition the gallery shows. An image no
+/// larger than a preview is its own preview, and so is the image of a fractal rendered
+/// before previews existed.
+pub async fn preview(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve(&state, &uuid, &headers, Rendition::Preview).await
+}
+
+async fn serve(
+    state: &AppState,
+    uuid: &str,
+    headers: &HeaderMap,
+    rendition: Rendition,
+) -> Result<Response, ApiError> {
+    let uuid = parse_uuid(uuid)?;
     let fractal = state
         .store
         .get(uuid)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
+    let has_preview = fractal.spec.render_params().preview().is_some();
     let Some(result) = fractal
         .result
+        .as_ref()
         .filter(|_| fractal.state == FractalState::Done)
     else {
-        // Not an error of the server: the image does not exist yet (or never will).
-        let message = match fractal.state {
-            FractalState::Failed => format!(
-                "fractal {uuid} failed and has no image: {}",
-                fractal.error.unwrap_or_default()
-            ),
-            state => format!("fractal {uuid} is {state}; its image is not rendered yet"),
-        };
-        let mut response = (
-            StatusCode::NOT_FOUND,
-            Json(ErrorBody {
-                message,
-                field: None,
-            }),
-        )
-            .into_response();
-        if !fractal.state.is_finished() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        return Ok(response);
+        return Ok(not_rendered(&fractal));
     };
+    if rendition == Rendition::Preview && has_preview {
+        match state.images.stream(uuid, Rendition::Preview, None).await {
+            // Previews are small: sent whole, byte ranges are not worth their keep.
+            Ok(image) => {
+                let etag = format!("\"{}-preview\"", result.checksum);
+                return Ok(respond(headers, &etag, image, None));
+            }
+            Err(ImagesError::Missing(..)) => {}
+            Err(error) => return Err(unavailable(error)),
+        }
+    }
     let etag = format!("\"{}\"", result.checksum);
-    let cached = [
-        (header::ETAG, etag.clone()),
-        // A fractal's image never changes: it is a pure function of the record.
-        (
-            header::CACHE_CONTROL,
-            "public, max-age=31536000, immutable".to_owned(),
-        ),
-    ];
-    if if_none_match(&headers, &etag) {
-        return Ok((StatusCode::NOT_MODIFIED, cached).into_response());
+    if if_none_match(headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response());
     }
     let wanted = match headers
         .get(header::RANGE)
@@ -81,20 +87,77 @@ pub async fn download(
     };
     let image = state
         .images
-        .stream(uuid, wanted.clone())
+        .stream(uuid, Rendition::Full, wanted.clone())
         .await
-        .map_err(|error| match error {
-            ImagesError::Unavailable(_) => {
-                ApiError::Unavailable(format!("the object store is unavailable ({error})"))
-            }
-            other => ApiError::Internal(Box::new(other)),
-        })?;
+        .map_err(unavailable)?;
+    let mut response = respond(headers, &etag, image, wanted);
+    response
+        .headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Ok(response)
+}
+
+/// 404 for a fractal with no image (yet): not an error of the server.
+fn not_rendered(fractal: &Fractal) -> Response {
+    let uuid = fractal.uuid;
+    let message = match fractal.state {
+        FractalState::Failed => format!(
+            "fractal {uuid} failed and has no image: {}",
+            fractal.error.clone().unwrap_or_default()
+        ),
+        state => format!("fractal {uuid} is {state}; its image is not rendered yet"),
+    };
+    let mut response = (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            message,
+            field: None,
+        }),
+    )
+        .into_response();
+    if !fractal.state.is_finished() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn unavailable(error: ImagesError) -> ApiError {
+    match error {
+        ImagesError::Unavailable(_) => {
+            ApiError::Unavailable(format!("the object store is unavailable ({error})"))
+        }
+        other => ApiError::Internal(Box::new(other)),
+    }
+}
+
+/// A fractal's images never change: each is a pure function of the record.
+fn cache_headers(etag: &str) -> [(header::HeaderName, String); 2] {
+    [
+        (header::ETAG, etag.to_owned()),
+        (
+            header::CACHE_CONTROL,
+            "public, max-age=31536000, immutable".to_owned(),
+        ),
+    ]
+}
+
+/// The image streamed (or `304` when the client has it): the bytes `wanted`, or all.
+fn respond(
+    headers: &HeaderMap,
+    etag: &str,
+    image: ImageStream,
+    wanted: Option<std::ops::Range<u64>>,
+) -> Response {
+    if if_none_match(headers, etag) {
+        return (StatusCode::NOT_MODIFIED, cache_headers(etag)).into_response();
+    }
     let length = image.range.end - image.range.start;
     let mut response = (
-        cached,
+        cache_headers(etag),
         [
             (header::CONTENT_TYPE, "image/png".to_owned()),
-            (header::ACCEPT_RANGES, "bytes".to_owned()),
             (header::CONTENT_LENGTH, length.to_string()),
         ],
         Body::from_stream(image.bytes),
@@ -113,7 +176,7 @@ pub async fn download(
             HeaderValue::from_str(&content_range).expect("ASCII"),
         );
     }
-    Ok(response)
+    response
 }
 
 /// Whether `If-None-Match` names `etag` (or is `*`).

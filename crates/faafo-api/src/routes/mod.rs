@@ -24,11 +24,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(fractals::show).delete(fractals::delete),
         )
         .route("/fractal/{uuid}", get(image::download))
+        .route("/fractal/{uuid}/preview", get(image::preview))
         .route("/v1/worker/lease", post(worker::lease))
         .route("/v1/worker/tasks/{uuid}/heartbeat", post(worker::heartbeat))
         .route("/v1/worker/tasks/{uuid}/release", post(worker::release))
         .route("/v1/worker/tasks/{uuid}/fail", post(worker::fail))
         .route("/v1/worker/tasks/{uuid}/image", put(worker::upload))
+        .route(
+            "/v1/worker/tasks/{uuid}/preview",
+            put(worker::upload_preview),
+        )
         .route("/v1/nodes", get(membership::status))
         .route("/v1/nodes/heartbeat", post(membership::heartbeat))
         .route("/v1/nodes/leave", post(membership::leave))

@@ -15,14 +15,14 @@ use faafo_core::fractal::RenderResult;
 use faafo_core::wire::{
     FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
 };
-use faafo_core::{FractalState, LeaseToken};
+use faafo_core::{Fractal, FractalState, LeaseToken};
 use faafo_store::{Lease, StoreError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::parse_uuid;
-use crate::{ApiError, AppState, json};
+use crate::{ApiError, AppState, Rendition, json};
 
 /// Longest `error` text a worker may report.
 const MAX_ERROR_CHARS: usize = 2000;
@@ -185,50 +185,35 @@ pub async fn fail(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Takes a finished PNG: checks the lease, the checksum and the image size, stores the
-/// image, then marks the fractal done. Storing the same image twice is harmless: a
-/// fractal's PNG is a pure function of its record.
-pub async fn upload(
-    State(state): State<Arc<AppState>>,
-    Path(uuid): Path<String>,
-    headers: HeaderMap,
+/// A PNG a worker sent for a task it holds: lease checked, body read and hashed.
+struct ReceivedPng {
+    token: LeaseToken,
+    png: bytes::Bytes,
+    checksum: String,
+}
+
+/// Checks the lease before reading a possibly large body, then checks that the body is
+/// what the worker hashed, that it is a PNG and that it has the dimensions `expected`
+/// gives for the fractal.
+async fn receive_png(
+    state: &AppState,
+    uuid: Uuid,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
-    authorize_member(&state, &headers)?;
-    let uuid = parse_uuid(&uuid)?;
-    let header_text = |name: &'static str| {
-        headers
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .ok_or_else(|| ApiError::BadRequest {
-                message: format!("missing or non-text header {name}"),
-                field: Some(name.into()),
-            })
-    };
-    let token = header_text(upload_headers::LEASE_TOKEN)?;
+    expected: impl FnOnce(&Fractal) -> Result<(u32, u32), ApiError>,
+) -> Result<ReceivedPng, ApiError> {
+    let token = header_text(headers, upload_headers::LEASE_TOKEN)?;
     let token = Uuid::parse_str(token).map(LeaseToken).map_err(|_| {
         ApiError::bad_request(format!("{} is not a UUID", upload_headers::LEASE_TOKEN))
     })?;
-    let claimed_checksum = header_text(upload_headers::CHECKSUM)?.to_ascii_lowercase();
-    let duration: f64 = header_text(upload_headers::DURATION)?
-        .parse()
-        .ok()
-        .filter(|d: &f64| d.is_finite() && *d >= 0.0)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "{} must be a number of seconds",
-                upload_headers::DURATION
-            ))
-        })?;
-    let generated_by = header_text(upload_headers::GENERATED_BY)?.to_owned();
-
-    // Refuse early, before reading a large body, when the lease is already gone.
+    let claimed_checksum = header_text(headers, upload_headers::CHECKSUM)?.to_ascii_lowercase();
     let fractal = state
         .store
         .get(uuid)
         .await?
         .ok_or(StoreError::NotFound(uuid))?;
     state.store.check_lease(uuid, token).await?;
+    let expected = expected(&fractal)?;
 
     let png = json::read_body(body, state.config.max_upload_bytes).await?;
     let checksum = hex::encode(Sha256::digest(&png));
@@ -240,32 +225,114 @@ pub async fn upload(
             ),
         ));
     }
-    let expected = (fractal.spec.width(), fractal.spec.height());
     match faafo_render::png_dimensions(&png) {
-        Ok(dimensions) if dimensions == expected => {}
-        Ok((w, h)) => {
-            return Err(ApiError::invalid(
-                "body",
-                format!(
-                    "the PNG is {w}x{h}, the fractal is {}x{}",
-                    expected.0, expected.1
-                ),
-            ));
-        }
-        Err(error) => {
-            return Err(ApiError::invalid(
-                "body",
-                format!("the body is not a PNG: {error}"),
-            ));
-        }
+        Ok(dimensions) if dimensions == expected => Ok(ReceivedPng {
+            token,
+            png,
+            checksum,
+        }),
+        Ok((w, h)) => Err(ApiError::invalid(
+            "body",
+            format!(
+                "the PNG is {w}x{h}, it should be {}x{}",
+                expected.0, expected.1
+            ),
+        )),
+        Err(error) => Err(ApiError::invalid(
+            "body",
+            format!("the body is not a PNG: {error}"),
+        )),
     }
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest {
+            message: format!("missing or non-text header {name}"),
+            field: Some(name.into()),
+        })
+}
+
+fn store_unavailable(error: crate::ImagesError) -> ApiError {
+    ApiError::Unavailable(format!("could not store the image ({error}); retry"))
+}
+
+/// Takes the small preview of a task's image (see `JuliaParams::preview`). Workers send
+/// it before the image, whose upload ends the lease. Storing it twice is harmless.
+pub async fn upload_preview(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    authorize_member(&state, &headers)?;
+    let uuid = parse_uuid(&uuid)?;
+    let received = receive_png(&state, uuid, &headers, body, |fractal| {
+        let (width, height) = (fractal.spec.width(), fractal.spec.height());
+        fractal
+            .spec
+            .render_params()
+            .preview()
+            .map(|preview| (preview.width, preview.height))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "body",
+                    format!("the fractal is {width}x{height}: it is its own preview"),
+                )
+            })
+    })
+    .await?;
+    state
+        .images
+        .put(uuid, Rendition::Preview, received.png)
+        .await
+        .map_err(store_unavailable)?;
+    // Deleted meanwhile: do not leave the preview behind.
+    if let Err(StoreError::NotFound(_)) = state.store.check_lease(uuid, received.token).await {
+        let _ = state.images.delete(uuid).await;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes a finished PNG: checks the lease, the checksum and the image size, stores the
+/// image, then marks the fractal done. Storing the same image twice is harmless: a
+/// fractal's PNG is a pure function of its record.
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize_member(&state, &headers)?;
+    let uuid = parse_uuid(&uuid)?;
+    let duration: f64 = header_text(&headers, upload_headers::DURATION)?
+        .parse()
+        .ok()
+        .filter(|d: &f64| d.is_finite() && *d >= 0.0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{} must be a number of seconds",
+                upload_headers::DURATION
+            ))
+        })?;
+    let generated_by = header_text(&headers, upload_headers::GENERATED_BY)?.to_owned();
+    let ReceivedPng {
+        token,
+        png,
+        checksum,
+    } = receive_png(&state, uuid, &headers, body, |fractal| {
+        Ok((fractal.spec.width(), fractal.spec.height()))
+    })
+    .await?;
 
     let size = png.len() as u64;
     state
         .images
-        .put(uuid, png)
+        .put(uuid, Rendition::Full, png)
         .await
-        .map_err(|e| ApiError::Unavailable(format!("could not store the image ({e}); retry")))?;
+        .map_err(store_unavailable)?;
     let result = RenderResult {
         checksum,
         size,

@@ -174,6 +174,11 @@ pub fn patroni_config(
                         "max_wal_senders": 10,
                         "max_replication_slots": 10,
                         "wal_keep_size": "128MB",
+                        // After a failover a standby's first try at the new leader fails
+                        // (its replication slot is made on the leader's next loop), and
+                        // with the default of 5 s the next try came 5 s later while every
+                        // commit waited for it (strict synchronous mode).
+                        "wal_retrieve_retry_interval": "250ms",
                     },
                 },
             },
