@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::load::{LoadRun, assert_all_rendered_once, verify_done_images};
 use common::{run_faafo, spawn_api_with, spawn_cluster, spawn_worker, wait_for};
+use faafo_core::FractalState;
 use faafo_testkit::SwiftCluster;
 
 #[test]
@@ -49,10 +50,28 @@ fn images_survive_a_dead_storage_node_and_a_dead_proxy() {
     created.extend(made);
     runtime.block_on(assert_all_rendered_once(&client, &created));
 
+    // A preview lives in the store beside its image, and goes with it.
+    let http = reqwest::Client::new();
+    runtime.block_on(async {
+        let large = faafo_core::wire::CreateFractal {
+            width: 600,
+            height: 400,
+            ..common::load::tiny_fractal()
+        };
+        let uuid = client.create(&large).await.unwrap().uuid;
+        common::wait_for_state(&client, uuid, FractalState::Done, Duration::from_secs(60)).await;
+        let preview = format!("{}/fractal/{uuid}/preview", api.url());
+        let answer = http.get(&preview).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let png = answer.bytes().await.unwrap();
+        assert_eq!(faafo_render::png_dimensions(&png).unwrap(), (512, 341));
+        client.delete(uuid).await.unwrap();
+        assert_eq!(http.get(&preview).send().await.unwrap().status(), 404);
+    });
+
     // The proxy dies: the API says the object store is unavailable (and why) and takes
     // no image, but loses nothing; once it is back, the API is ready again without a
     // restart and the renders held back meanwhile complete.
-    let http = reqwest::Client::new();
     let readyz = |http: &reqwest::Client| {
         let request = http.get(format!("{}/readyz", api.url())).send();
         async move {

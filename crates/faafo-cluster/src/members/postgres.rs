@@ -13,15 +13,17 @@ use serde_json::{Value, json};
 
 use super::{Health, etcd};
 
-/// Patroni's timings. With ttl 10 s a dead leader's key expires within 10 s and a
+/// Patroni's timings. With ttl 8 s a dead leader's key expires within 8 s and a
 /// standby takes over; loop_wait 1 s renews it every second; a leader that cannot reach
-/// etcd for retry_timeout 4 s demotes itself. faafo's fence trusts a confirmation of the
-/// leader for ttl - loop_wait - retry_timeout = 5 s ([`faafo_store::patroni::FENCE_WINDOW`]).
-pub const TTL_S: u64 = 10;
+/// etcd for retry_timeout 3 s demotes itself (Patroni asks loop_wait + 2 x retry_timeout
+/// <= ttl). faafo's fence trusts a confirmation of the leader for
+/// ttl - loop_wait - retry_timeout = 4 s ([`faafo_store::patroni::FENCE_WINDOW`]).
+pub const TTL_S: u64 = 8;
 pub const LOOP_WAIT_S: u64 = 1;
-pub const RETRY_TIMEOUT_S: u64 = 4;
+pub const RETRY_TIMEOUT_S: u64 = 3;
 const _: () =
     assert!(faafo_store::patroni::FENCE_WINDOW.as_secs() <= TTL_S - LOOP_WAIT_S - RETRY_TIMEOUT_S);
+const _: () = assert!(LOOP_WAIT_S + 2 * RETRY_TIMEOUT_S <= TTL_S);
 
 /// The database and the role the API instances use.
 pub const DATABASE: &str = "faafo";
@@ -167,13 +169,17 @@ pub fn patroni_config(
                     // An old leader rejoins as a replica by rewinding what it had that the
                     // new one has not.
                     "use_pg_rewind": true,
-                    "use_slots": true,
+                    // No replication slots: a new leader makes its standbys' slots only
+                    // two loops after its promotion, and until then (2 s, seen here) no
+                    // standby could connect and every commit waited. wal_keep_size keeps
+                    // the WAL a standby that was away needs instead.
+                    "use_slots": false,
                     "parameters": {
                         "wal_log_hints": "on",
                         "max_connections": 200,
                         "max_wal_senders": 10,
                         "max_replication_slots": 10,
-                        "wal_keep_size": "128MB",
+                        "wal_keep_size": "1GB",
                         // After a failover a standby's first try at the new leader fails
                         // (its replication slot is made on the leader's next loop), and
                         // with the default of 5 s the next try came 5 s later while every
