@@ -10,7 +10,7 @@
 
 mod control;
 pub mod members;
-mod server_user;
+pub mod server_user;
 mod supervisor;
 
 use std::net::IpAddr;

@@ -24,12 +24,21 @@ fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// When we are root: makes `command` run as `postgres`, gives it `dir` and what is in it
-/// at the top level, and lets it through every directory above `dir` (search permission
-/// only: nothing above can be listed or read by it that was not already).
+/// When we are root: makes `command` run as `postgres`, after [`hand_to_server_user`].
 pub fn run_as_server_user(command: &mut tokio::process::Command, dir: &Path) -> anyhow::Result<()> {
+    if let Some((uid, gid)) = hand_to_server_user(dir)? {
+        command.uid(uid).gid(gid);
+    }
+    Ok(())
+}
+
+/// When we are root: gives `dir` and what is in it at the top level to the `postgres`
+/// user, lets it through every directory above `dir` (search permission only: nothing
+/// above can be listed or read by it that was not already), and returns its uid and gid
+/// for the process that is to run as it. `None` when we are not root.
+pub fn hand_to_server_user(dir: &Path) -> anyhow::Result<Option<(u32, u32)>> {
     if !running_as_root() {
-        return Ok(());
+        return Ok(None);
     }
     let (uid, gid) = postgres_user()?;
     let chown = |path: &Path| {
@@ -49,6 +58,5 @@ pub fn run_as_server_user(command: &mut tokio::process::Command, dir: &Path) -> 
                 })?;
         }
     }
-    command.uid(uid).gid(gid);
-    Ok(())
+    Ok(Some((uid, gid)))
 }

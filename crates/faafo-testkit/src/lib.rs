@@ -1,11 +1,13 @@
 //! Real infrastructure for tests: a throwaway PostgreSQL cluster started from the
-//! installed binaries, a throwaway OpenStack Swift cluster serving S3, and a TCP proxy
-//! that can cut every connection through it.
+//! installed binaries, a throwaway OpenStack Swift cluster serving S3, a TCP proxy that
+//! can cut every connection through it, and hosts made of network namespaces.
 
+mod hosts;
 mod postgres;
 mod proxy;
 mod swift;
 
+pub use hosts::{Host, Hosts};
 pub use postgres::PostgresServer;
 pub use proxy::TcpProxy;
 pub use swift::SwiftCluster;

@@ -114,7 +114,7 @@ pub struct ApiArgs {
     /// PostgreSQL run by Patroni: the members' REST APIs, comma-separated
     /// (http://db1:8008,http://db2:8008,http://db3:8008). Writes then go only to the leader
     /// Patroni elected, at the address it advertises (the user, password and database come
-    /// from --database-url), and stop within 5 s of its election no longer being confirmed.
+    /// from --database-url), and stop within 4 s of its election no longer being confirmed.
     #[arg(long, env = "FAAFO_PATRONI", value_delimiter = ',')]
     pub patroni: Vec<String>,
     /// The URL clients reach this instance at, listed in /v1/endpoints (default: the

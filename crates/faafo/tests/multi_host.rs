@@ -1,0 +1,466 @@
+//! faafo on three hosts, each a network namespace (`faafo_testkit::Hosts`) with an
+//! address of its own. Every host runs what a host of a production deployment runs: an
+//! etcd member, a Patroni member with its PostgreSQL, a Swift storage node with its rsync
+//! daemon and an S3 proxy, and `faafo api`, `faafo worker` and `faafo gateway` started
+//! with the flags a systemd unit gives them. Every address is another host's, never
+//! 127.0.0.1. Clients run outside the hosts and know the three gateways.
+//!
+//! Skipped, saying why, only where network namespaces cannot be made (not root).
+
+mod common;
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TOKEN;
+use common::load::{LoadRun, assert_all_rendered_once};
+use faafo_cluster::members::{Programs, etcd, postgres, swift};
+use faafo_testkit::{Host, Hosts, SwiftCluster};
+
+// Every host listens on the ports its programs use by default: hosts do not share ports.
+const ETCD_CLIENT: u16 = 2379;
+const ETCD_PEER: u16 = 2380;
+const POSTGRES: u16 = 5432;
+const PATRONI: u16 = 8008;
+const SWIFT_OBJECT: u16 = 6200;
+const SWIFT_CONTAINER: u16 = 6201;
+const SWIFT_ACCOUNT: u16 = 6202;
+const RSYNC: u16 = 873;
+const S3: u16 = 8090;
+const API: u16 = 8081;
+const GATEWAY: u16 = 8080;
+
+/// The three-host deployment, and the processes each host runs now.
+struct Deployment {
+    hosts: Hosts,
+    dir: tempfile::TempDir,
+    programs: Programs,
+    etcd: Vec<etcd::Peer>,
+    postgres: Vec<postgres::Node>,
+    swift: Vec<swift::StorageNode>,
+    secrets: postgres::Secrets,
+    running: Vec<Vec<(String, Child)>>,
+    http: reqwest::Client,
+}
+
+fn at(host: &Host, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(host.address), port)
+}
+
+impl Deployment {
+    /// Makes the hosts and writes every host's configuration, or says why the hosts cannot
+    /// be made here.
+    fn create() -> Result<Deployment, String> {
+        let hosts = Hosts::create(3)?;
+        let programs = Programs::find().map_err(|e| e.to_string())?;
+        faafo_cluster::members::check_swift().map_err(|e| e.to_string())?;
+        let dir = tempfile::Builder::new()
+            .prefix("faafo-hosts")
+            .tempdir()
+            .expect("temporary directory");
+        let etcd: Vec<etcd::Peer> = hosts
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| etcd::Peer {
+                name: format!("etcd-{}", i + 1),
+                client: at(host, ETCD_CLIENT),
+                peer: at(host, ETCD_PEER),
+            })
+            .collect();
+        let postgres: Vec<postgres::Node> = hosts
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| postgres::Node {
+                name: format!("postgres-{}", i + 1),
+                postgres: at(host, POSTGRES),
+                rest: at(host, PATRONI),
+            })
+            .collect();
+        let swift: Vec<swift::StorageNode> = hosts
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| swift::StorageNode {
+                name: format!("swift-{}", i + 1),
+                zone: i as u32 + 1,
+                account: at(host, SWIFT_ACCOUNT),
+                container: at(host, SWIFT_CONTAINER),
+                object: at(host, SWIFT_OBJECT),
+            })
+            .collect();
+        let secrets =
+            postgres::Secrets::load_or_make(&dir.path().join("secrets.json")).expect("passwords");
+        let deployment = Deployment {
+            running: hosts.hosts.iter().map(|_| Vec::new()).collect(),
+            hosts,
+            dir,
+            programs,
+            etcd,
+            postgres,
+            swift,
+            secrets,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        };
+        deployment.write_configurations();
+        Ok(deployment)
+    }
+
+    fn host_dir(&self, index: usize) -> PathBuf {
+        self.dir.path().join(&self.hosts.get(index).name)
+    }
+
+    fn swift_layout(&self, index: usize) -> swift::SwiftLayout {
+        swift::SwiftLayout {
+            root: self.host_dir(index).join("swift"),
+        }
+    }
+
+    fn patroni_layout(&self, index: usize) -> postgres::Layout {
+        postgres::Layout {
+            dir: self.host_dir(index).join("postgres"),
+        }
+    }
+
+    /// Each host's own files, as an operator would install them: its Patroni
+    /// configuration, its Swift servers' and proxy's, its rsync modules, and the rings,
+    /// built once and copied to every host.
+    fn write_configurations(&self) {
+        let hash = format!("{:x}", std::process::id());
+        for (index, host) in self.hosts.hosts.iter().enumerate() {
+            let layout = self.swift_layout(index);
+            swift::write_configs(
+                &layout,
+                &self.swift[index..=index],
+                &[("proxy".into(), at(host, S3))],
+                at(host, RSYNC),
+                &hash,
+            )
+            .expect("Swift configuration");
+            let patroni = self.patroni_layout(index);
+            std::fs::create_dir_all(&patroni.dir).unwrap();
+            let config = postgres::patroni_config(
+                &self.postgres[index],
+                &self.etcd,
+                &patroni,
+                &self.programs.postgres_bin,
+                &self.secrets,
+            );
+            postgres::write_private(
+                &patroni.config(),
+                &serde_json::to_string_pretty(&config).unwrap(),
+            )
+            .unwrap();
+        }
+        let first = self.swift_layout(0);
+        swift::build_rings(&first, &self.swift).expect("Swift rings");
+        for index in 1..self.hosts.hosts.len() {
+            for ring in ["account", "container", "object"] {
+                let file = format!("{ring}.ring.gz");
+                std::fs::copy(
+                    first.swift_dir().join(&file),
+                    self.swift_layout(index).swift_dir().join(&file),
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    fn gateways(&self) -> String {
+        self.urls(GATEWAY)
+    }
+
+    fn urls(&self, port: u16) -> String {
+        let urls: Vec<String> = self
+            .hosts
+            .hosts
+            .iter()
+            .map(|host| format!("http://{}", at(host, port)))
+            .collect();
+        urls.join(",")
+    }
+
+    /// Starts `program ARGS` on host `index`, logging to the host's directory.
+    fn spawn(&mut self, index: usize, name: &str, mut command: Command) {
+        let log = self.host_dir(index).join(format!("{name}.log"));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} starts on host {}: {e}", index + 1));
+        self.running[index].push((name.to_owned(), child));
+    }
+
+    fn start_etcd(&mut self, index: usize) {
+        let host = self.hosts.get(index).clone();
+        let mut command = host.command(&self.programs.etcd);
+        command.args(etcd::arguments(
+            &self.etcd[index],
+            &self.etcd,
+            &self.host_dir(index).join("etcd"),
+        ));
+        self.spawn(index, "etcd", command);
+    }
+
+    fn start_patroni(&mut self, index: usize) {
+        let host = self.hosts.get(index).clone();
+        let layout = self.patroni_layout(index);
+        // Patroni and PostgreSQL run as `postgres`; setpriv switches to it inside the
+        // host and execs, so the pid stays Patroni's.
+        let owner = faafo_cluster::server_user::hand_to_server_user(&layout.dir).unwrap();
+        let mut command = match owner {
+            Some((uid, gid)) => {
+                let mut command = host.command("setpriv");
+                command.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".into(),
+                ]);
+                command.arg(&self.programs.patroni);
+                command
+            }
+            None => host.command(&self.programs.patroni),
+        };
+        command.arg(layout.config()).env("HOME", &layout.dir);
+        self.spawn(index, "patroni", command);
+    }
+
+    fn start_swift(&mut self, index: usize) {
+        let host = self.hosts.get(index).clone();
+        let layout = self.swift_layout(index);
+        let mut rsync = host.command("rsync");
+        rsync
+            .args(["--daemon", "--no-detach", "--config"])
+            .arg(layout.rsync_config());
+        self.spawn(index, "rsync", rsync);
+        for (program, config) in swift::node_programs(&layout, &self.swift[index].name) {
+            let mut command = host.command(&program);
+            command.arg(config).arg("-v");
+            self.spawn(index, &program, command);
+        }
+        let mut proxy = host.command("swift-proxy-server");
+        proxy.arg(layout.proxy_config("proxy")).arg("-v");
+        self.spawn(index, "swift-proxy-server", proxy);
+    }
+
+    /// `faafo api`, `faafo worker` and `faafo gateway` with the flags of their units.
+    fn start_faafo(&mut self, index: usize) {
+        let host = self.hosts.get(index).clone();
+        let faafo = env!("CARGO_BIN_EXE_faafo");
+        let database = postgres::database_url(&self.postgres, &self.secrets);
+        let patroni = self.urls(PATRONI);
+        let object_store = swift::object_store_url("faafo", at(&host, S3));
+        let mut api = host.command(faafo);
+        api.args(["api", "--bind", &at(&host, API).to_string()])
+            .args(["--database-url", &database, "--patroni", &patroni])
+            .args(["--object-store", &object_store, "--worker-token", TOKEN])
+            .args(["--lease-ms", "3000"])
+            .envs(SwiftCluster::credentials())
+            .env("RUST_LOG", "info");
+        self.spawn(index, "faafo-api", api);
+        let mut worker = host.command(faafo);
+        worker
+            .args(["worker", "--endpoint-url", &self.gateways()])
+            .args([
+                "--worker-token",
+                TOKEN,
+                "--name",
+                &format!("worker-{}", index + 1),
+            ])
+            .env("RUST_LOG", "info");
+        self.spawn(index, "faafo-worker", worker);
+        let mut gateway = host.command(faafo);
+        gateway
+            .args(["gateway", "--bind", &at(&host, GATEWAY).to_string()])
+            .args(["--backend", &self.urls(API), "--worker-token", TOKEN])
+            .env("RUST_LOG", "info");
+        self.spawn(index, "faafo-gateway", gateway);
+    }
+
+    /// Brings the whole deployment up, tier by tier, as a first installation would.
+    async fn start(&mut self) {
+        let started = Instant::now();
+        let all = 0..self.hosts.hosts.len();
+        for index in all.clone() {
+            self.start_etcd(index);
+        }
+        for index in all.clone() {
+            self.start_patroni(index);
+        }
+        postgres::ensure_database(&self.postgres, &self.secrets, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("no database: {e:#}\n{}", self.logs()));
+        for index in all.clone() {
+            self.start_swift(index);
+        }
+        for index in all.clone() {
+            self.await_swift(index).await;
+        }
+        for index in all.clone() {
+            self.start_faafo(index);
+        }
+        for index in all {
+            self.await_ready(index).await;
+        }
+        println!("3 hosts up in {:.1} s", started.elapsed().as_secs_f64());
+    }
+
+    /// Starts everything a host runs, as when it boots again.
+    async fn boot(&mut self, index: usize) {
+        self.start_etcd(index);
+        self.start_patroni(index);
+        self.start_swift(index);
+        self.await_swift(index).await;
+        self.start_faafo(index);
+        self.await_ready(index).await;
+    }
+
+    /// Waits until the host's Swift servers and its S3 proxy answer their health checks
+    /// (`faafo api` refuses to start on an object store it cannot write to).
+    async fn await_swift(&self, index: usize) {
+        let host = self.hosts.get(index);
+        let node = &self.swift[index];
+        let servers = [node.account, node.container, node.object, at(host, S3)];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for address in servers {
+            while !swift::healthy(&self.http, address).await {
+                assert!(
+                    Instant::now() < deadline,
+                    "Swift at {address} not healthy\n{}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Waits until the host's gateway and API are ready and its Patroni member runs.
+    async fn await_ready(&self, index: usize) {
+        let host = self.hosts.get(index);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (gateway, api) = (
+                format!("http://{}/readyz", at(host, GATEWAY)),
+                format!("http://{}/readyz", at(host, API)),
+            );
+            let (gateway, api) = (self.answers(&gateway), self.answers(&api));
+            let member = postgres::health(&self.http, &self.postgres[index]);
+            let (gateway, api, member) = tokio::join!(gateway, api, member);
+            if gateway && api && member.ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready (gateway {gateway}, api {api}, postgres {member:?})\n{}",
+                host.name,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn answers(&self, url: &str) -> bool {
+        matches!(self.http.get(url).send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// The index of the host whose Patroni member leads.
+    async fn leader(&self) -> usize {
+        common::wait_for("a Patroni leader", Duration::from_secs(60), || async {
+            for node in &self.postgres {
+                if let Ok(members) = postgres::cluster(&self.http, node.rest).await {
+                    let leader = members.iter().find(|m| m.role == "leader")?;
+                    return self.postgres.iter().position(|n| n.name == leader.name);
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Every process of host `index` killed at once, as when it loses power.
+    fn crash(&mut self, index: usize) {
+        self.hosts.get(index).crash();
+        for (_, child) in &mut self.running[index] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.running[index].clear();
+    }
+
+    /// The last lines of every log, for a failure's message.
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for index in 0..self.hosts.hosts.len() {
+            for (name, _) in &self.running[index] {
+                let path = self.host_dir(index).join(format!("{name}.log"));
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                text.push_str(&format!("--- host-{} {name}\n", index + 1));
+                for line in tail.into_iter().rev() {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for index in 0..self.hosts.hosts.len() {
+            self.crash(index);
+        }
+    }
+}
+
+/// Makes the deployment, or says why this machine cannot and returns `None`.
+fn deployment() -> Option<Deployment> {
+    match Deployment::create() {
+        Ok(deployment) => Some(deployment),
+        Err(reason) => {
+            println!("SKIPPED: the multi-host tests need network namespaces: {reason}");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_survives_the_crash_of_the_database_leaders_host() {
+    let Some(mut deployment) = deployment() else {
+        return;
+    };
+    deployment.start().await;
+    let load = LoadRun::start(&deployment.gateways());
+    load.wait_for_creates(20).await;
+
+    let leader = deployment.leader().await;
+    let fault = Instant::now();
+    deployment.crash(leader);
+    println!(
+        "{} (the database leader's) crashed",
+        deployment.hosts.get(leader).name
+    );
+    load.wait_for_creates(30).await;
+    let gap = load.load.write_gap(fault);
+    let next = deployment.leader().await;
+    assert_ne!(next, leader);
+
+    deployment.boot(leader).await;
+    load.wait_for_creates(20).await;
+    let (client, created) = load.finish("host crash").await;
+    let rerendered = assert_all_rendered_once(&client, &created).await;
+    println!(
+        "host crash: write unavailability {:.1} s; lost 0 of {} acknowledged creates; {rerendered} re-rendered",
+        gap.as_secs_f64(),
+        created.len()
+    );
+}
