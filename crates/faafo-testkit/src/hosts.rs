@@ -46,6 +46,35 @@ impl Host {
             .unwrap_or_default()
     }
 
+    /// Runs `work` on a thread of its own inside the host's network namespace, so that
+    /// the sockets it opens are the host's: what a program on the host would see.
+    pub fn within<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.namespace);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let namespace =
+                        std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                    // SAFETY: setns(2) on a descriptor we own; it moves this thread only.
+                    let entered = unsafe {
+                        libc::setns(
+                            std::os::fd::AsRawFd::as_raw_fd(&namespace),
+                            libc::CLONE_NEWNET,
+                        )
+                    };
+                    assert_eq!(
+                        entered,
+                        0,
+                        "setns into {path}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    work()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
     /// Kills every process of the host at once, as when it loses power. Returns how many.
     pub fn crash(&self) -> usize {
         let pids = self.pids();

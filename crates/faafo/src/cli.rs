@@ -173,7 +173,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FAAFO_GATEWAY_BIND", default_value = "127.0.0.1:9100")]
     pub bind: SocketAddr,
     /// An API instance to balance over (repeat the flag, or separate with commas).
-    #[arg(long = "backend", value_delimiter = ',')]
+    #[arg(
+        long = "backend",
+        env = "FAAFO_GATEWAY_BACKENDS",
+        value_delimiter = ','
+    )]
     pub backends: Vec<String>,
     /// How often each backend's /readyz is checked, in milliseconds.
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
@@ -183,7 +187,7 @@ pub struct GatewayArgs {
     pub admin_token: Option<String>,
     /// Follow the API instances the membership lists (GET /v1/endpoints on a backend,
     /// every second): the --backend URLs are then only the first contact.
-    #[arg(long)]
+    #[arg(long, env = "FAAFO_GATEWAY_DISCOVER")]
     pub discover: bool,
     /// With it, the gateway announces itself in the membership, so that clients
     /// discover it.

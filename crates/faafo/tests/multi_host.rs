@@ -11,14 +11,15 @@ mod common;
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TOKEN;
-use common::load::{LoadRun, assert_all_rendered_once};
+use common::load::{LoadRun, assert_listed_once, assert_rendered};
 use faafo_cluster::members::{Programs, etcd, postgres, swift};
 use faafo_testkit::{Host, Hosts, SwiftCluster};
+use uuid::Uuid;
 
 // Every host listens on the ports its programs use by default: hosts do not share ports.
 const ETCD_CLIENT: u16 = 2379;
@@ -51,10 +52,8 @@ fn at(host: &Host, port: u16) -> SocketAddr {
 }
 
 impl Deployment {
-    /// Makes the hosts and writes every host's configuration, or says why the hosts cannot
-    /// be made here.
-    fn create() -> Result<Deployment, String> {
-        let hosts = Hosts::create(3)?;
+    /// Writes every host's configuration; says which programs are missing.
+    fn create(hosts: Hosts) -> Result<Deployment, String> {
         let programs = Programs::find().map_err(|e| e.to_string())?;
         faafo_cluster::members::check_swift().map_err(|e| e.to_string())?;
         let dir = tempfile::Builder::new()
@@ -251,38 +250,66 @@ impl Deployment {
         self.spawn(index, "swift-proxy-server", proxy);
     }
 
-    /// `faafo api`, `faafo worker` and `faafo gateway` with the flags of their units.
+    /// `faafo api`, `faafo worker` and `faafo gateway` as the units of `deploy/systemd`
+    /// start them, with the environment files an operator writes for this host.
     fn start_faafo(&mut self, index: usize) {
         let host = self.hosts.get(index).clone();
-        let faafo = env!("CARGO_BIN_EXE_faafo");
-        let database = postgres::database_url(&self.postgres, &self.secrets);
-        let patroni = self.urls(PATRONI);
-        let object_store = swift::object_store_url("faafo", at(&host, S3));
-        let mut api = host.command(faafo);
-        api.args(["api", "--bind", &at(&host, API).to_string()])
-            .args(["--database-url", &database, "--patroni", &patroni])
-            .args(["--object-store", &object_store, "--worker-token", TOKEN])
-            .args(["--lease-ms", "3000"])
-            .envs(SwiftCluster::credentials())
-            .env("RUST_LOG", "info");
-        self.spawn(index, "faafo-api", api);
-        let mut worker = host.command(faafo);
-        worker
-            .args(["worker", "--endpoint-url", &self.gateways()])
-            .args([
-                "--worker-token",
-                TOKEN,
-                "--name",
-                &format!("worker-{}", index + 1),
-            ])
-            .env("RUST_LOG", "info");
-        self.spawn(index, "faafo-worker", worker);
-        let mut gateway = host.command(faafo);
-        gateway
-            .args(["gateway", "--bind", &at(&host, GATEWAY).to_string()])
-            .args(["--backend", &self.urls(API), "--worker-token", TOKEN])
-            .env("RUST_LOG", "info");
-        self.spawn(index, "faafo-gateway", gateway);
+        let etc = self.host_dir(index).join("etc/faafo");
+        std::fs::create_dir_all(&etc).unwrap();
+        let [(key_id, key_id_value), (secret, secret_value)] = SwiftCluster::credentials();
+        let files: [(&str, Vec<(&str, String)>); 4] = [
+            (
+                "faafo.env",
+                vec![
+                    ("FAAFO_WORKER_TOKEN", TOKEN.into()),
+                    ("RUST_LOG", "info".into()),
+                ],
+            ),
+            (
+                "api.env",
+                vec![
+                    ("FAAFO_BIND", at(&host, API).to_string()),
+                    (
+                        "FAAFO_DATABASE_URL",
+                        postgres::database_url(&self.postgres, &self.secrets),
+                    ),
+                    ("FAAFO_PATRONI", self.urls(PATRONI)),
+                    (
+                        "FAAFO_OBJECT_STORE",
+                        swift::object_store_url("faafo", at(&host, S3)),
+                    ),
+                    ("FAAFO_LEASE_MS", "3000".into()),
+                    (key_id, key_id_value.into()),
+                    (secret, secret_value.into()),
+                ],
+            ),
+            (
+                "worker.env",
+                vec![
+                    ("FAAFO_ENDPOINT_URL", self.gateways()),
+                    ("FAAFO_WORKER_NAME", format!("worker-{}", index + 1)),
+                ],
+            ),
+            (
+                "gateway.env",
+                vec![
+                    ("FAAFO_GATEWAY_BIND", at(&host, GATEWAY).to_string()),
+                    ("FAAFO_GATEWAY_BACKENDS", self.urls(API)),
+                ],
+            ),
+        ];
+        for (file, variables) in files {
+            let text: String = variables
+                .iter()
+                .map(|(key, value)| format!("{key}={value}\n"))
+                .collect();
+            postgres::write_private(&etc.join(file), &text).unwrap();
+        }
+        for role in ["api", "worker", "gateway"] {
+            let unit = format!("faafo-{role}");
+            let command = unit_command(&host, &unit, &etc);
+            self.spawn(index, &unit, command);
+        }
     }
 
     /// Brings the whole deployment up, tier by tier, as a first installation would.
@@ -385,6 +412,109 @@ impl Deployment {
         .await
     }
 
+    /// The index of a host other than `old` whose Patroni member leads, as the hosts
+    /// still reachable see it.
+    async fn leader_other_than(&self, old: usize) -> usize {
+        common::wait_for(
+            "another Patroni leader",
+            Duration::from_secs(60),
+            || async {
+                for (index, node) in self.postgres.iter().enumerate() {
+                    if index == old {
+                        continue;
+                    }
+                    if let Ok(members) = postgres::cluster(&self.http, node.rest).await {
+                        let leader = members.iter().find(|m| m.role == "leader")?;
+                        return self
+                            .postgres
+                            .iter()
+                            .position(|n| n.name == leader.name)
+                            .filter(|&leader| leader != old);
+                    }
+                }
+                None
+            },
+        )
+        .await
+    }
+
+    /// Waits until the cut-off host takes no write: seen from inside it, its PostgreSQL
+    /// is a standby or down, and its API refuses a create with 503.
+    async fn await_fenced(&self, index: usize) {
+        let host = self.hosts.get(index).clone();
+        let api = format!("http://{}/v1/fractal", at(&host, API));
+        let database = format!(
+            "host={} port={POSTGRES} user={} password={} dbname=faafo connect_timeout=2",
+            host.address,
+            postgres::APP_USER,
+            self.secrets.app
+        );
+        let body = serde_json::to_string(&common::small_fractal()).unwrap();
+        let fenced = host.within(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let writable =
+                        match tokio_postgres::connect(&database, tokio_postgres::NoTls).await {
+                            Ok((client, connection)) => {
+                                tokio::spawn(connection);
+                                let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
+                                matches!(row, Ok(row) if !row.get::<_, bool>(0))
+                            }
+                            Err(_) => false,
+                        };
+                    let created = http
+                        .post(&api)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    if !writable && created.as_ref().is_ok_and(|status| *status == 503) {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "PostgreSQL writable: {writable}; create: {created:?}"
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        });
+        if let Err(state) = fenced {
+            panic!(
+                "{} still takes writes while cut off: {state}\n{}",
+                host.name,
+                self.logs()
+            );
+        }
+    }
+
+    /// Stops everything on host `index` as a reboot would (SIGTERM, last started first,
+    /// each given 30 s to finish), then boots it again.
+    async fn restart(&mut self, index: usize) {
+        for (name, child) in self.running[index].iter_mut().rev() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "{name} ignored SIGTERM for 30 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.crash(index);
+        self.boot(index).await;
+    }
+
     /// Every process of host `index` killed at once, as when it loses power.
     fn crash(&mut self, index: usize) {
         self.hosts.get(index).crash();
@@ -402,7 +532,7 @@ impl Deployment {
             for (name, _) in &self.running[index] {
                 let path = self.host_dir(index).join(format!("{name}.log"));
                 let log = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 text.push_str(&format!("--- host-{} {name}\n", index + 1));
                 for line in tail.into_iter().rev() {
                     text.push_str(line);
@@ -416,51 +546,139 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the hosts' logs:\n{}", self.logs());
+        }
         for index in 0..self.hosts.hosts.len() {
             self.crash(index);
         }
     }
 }
 
-/// Makes the deployment, or says why this machine cannot and returns `None`.
-fn deployment() -> Option<Deployment> {
-    match Deployment::create() {
-        Ok(deployment) => Some(deployment),
-        Err(reason) => {
-            println!("SKIPPED: the multi-host tests need network namespaces: {reason}");
-            None
+/// What the systemd unit `deploy/systemd/UNIT.service` runs: its `ExecStart`, with the
+/// test's faafo binary for `/usr/local/bin/faafo`, and the variables of its
+/// `EnvironmentFile`s, read from `etc` rather than `/etc/faafo`.
+fn unit_command(host: &Host, unit: &str, etc: &Path) -> Command {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/systemd")
+        .join(format!("{unit}.service"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let setting = |key: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix(key))
+            .map(str::to_owned)
+            .collect()
+    };
+    let exec_start = setting("ExecStart=");
+    let mut words = exec_start[0].split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/faafo"), "{unit}");
+    let mut command = host.command(env!("CARGO_BIN_EXE_faafo"));
+    command.args(words);
+    for file in setting("EnvironmentFile=") {
+        let name = Path::new(&file).file_name().expect("a file name");
+        let variables = std::fs::read_to_string(etc.join(name)).unwrap();
+        for (key, value) in variables.lines().filter_map(|line| line.split_once('=')) {
+            command.env(key, value);
         }
     }
+    command
 }
 
+/// Makes the deployment, or returns `None` having said why this machine cannot make
+/// hosts (network namespaces need root).
+fn deployment() -> Option<Deployment> {
+    let hosts = match Hosts::create(3) {
+        Ok(hosts) => hosts,
+        Err(reason) => {
+            println!("SKIPPED: the multi-host tests need network namespaces: {reason}");
+            return None;
+        }
+    };
+    Some(Deployment::create(hosts).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// Prints and checks what a scenario did: every client operation succeeded after its
+/// retries, every acknowledged create is done with an intact image, and the list holds
+/// every fractal made so far (`everything`, which this scenario's join) exactly once.
+async fn report(what: &str, load: LoadRun, unavailability: Duration, everything: &mut Vec<Uuid>) {
+    let (client, created) = load.finish(what).await;
+    let rerendered = assert_rendered(&client, &created).await;
+    everything.extend(&created);
+    assert_listed_once(&client, everything).await;
+    println!(
+        "{what}: write unavailability {:.1} s; lost 0 of {} acknowledged creates; {rerendered} re-rendered",
+        unavailability.as_secs_f64(),
+        created.len()
+    );
+}
+
+/// One deployment for the binary (it takes a minute or two to start on 2 cores); the
+/// scenarios run one after the other on it, each under its own load, each leaving every
+/// host up and ready.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_service_survives_the_crash_of_the_database_leaders_host() {
+async fn three_hosts_survive_a_crashed_host_an_isolated_host_and_a_rolling_restart() {
     let Some(mut deployment) = deployment() else {
         return;
     };
     deployment.start().await;
-    let load = LoadRun::start(&deployment.gateways());
-    load.wait_for_creates(20).await;
+    let gateways = deployment.gateways();
+    let mut everything = Vec::new();
 
+    // Host crash: every process of the database leader's host killed at once; the host
+    // boots again later.
+    let load = LoadRun::start(&gateways);
+    load.wait_for_creates(20).await;
     let leader = deployment.leader().await;
     let fault = Instant::now();
     deployment.crash(leader);
+    let next = deployment.leader_other_than(leader).await;
     println!(
-        "{} (the database leader's) crashed",
-        deployment.hosts.get(leader).name
+        "{} (the database leader's) crashed; {} took over",
+        deployment.hosts.get(leader).name,
+        deployment.hosts.get(next).name
     );
     load.wait_for_creates(30).await;
     let gap = load.load.write_gap(fault);
-    let next = deployment.leader().await;
-    assert_ne!(next, leader);
-
     deployment.boot(leader).await;
     load.wait_for_creates(20).await;
-    let (client, created) = load.finish("host crash").await;
-    let rerendered = assert_all_rendered_once(&client, &created).await;
+    report("host crash", load, gap, &mut everything).await;
+
+    // Host isolation: the leader's host cut off while everything on it keeps running. Its
+    // side stops taking writes (no split brain), the others elect a leader and carry on,
+    // and when the link is back the host rejoins.
+    let load = LoadRun::start(&gateways);
+    load.wait_for_creates(20).await;
+    let leader = deployment.leader().await;
+    let fault = Instant::now();
+    deployment.hosts.isolate(leader);
+    let next = deployment.leader_other_than(leader).await;
+    deployment.await_fenced(leader).await;
     println!(
-        "host crash: write unavailability {:.1} s; lost 0 of {} acknowledged creates; {rerendered} re-rendered",
-        gap.as_secs_f64(),
-        created.len()
+        "{} (the database leader's) cut off and fenced; {} took over",
+        deployment.hosts.get(leader).name,
+        deployment.hosts.get(next).name
     );
+    load.wait_for_creates(30).await;
+    let gap = load.load.write_gap(fault);
+    deployment.hosts.heal(leader);
+    deployment.await_ready(leader).await;
+    load.wait_for_creates(20).await;
+    report("host isolation", load, gap, &mut everything).await;
+
+    // Rolling restart of everything, host by host (seed 004: restart everything, often).
+    let load = LoadRun::start(&gateways);
+    load.wait_for_creates(20).await;
+    let started = Instant::now();
+    for index in 0..deployment.hosts.hosts.len() {
+        let restarted = Instant::now();
+        deployment.restart(index).await;
+        println!(
+            "{} restarted in {:.1} s",
+            deployment.hosts.get(index).name,
+            restarted.elapsed().as_secs_f64()
+        );
+        load.wait_for_creates(10).await;
+    }
+    let gap = load.load.write_gap(started);
+    report("rolling restart of every host", load, gap, &mut everything).await;
 }
