@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 # Debian package -> a file it installs. python3 runs the original renderer as a reference;
 # Chromium checks the web gallery in a real browser; the tests start their own PostgreSQL
 # servers, Patroni members, etcd members and OpenStack Swift clusters (S3 through s3api)
-# from the installed programs.
+# from the installed programs; the multi-host tests make hosts of network namespaces
+# (ip, from iproute2) and run PostgreSQL as its own user (setpriv, from util-linux).
 declare -A needs=(
   [python3]=/usr/bin/python3
   [chromium]=/usr/bin/chromium
@@ -20,6 +21,8 @@ declare -A needs=(
   [swift-container]=/usr/bin/swift-container-server
   [swift-account]=/usr/bin/swift-account-server
   [rsync]=/usr/bin/rsync
+  [iproute2]=/sbin/ip
+  [util-linux]=/usr/bin/setpriv
 )
 missing=()
 for package in "${!needs[@]}"; do
