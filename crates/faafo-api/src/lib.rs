@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use faafo_core::{Limits, WorkerToken};
 use faafo_store::Store;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,13 +87,18 @@ pub(crate) struct AppState {
 /// Serves the API on `listener` until `shutdown` is cancelled; then drains: `/readyz`
 /// answers 503 at once, requests are still served for `drain_delay` (load balancers
 /// notice in that time), then the listener closes and the requests in flight finish.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     store: Arc<dyn Store>,
     images: Images,
     config: ApiConfig,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    // Plain TCP, or TLS (the binary's `TlsListener`).
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let state = Arc::new(AppState {
         store,
         images,

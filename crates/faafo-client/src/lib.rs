@@ -64,6 +64,11 @@ pub enum ClientError {
     /// The API answered with an error.
     #[error("{message} (HTTP {status})")]
     Api { status: StatusCode, message: String },
+    /// No endpoint's TLS certificate is trusted.
+    #[error(
+        "the TLS certificate of {endpoint} is not trusted ({reason}): give the CA that signed it with --ca-cert (or FAAFO_CA_CERT)"
+    )]
+    UntrustedCertificate { endpoint: String, reason: String },
     /// The API answered with something this client does not understand.
     #[error("unexpected answer from {endpoint}: {reason}")]
     Protocol { endpoint: String, reason: String },
@@ -123,14 +128,10 @@ impl Client {
     /// allowed).
     pub fn new(endpoints: &str, policy: RetryPolicy) -> Result<Client, ClientError> {
         let endpoints = parse_endpoints(endpoints)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(policy.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| ClientError::InvalidEndpoint {
-                url: endpoints.join(","),
-                reason: e.to_string(),
-            })?;
+        let http = http_client(&policy, Vec::new()).map_err(|e| ClientError::InvalidEndpoint {
+            url: endpoints.join(","),
+            reason: e.to_string(),
+        })?;
         let start = rand::random_range(0..endpoints.len());
         Ok(Client {
             seeds: endpoints.clone(),
@@ -150,6 +151,19 @@ impl Client {
     pub fn with_discovery(mut self) -> Client {
         self.discovered_at = Some(Mutex::new(None));
         self
+    }
+
+    /// Trusts the certificates in `pem` (a CA, or a server's own certificate) besides the
+    /// system's roots, for `https://` endpoints.
+    pub fn with_root_certificates(mut self, pem: &[u8]) -> Result<Client, ClientError> {
+        let invalid = |reason: String| ClientError::InvalidEndpoint {
+            url: self.seeds.join(","),
+            reason,
+        };
+        let roots = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| invalid(format!("the CA certificates: {e}")))?;
+        self.http = http_client(&self.policy, roots).map_err(|e| invalid(e.to_string()))?;
+        Ok(self)
     }
 
     /// Sends `token` with the worker protocol's calls.
@@ -452,6 +466,7 @@ impl Client {
         let mut backoff = self.policy.initial_backoff;
         let mut maybe_sent = false;
         let mut failures_in_round = 0;
+        let mut untrusted = 0;
         loop {
             let (index, endpoint, count) = {
                 let endpoints = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
@@ -473,6 +488,17 @@ impl Client {
                     format!("{endpoint} answered {status}: {}", error_message(&body))
                 }
                 Err(error) => {
+                    if let Some(reason) = untrusted_certificate(&error) {
+                        untrusted += 1;
+                        // Every endpoint refused for its certificate: a setting to fix,
+                        // not an outage to wait out.
+                        if untrusted >= count {
+                            return Err(ClientError::UntrustedCertificate {
+                                endpoint: endpoint.clone(),
+                                reason,
+                            });
+                        }
+                    }
                     // Only a refused connection proves the request never arrived.
                     maybe_sent |= !error.is_connect();
                     format!("{endpoint}: {}", describe(&error))
@@ -581,6 +607,30 @@ enum Body {
         png: Bytes,
         headers: Vec<(&'static str, String)>,
     },
+}
+
+fn http_client(
+    policy: &RetryPolicy,
+    roots: Vec<reqwest::Certificate>,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(policy.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tls_certs_merge(roots)
+        .build()
+}
+
+/// Whether the TLS handshake failed on the server's certificate: retrying cannot help.
+fn untrusted_certificate(error: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(error) = source {
+        let text = error.to_string();
+        if text.contains("invalid peer certificate") {
+            return Some(text);
+        }
+        source = error.source();
+    }
+    None
 }
 
 fn parse_endpoints(list: &str) -> Result<Vec<String>, ClientError> {

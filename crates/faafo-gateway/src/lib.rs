@@ -16,7 +16,6 @@ mod stats;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use backend::{Backend, BackendState};
@@ -45,6 +44,8 @@ pub struct GatewayConfig {
     /// Follow the API instances the membership lists (asking this often), adding and
     /// removing backends to match; the configured backends are only the first contact.
     pub discover_interval: Option<Duration>,
+    /// Certificates (PEM) trusted besides the system's, for `https://` backends.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for GatewayConfig {
@@ -60,17 +61,22 @@ impl Default for GatewayConfig {
             advertise_url: None,
             member_token: None,
             discover_interval: None,
+            ca_pem: None,
         }
     }
 }
 
 /// Serves the gateway on `listener` until `shutdown`, then finishes the requests in flight.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     backends: Vec<String>,
     config: GatewayConfig,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    // Plain TCP, or TLS (the binary's `TlsListener`).
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     let gateway =
         Arc::new(proxy::Gateway::new(config, shutdown.clone()).map_err(std::io::Error::other)?);
     for url in backends {
@@ -87,8 +93,8 @@ pub async fn serve(
     }
     let app = proxy::router(Arc::clone(&gateway));
     let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        proxy::Accepting(listener),
+        app.into_make_service_with_connect_info::<proxy::Peer>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await;

@@ -20,7 +20,7 @@ use crate::stats::{self, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("invalid backend URL {0:?}: expected http://host:port")]
+    #[error("invalid backend URL {0:?}: expected http://host:port or https://host:port")]
     InvalidBackend(String),
     #[error("cannot build the HTTP client")]
     Client(#[from] reqwest::Error),
@@ -53,11 +53,14 @@ impl Gateway {
         config: GatewayConfig,
         shutdown: CancellationToken,
     ) -> Result<Gateway, GatewayError> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(config.check_timeout)
             .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = &config.ca_pem {
+            http = http.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);
+        }
+        let http = http.build()?;
         Ok(Gateway {
             config,
             backends: RwLock::new(Vec::new()),
@@ -78,8 +81,8 @@ impl Gateway {
     /// Adds a backend (if new) and starts checking it.
     pub fn add_backend(self: &Arc<Self>, url: &str) -> Result<(), GatewayError> {
         let url = url.trim().trim_end_matches('/').to_owned();
-        let valid =
-            reqwest::Url::parse(&url).is_ok_and(|u| u.scheme() == "http" && u.host().is_some());
+        let valid = reqwest::Url::parse(&url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
         if !valid {
             return Err(GatewayError::InvalidBackend(url));
         }
@@ -154,10 +157,45 @@ fn error(status: StatusCode, message: String) -> Response {
     response
 }
 
+/// The client's address, over plain TCP or TLS alike.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The listener the gateway serves on, whatever it wraps (plain TCP or TLS), so that the
+/// handlers learn the client's address ([`Peer`]).
+#[derive(Debug)]
+pub struct Accepting<L>(pub L);
+
+impl<L> axum::serve::Listener for Accepting<L>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    type Io = L::Io;
+    type Addr = SocketAddr;
+
+    fn accept(&mut self) -> impl std::future::Future<Output = (Self::Io, Self::Addr)> + Send {
+        self.0.accept()
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Accepting<L>>>
+    for Peer
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Accepting<L>>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 /// Forwards a request to a backend, trying others when that is safe.
 async fn forward(
     State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request,
 ) -> Response {
     gateway.metrics.requests.inc();

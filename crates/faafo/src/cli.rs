@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use faafo_core::{Limits, WorkerToken};
 
@@ -31,6 +32,11 @@ pub struct Cli {
     /// Give up on a request after trying every endpoint for this many seconds.
     #[arg(long, global = true, env = "FAAFO_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
     pub timeout: f64,
+
+    /// Trust the certificates in this PEM file (a CA, or a server's own certificate)
+    /// besides the system's, for https:// endpoints and backends.
+    #[arg(long, global = true, env = "FAAFO_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -94,6 +100,8 @@ pub struct UpArgs {
 pub struct ApiArgs {
     #[arg(long, env = "FAAFO_BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// The store: sqlite:///path/to/faafo.db (or sqlite:relative/path.db), or PostgreSQL:
     /// postgres://user@host1:5432,host2:5432/faafo?target_session_attrs=read-write
     /// (several hosts: the one that accepts writes is used, and found again after a failover).
@@ -168,10 +176,23 @@ impl ApiTuning {
     }
 }
 
+/// HTTPS for a server: both or neither.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Serve HTTPS with this certificate chain (PEM), with --tls-key.
+    #[arg(long, env = "FAAFO_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "FAAFO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     #[arg(long, env = "FAAFO_GATEWAY_BIND", default_value = "127.0.0.1:9100")]
     pub bind: SocketAddr,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// An API instance to balance over (repeat the flag, or separate with commas).
     #[arg(
         long = "backend",
@@ -212,8 +233,19 @@ pub struct WorkerArgs {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         let output = client_cli::Output { json: self.json };
-        let client =
-            || client_cli::client(&self.endpoint_url, Duration::from_secs_f64(self.timeout));
+        let ca = self
+            .ca_cert
+            .as_deref()
+            .map(crate::tls::ca_certificates)
+            .transpose()
+            .context("--ca-cert")?;
+        let client = || {
+            client_cli::client(
+                &self.endpoint_url,
+                Duration::from_secs_f64(self.timeout),
+                ca.as_deref(),
+            )
+        };
         match self.command {
             Command::Create(args) => client_cli::create(&client()?, &args, &output).await,
             Command::List => client_cli::list(&client()?, &output).await,
@@ -224,8 +256,8 @@ impl Cli {
             Command::Delete { uuid } => client_cli::delete(&client()?, uuid, &output).await,
             Command::Up(args) => roles::up(args).await,
             Command::Api(args) => roles::api(args).await,
-            Command::Worker(args) => roles::worker(&self.endpoint_url, args).await,
-            Command::Gateway(args) => roles::gateway(args).await,
+            Command::Worker(args) => roles::worker(&self.endpoint_url, ca.as_deref(), args).await,
+            Command::Gateway(args) => roles::gateway(args, ca).await,
             Command::Status => client_cli::status(&client()?, &output).await,
             Command::Cluster(command) => {
                 let json = output.json;

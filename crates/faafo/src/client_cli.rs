@@ -21,14 +21,18 @@ pub struct Output {
     pub json: bool,
 }
 
-pub fn client(endpoints: &str, timeout: Duration) -> anyhow::Result<Client> {
+/// The client of the CLI commands: `ca`, the PEM of `--ca-cert`, is trusted besides the
+/// system's roots.
+pub fn client(endpoints: &str, timeout: Duration, ca: Option<&[u8]>) -> anyhow::Result<Client> {
     let policy = RetryPolicy {
         total: timeout,
         ..RetryPolicy::default()
     };
-    Ok(Client::new(endpoints, policy)
-        .context("--endpoint-url")?
-        .with_discovery())
+    let mut client = Client::new(endpoints, policy).context("--endpoint-url")?;
+    if let Some(pem) = ca {
+        client = client.with_root_certificates(pem).context("--ca-cert")?;
+    }
+    Ok(client.with_discovery())
 }
 
 /// `faafo create`: the original's flags and defaults. A fixed value (`--width`) overrides

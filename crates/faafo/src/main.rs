@@ -8,6 +8,7 @@ mod render_bench;
 mod render_cli;
 mod roles;
 mod tables;
+mod tls;
 
 use clap::Parser;
 
@@ -34,10 +35,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Logs go to stderr, `info` and up unless `RUST_LOG` says otherwise.
+/// Logs go to stderr, `info` and up unless `RUST_LOG` says otherwise. The certificate
+/// verifier's own log is left out: a refused certificate is reported once, as an error of
+/// the call, with what to do about it.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rustls_platform_verifier=off")
+    });
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -29,37 +29,65 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         .await
         .context("opening the object store")?;
     let listener = bind(args.bind).await?;
+    let tls = server_tls(&args.tls)?;
     let shutdown = shutdown_on_signal();
     let mut config = args.tuning.config(WorkerToken::new(args.worker_token));
-    config.advertise_url = Some(advertised_url(listener.local_addr()?, args.advertise_url)?);
+    let bound = listener.local_addr()?;
+    config.advertise_url = Some(advertised_url(bound, tls.is_some(), args.advertise_url)?);
     config.drain_delay = std::time::Duration::from_millis(args.drain_delay_ms);
-    announce(listener.local_addr()?, "faafo api")?;
-    faafo_api::serve(listener, store, images, config, shutdown)
-        .await
-        .context("serving HTTP")
+    announce(bound, tls.is_some(), "faafo api")?;
+    let served = match tls {
+        Some(tls) => {
+            let listener = crate::tls::TlsListener::new(listener, tls)?;
+            faafo_api::serve(listener, store, images, config, shutdown).await
+        }
+        None => faafo_api::serve(listener, store, images, config, shutdown).await,
+    };
+    served.context("serving HTTP")
 }
 
-pub async fn worker(endpoints: &str, args: WorkerArgs) -> anyhow::Result<()> {
-    let client = worker_client(endpoints, WorkerToken::new(args.worker_token))?;
+/// The server's TLS configuration, when --tls-cert and --tls-key are given.
+fn server_tls(args: &crate::cli::TlsArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::server_config(cert, key)?)),
+        _ => Ok(None),
+    }
+}
+
+pub async fn worker(endpoints: &str, ca: Option<&[u8]>, args: WorkerArgs) -> anyhow::Result<()> {
+    let mut client = Client::new(endpoints, RetryPolicy::default()).context("--endpoint-url")?;
+    if let Some(pem) = ca {
+        client = client.with_root_certificates(pem).context("--ca-cert")?;
+    }
+    let client = Arc::new(client.with_worker_token(WorkerToken::new(args.worker_token)));
     let config = WorkerConfig::new(args.name.unwrap_or_else(faafo_worker::default_name));
     faafo_worker::run(client, config, shutdown_on_signal()).await;
     Ok(())
 }
 
-pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+pub async fn gateway(args: GatewayArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
     let listener = bind(args.bind).await?;
+    let tls = server_tls(&args.tls)?;
+    let bound = listener.local_addr()?;
     let config = faafo_gateway::GatewayConfig {
         check_interval: std::time::Duration::from_millis(args.check_interval_ms),
         admin_token: args.admin_token,
-        advertise_url: Some(advertised_url(listener.local_addr()?, args.advertise_url)?),
+        advertise_url: Some(advertised_url(bound, tls.is_some(), args.advertise_url)?),
         member_token: args.worker_token,
         discover_interval: args.discover.then_some(std::time::Duration::from_secs(1)),
+        ca_pem: ca,
         ..faafo_gateway::GatewayConfig::default()
     };
-    announce(listener.local_addr()?, "faafo gateway")?;
-    faafo_gateway::serve(listener, args.backends, config, shutdown_on_signal())
-        .await
-        .context("serving HTTP")
+    announce(bound, tls.is_some(), "faafo gateway")?;
+    let shutdown = shutdown_on_signal();
+    let served = match tls {
+        Some(tls) => {
+            let listener = crate::tls::TlsListener::new(listener, tls)?;
+            faafo_gateway::serve(listener, args.backends, config, shutdown).await
+        }
+        None => faafo_gateway::serve(listener, args.backends, config, shutdown).await,
+    };
+    served.context("serving HTTP")
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -76,7 +104,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         shutdown,
     )
     .await?;
-    announce(service.listener_address, "faafo is up")?;
+    announce(service.listener_address, false, "faafo is up")?;
     println!(
         "data in {}, {workers} worker(s); Ctrl-C stops",
         args.data_dir.display()
@@ -236,7 +264,7 @@ pub async fn open_store(url: &str, options: PostgresOptions) -> anyhow::Result<A
 
 /// The URL a process lists itself under: the one given, else the bound address, with
 /// this host's name in place of an unspecified (every-interface) address.
-fn advertised_url(bound: SocketAddr, given: Option<String>) -> anyhow::Result<String> {
+fn advertised_url(bound: SocketAddr, tls: bool, given: Option<String>) -> anyhow::Result<String> {
     if let Some(url) = given {
         let url = url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&url)
@@ -246,14 +274,15 @@ fn advertised_url(bound: SocketAddr, given: Option<String>) -> anyhow::Result<St
         }
         return Ok(url);
     }
+    let scheme = if tls { "https" } else { "http" };
     if bound.ip().is_unspecified() {
         return Ok(format!(
-            "http://{}:{}",
+            "{scheme}://{}:{}",
             faafo_worker::host_name(),
             bound.port()
         ));
     }
-    Ok(format!("http://{bound}"))
+    Ok(format!("{scheme}://{bound}"))
 }
 
 async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -263,10 +292,11 @@ async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Prints the address actually bound (port 0 picks one), first thing on stdout.
-fn announce(address: SocketAddr, what: &str) -> anyhow::Result<()> {
+fn announce(address: SocketAddr, tls: bool, what: &str) -> anyhow::Result<()> {
     use std::io::Write;
+    let scheme = if tls { "https" } else { "http" };
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{what}: listening on http://{address}")?;
+    writeln!(stdout, "{what}: listening on {scheme}://{address}")?;
     stdout.flush()?;
     Ok(())
 }
