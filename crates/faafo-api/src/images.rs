@@ -96,6 +96,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRIES: usize = 2;
 const RETRY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many times opening the store tries to write its probe.
+const START_ATTEMPTS: u32 = 5;
 
 impl Images {
     /// Opens the object store a URL names: `file:///absolute/directory`, or
@@ -117,25 +119,40 @@ impl Images {
             s3,
             url: url.to_owned(),
         };
-        let probe = Path::from(PROBE);
-        let written = images
-            .store
-            .put(&probe, PutPayload::from_static(b"ok"))
-            .await;
-        if let Err(error) = written {
-            match images.explain(error) {
-                ImagesError::NoBucket { bucket, endpoint } => {
-                    images.create_bucket(&bucket, &endpoint).await?;
-                    images
-                        .store
-                        .put(&probe, PutPayload::from_static(b"ok"))
-                        .await
-                        .map_err(|e| images.explain(e))?;
+        // A store that answers oddly for a moment (several instances starting at once on
+        // a new bucket were seen to get a PUT answer without an ETag from Swift) gets a
+        // few more tries before the instance gives up.
+        let mut attempts = 1;
+        loop {
+            match images.write_probe().await {
+                Err(ImagesError::Unavailable(error)) if attempts < START_ATTEMPTS => {
+                    tracing::warn!(%error, attempt = attempts, "the object store is not writable yet; trying again");
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                other => return Err(other),
+                written => return written.map(|()| images),
             }
         }
-        Ok(images)
+    }
+
+    /// Writes the probe object, creating the bucket first when it is missing.
+    async fn write_probe(&self) -> Result<(), ImagesError> {
+        let probe = Path::from(PROBE);
+        let written = self.store.put(&probe, PutPayload::from_static(b"ok")).await;
+        let Err(error) = written else {
+            return Ok(());
+        };
+        match self.explain(error) {
+            ImagesError::NoBucket { bucket, endpoint } => {
+                self.create_bucket(&bucket, &endpoint).await?;
+                self.store
+                    .put(&probe, PutPayload::from_static(b"ok"))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.explain(e))
+            }
+            other => Err(other),
+        }
     }
 
     /// Creates the bucket (S3 `CreateBucket`, through a URL the store signs).

@@ -3,7 +3,8 @@
 //! etcd member, a Patroni member with its PostgreSQL, a Swift storage node with its rsync
 //! daemon and an S3 proxy, and `faafo api`, `faafo worker` and `faafo gateway` started
 //! with the flags a systemd unit gives them. Every address is another host's, never
-//! 127.0.0.1. Clients run outside the hosts and know the three gateways.
+//! 127.0.0.1, and faafo's tiers speak HTTPS with certificates from the test's own CA.
+//! Clients run outside the hosts and know the three gateways.
 //!
 //! Skipped, saying why, only where network namespaces cannot be made (not root).
 
@@ -44,6 +45,9 @@ struct Deployment {
     swift: Vec<swift::StorageNode>,
     secrets: postgres::Secrets,
     running: Vec<Vec<(String, Child)>>,
+    /// The deployment's CA (PEM), which signed every host's certificate.
+    ca: String,
+    /// Trusts the CA.
     http: reqwest::Client,
 }
 
@@ -94,6 +98,8 @@ impl Deployment {
             .collect();
         let secrets =
             postgres::Secrets::load_or_make(&dir.path().join("secrets.json")).expect("passwords");
+        let ca = write_certificates(&hosts, dir.path());
+        let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes()).unwrap();
         let deployment = Deployment {
             running: hosts.hosts.iter().map(|_| Vec::new()).collect(),
             hosts,
@@ -105,8 +111,10 @@ impl Deployment {
             secrets,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
+                .tls_certs_merge(roots)
                 .build()
                 .unwrap(),
+            ca,
         };
         deployment.write_configurations();
         Ok(deployment)
@@ -172,27 +180,28 @@ impl Deployment {
         }
     }
 
+    /// The gateways, over HTTPS.
     fn gateways(&self) -> String {
-        self.urls(GATEWAY)
+        self.urls("https", GATEWAY)
     }
 
-    fn urls(&self, port: u16) -> String {
+    fn urls(&self, scheme: &str, port: u16) -> String {
         let urls: Vec<String> = self
             .hosts
             .hosts
             .iter()
-            .map(|host| format!("http://{}", at(host, port)))
+            .map(|host| format!("{scheme}://{}", at(host, port)))
             .collect();
         urls.join(",")
     }
 
     /// Starts `program ARGS` on host `index`, logging to the host's directory.
     fn spawn(&mut self, index: usize, name: &str, mut command: Command) {
-        let log = self.host_dir(index).join(format!("{name}.log"));
+        let log = File::create(self.host_dir(index).join(format!("{name}.log"))).unwrap();
         let child = command
             .stdin(Stdio::null())
-            .stdout(File::create(&log).unwrap())
-            .stderr(File::create(&log).unwrap())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("{name} starts on host {}: {e}", index + 1));
         self.running[index].push((name.to_owned(), child));
@@ -263,6 +272,12 @@ impl Deployment {
                 vec![
                     ("FAAFO_WORKER_TOKEN", TOKEN.into()),
                     ("RUST_LOG", "info".into()),
+                    (
+                        "FAAFO_CA_CERT",
+                        self.dir.path().join("ca.pem").display().to_string(),
+                    ),
+                    ("FAAFO_TLS_CERT", etc.join("tls.pem").display().to_string()),
+                    ("FAAFO_TLS_KEY", etc.join("tls.key").display().to_string()),
                 ],
             ),
             (
@@ -273,7 +288,7 @@ impl Deployment {
                         "FAAFO_DATABASE_URL",
                         postgres::database_url(&self.postgres, &self.secrets),
                     ),
-                    ("FAAFO_PATRONI", self.urls(PATRONI)),
+                    ("FAAFO_PATRONI", self.urls("http", PATRONI)),
                     (
                         "FAAFO_OBJECT_STORE",
                         swift::object_store_url("faafo", at(&host, S3)),
@@ -294,7 +309,7 @@ impl Deployment {
                 "gateway.env",
                 vec![
                     ("FAAFO_GATEWAY_BIND", at(&host, GATEWAY).to_string()),
-                    ("FAAFO_GATEWAY_BACKENDS", self.urls(API)),
+                    ("FAAFO_GATEWAY_BACKENDS", self.urls("https", API)),
                 ],
             ),
         ];
@@ -375,8 +390,8 @@ impl Deployment {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let (gateway, api) = (
-                format!("http://{}/readyz", at(host, GATEWAY)),
-                format!("http://{}/readyz", at(host, API)),
+                format!("https://{}/readyz", at(host, GATEWAY)),
+                format!("https://{}/readyz", at(host, API)),
             );
             let (gateway, api) = (self.answers(&gateway), self.answers(&api));
             let member = postgres::health(&self.http, &self.postgres[index]);
@@ -442,7 +457,8 @@ impl Deployment {
     /// is a standby or down, and its API refuses a create with 503.
     async fn await_fenced(&self, index: usize) {
         let host = self.hosts.get(index).clone();
-        let api = format!("http://{}/v1/fractal", at(&host, API));
+        let api = format!("https://{}/v1/fractal", at(&host, API));
+        let roots = reqwest::Certificate::from_pem_bundle(self.ca.as_bytes()).unwrap();
         let database = format!(
             "host={} port={POSTGRES} user={} password={} dbname=faafo connect_timeout=2",
             host.address,
@@ -458,6 +474,7 @@ impl Deployment {
             runtime.block_on(async {
                 let http = reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
+                    .tls_certs_merge(roots)
                     .build()
                     .unwrap();
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -555,6 +572,34 @@ impl Drop for Deployment {
     }
 }
 
+/// Makes the deployment's CA (`DIR/ca.pem`) and, for each host, a certificate for its
+/// address signed by it (`DIR/HOST/etc/faafo/tls.pem` and `tls.key`), as an operator's PKI
+/// would. Returns the CA's PEM.
+fn write_certificates(hosts: &Hosts, dir: &Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "faafo multi-host CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    for host in &hosts.hosts {
+        let etc = dir.join(&host.name).join("etc/faafo");
+        std::fs::create_dir_all(&etc).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let certificate = CertificateParams::new(vec![host.address.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(etc.join("tls.pem"), certificate.pem()).unwrap();
+        postgres::write_private(&etc.join("tls.key"), &key.serialize_pem()).unwrap();
+    }
+    std::fs::write(dir.join("ca.pem"), &ca).unwrap();
+    ca
+}
+
 /// What the systemd unit `deploy/systemd/UNIT.service` runs: its `ExecStart`, with the
 /// test's faafo binary for `/usr/local/bin/faafo`, and the variables of its
 /// `EnvironmentFile`s, read from `etc` rather than `/etc/faafo`.
@@ -626,7 +671,7 @@ async fn three_hosts_survive_a_crashed_host_an_isolated_host_and_a_rolling_resta
 
     // Host crash: every process of the database leader's host killed at once; the host
     // boots again later.
-    let load = LoadRun::start(&gateways);
+    let load = LoadRun::start_with(&gateways, Duration::ZERO, Some(deployment.ca.as_bytes()));
     load.wait_for_creates(20).await;
     let leader = deployment.leader().await;
     let fault = Instant::now();
@@ -646,7 +691,7 @@ async fn three_hosts_survive_a_crashed_host_an_isolated_host_and_a_rolling_resta
     // Host isolation: the leader's host cut off while everything on it keeps running. Its
     // side stops taking writes (no split brain), the others elect a leader and carry on,
     // and when the link is back the host rejoins.
-    let load = LoadRun::start(&gateways);
+    let load = LoadRun::start_with(&gateways, Duration::ZERO, Some(deployment.ca.as_bytes()));
     load.wait_for_creates(20).await;
     let leader = deployment.leader().await;
     let fault = Instant::now();
@@ -666,7 +711,7 @@ async fn three_hosts_survive_a_crashed_host_an_isolated_host_and_a_rolling_resta
     report("host isolation", load, gap, &mut everything).await;
 
     // Rolling restart of everything, host by host (seed 004: restart everything, often).
-    let load = LoadRun::start(&gateways);
+    let load = LoadRun::start_with(&gateways, Duration::ZERO, Some(deployment.ca.as_bytes()));
     load.wait_for_creates(20).await;
     let started = Instant::now();
     for index in 0..deployment.hosts.hosts.len() {

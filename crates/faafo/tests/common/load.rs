@@ -111,12 +111,22 @@ impl LoadRun {
     /// Like [`LoadRun::start`], each generator pausing `pause` between rounds: a bounded
     /// rate, so that a slow backing store is not buried under a backlog.
     pub fn start_paced(endpoints: &str, pause: Duration) -> LoadRun {
+        Self::start_with(endpoints, pause, None)
+    }
+
+    /// Like [`LoadRun::start_paced`], trusting the certificates `ca` (PEM) for `https://`
+    /// endpoints.
+    pub fn start_with(endpoints: &str, pause: Duration, ca: Option<&[u8]>) -> LoadRun {
         // Long enough never to give up within the test's time, and to cover a failover.
         let policy = RetryPolicy {
             total: Duration::from_secs(30),
             ..RetryPolicy::default()
         };
-        let client = Arc::new(Client::new(endpoints, policy).unwrap().with_discovery());
+        let mut client = Client::new(endpoints, policy).unwrap();
+        if let Some(pem) = ca {
+            client = client.with_root_certificates(pem).unwrap();
+        }
+        let client = Arc::new(client.with_discovery());
         let load = Arc::new(Load::default());
         let stop = CancellationToken::new();
         let generators = (0..2)
