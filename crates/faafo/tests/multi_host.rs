@@ -542,6 +542,27 @@ impl Deployment {
         self.running[index].clear();
     }
 
+    /// Copies every host's logs whole under the target directory, where they outlive the
+    /// failed run.
+    fn keep_logs(&self) {
+        let kept = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("multi-host-logs")
+            .join(std::process::id().to_string());
+        for index in 0..self.hosts.hosts.len() {
+            let into = kept.join(&self.hosts.get(index).name);
+            let _ = std::fs::create_dir_all(&into);
+            let logs = std::fs::read_dir(self.host_dir(index))
+                .into_iter()
+                .flatten();
+            for entry in logs.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    let _ = std::fs::copy(entry.path(), into.join(entry.file_name()));
+                }
+            }
+        }
+        eprintln!("the hosts' logs are kept in {}", kept.display());
+    }
+
     /// The last lines of every log, for a failure's message.
     fn logs(&self) -> String {
         let mut text = String::new();
@@ -565,6 +586,7 @@ impl Drop for Deployment {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("the hosts' logs:\n{}", self.logs());
+            self.keep_logs();
         }
         for index in 0..self.hosts.hosts.len() {
             self.crash(index);

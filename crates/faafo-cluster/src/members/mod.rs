@@ -7,7 +7,9 @@ pub mod postgres;
 pub mod swift;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use faafo_core::NodeRole;
 use serde::{Deserialize, Serialize};
@@ -153,13 +155,27 @@ impl Programs {
     /// install.
     pub fn find() -> anyhow::Result<Programs> {
         let etcd = find_program("etcd");
-        let patroni = ["/usr/bin/patroni"]
-            .iter()
+        if let Some(chosen) = std::env::var_os(PATRONI_PROGRAM) {
+            anyhow::ensure!(
+                Path::new(&chosen).exists(),
+                "{PATRONI_PROGRAM}={} does not exist",
+                Path::new(&chosen).display()
+            );
+        }
+        let patroni = std::env::var_os(PATRONI_PROGRAM)
             .map(PathBuf::from)
-            .find(|p| p.exists())
+            .or_else(|| {
+                ["/usr/bin/patroni"]
+                    .iter()
+                    .map(PathBuf::from)
+                    .find(|p| p.exists())
+            })
             // Patroni's own shebang names the system Python; a python3 earlier on PATH
             // (a pyenv shim) may not see its modules, so the system copy comes first.
             .or_else(|| find_program("patroni"));
+        if let Some(patroni) = &patroni {
+            check_patroni_version(patroni)?;
+        }
         let postgres_bin = postgres::bin_dir();
         let mut missing = Vec::new();
         if etcd.is_none() {
@@ -184,6 +200,44 @@ impl Programs {
             ),
         }
     }
+}
+
+/// Names the Patroni program to run, overriding the one found on the machine.
+pub const PATRONI_PROGRAM: &str = "FAAFO_PATRONI_PROGRAM";
+
+/// Refuses a Patroni whose etcd3 code can lose acknowledged writes: before 3.0.3 an old
+/// leader whose session expired (a host cut off and back, or a stalled loop) overwrote
+/// the leader key unconditionally and promoted itself again, without the writes the
+/// new leader had acknowledged meanwhile (Patroni commit d98d6d0b; seen here with
+/// Debian 12's 3.0.2 in the multi-host isolation test).
+fn check_patroni_version(patroni: &Path) -> anyhow::Result<()> {
+    let output = std::process::Command::new(patroni)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", patroni.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version: Vec<u32> = text
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .split('.')
+        .map_while(|part| part.parse().ok())
+        .collect();
+    anyhow::ensure!(
+        version.len() >= 2,
+        "cannot tell the version of {} from {text:?}",
+        patroni.display()
+    );
+    anyhow::ensure!(
+        version >= vec![3, 0, 3],
+        "{} is Patroni {}, which can lose acknowledged writes when a leader cut off from \
+         etcd comes back (fixed in 3.0.3). Install a newer one, for example \
+         `python3 -m venv /opt/patroni && /opt/patroni/bin/pip install 'patroni[etcd3]==3.0.4' \
+         psycopg2-binary`, and name it with {PATRONI_PROGRAM}=/opt/patroni/bin/patroni",
+        patroni.display(),
+        text.trim().trim_start_matches("patroni ")
+    );
+    Ok(())
 }
 
 /// Checks that OpenStack Swift and rsync are installed; the error names the Debian
