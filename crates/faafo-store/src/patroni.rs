@@ -103,6 +103,7 @@ impl PatroniFence {
             "the Patroni leader has not been confirmed yet".into(),
         ));
         let stop = CancellationToken::new();
+        tokio::spawn(warn_of_old_members(http.clone(), normalized.clone()));
         tokio::spawn(follow(
             http.clone(),
             normalized.clone(),
@@ -201,6 +202,48 @@ struct Server {
     member: String,
     host: String,
     port: u16,
+}
+
+/// The first Patroni release whose etcd3 code never overwrites another member's leader
+/// key. Before it, an old leader whose session had expired (a host cut off and back, or a
+/// stalled loop) put the key back unconditionally and promoted its own stale data,
+/// throwing away what the new leader had acknowledged (upstream commit d98d6d0b).
+pub const SAFE_VERSION: [u32; 3] = [3, 0, 3];
+
+/// Whether the Patroni `version` ("3.0.2") is older than [`SAFE_VERSION`]; `None` when it
+/// cannot be read.
+pub fn loses_writes_after_partition(version: &str) -> Option<bool> {
+    let parts: Vec<u32> = version
+        .trim()
+        .split('.')
+        .map_while(|part| part.parse().ok())
+        .collect();
+    (parts.len() >= 2).then(|| parts.as_slice() < SAFE_VERSION.as_slice())
+}
+
+/// Asks each member once for its Patroni version (`GET /patroni`) and warns about any
+/// older than [`SAFE_VERSION`]: the fence cannot make up for a leader election that
+/// promotes stale data.
+async fn warn_of_old_members(http: reqwest::Client, endpoints: Vec<String>) {
+    #[derive(Deserialize)]
+    struct Status {
+        patroni: Version,
+    }
+    #[derive(Deserialize)]
+    struct Version {
+        version: String,
+    }
+    for endpoint in endpoints {
+        let answer = http.get(format!("{endpoint}/patroni")).send().await;
+        let Ok(status) = answer else { continue };
+        let Ok(status) = status.json::<Status>().await else {
+            continue;
+        };
+        let version = status.patroni.version;
+        if loses_writes_after_partition(&version) == Some(true) {
+            tracing::warn!(%endpoint, %version, "this Patroni can lose acknowledged writes when a leader cut off from etcd comes back (fixed in 3.0.3): upgrade it");
+        }
+    }
 }
 
 async fn follow(
@@ -352,6 +395,17 @@ async fn server_behind(http: &reqwest::Client, endpoint: &str) -> Result<Server,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patroni_before_3_0_3_is_known_to_lose_writes() {
+        assert_eq!(loses_writes_after_partition("3.0.2"), Some(true));
+        assert_eq!(loses_writes_after_partition("2.1.9"), Some(true));
+        assert_eq!(loses_writes_after_partition("3.0.3"), Some(false));
+        assert_eq!(loses_writes_after_partition("3.0.4"), Some(false));
+        assert_eq!(loses_writes_after_partition("4.0.4"), Some(false));
+        assert_eq!(loses_writes_after_partition("3.1"), Some(false));
+        assert_eq!(loses_writes_after_partition("unknown"), None);
+    }
 
     #[tokio::test]
     async fn endpoints_must_be_http_urls() {

@@ -216,27 +216,22 @@ fn check_patroni_version(patroni: &Path) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("running {} --version", patroni.display()))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let version: Vec<u32> = text
-        .split_whitespace()
-        .last()
-        .unwrap_or_default()
-        .split('.')
-        .map_while(|part| part.parse().ok())
-        .collect();
-    anyhow::ensure!(
-        version.len() >= 2,
-        "cannot tell the version of {} from {text:?}",
-        patroni.display()
-    );
-    anyhow::ensure!(
-        version >= vec![3, 0, 3],
-        "{} is Patroni {}, which can lose acknowledged writes when a leader cut off from \
-         etcd comes back (fixed in 3.0.3). Install a newer one, for example \
-         `python3 -m venv /opt/patroni && /opt/patroni/bin/pip install 'patroni[etcd3]==3.0.4' \
-         psycopg2-binary`, and name it with {PATRONI_PROGRAM}=/opt/patroni/bin/patroni",
-        patroni.display(),
-        text.trim().trim_start_matches("patroni ")
-    );
+    let version = text.trim().trim_start_matches("patroni ");
+    match faafo_store::patroni::loses_writes_after_partition(version) {
+        None => anyhow::bail!(
+            "cannot tell the version of {} from {text:?}",
+            patroni.display()
+        ),
+        Some(true) => anyhow::bail!(
+            "{} is Patroni {version}, which can lose acknowledged writes when a leader cut off \
+             from etcd comes back (fixed in 3.0.3). Install a newer one, for example \
+             `/usr/bin/python3 -m venv /opt/patroni && /opt/patroni/bin/pip install \
+             'patroni[etcd3]==3.0.4' psycopg2-binary`, and name it with \
+             {PATRONI_PROGRAM}=/opt/patroni/bin/patroni",
+            patroni.display()
+        ),
+        Some(false) => {}
+    }
     Ok(())
 }
 
