@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
@@ -339,16 +338,8 @@ impl Images {
     }
 
     pub async fn get(&self, uuid: Uuid, rendition: Rendition) -> Result<Bytes, ImagesError> {
-        self.stream(uuid, rendition, None)
-            .await?
-            .bytes
-            .try_fold(Vec::new(), |mut all, chunk| {
-                all.extend_from_slice(&chunk);
-                futures::future::ready(Ok(all))
-            })
-            .await
-            .map(Bytes::from)
-            .map_err(ImagesError::Unavailable)
+        let found = self.fetch(uuid, rendition, GetOptions::default()).await?;
+        found.bytes().await.map_err(ImagesError::Unavailable)
     }
 
     /// A PNG of `uuid`, or the bytes `range` of it, streamed from the store (never held
@@ -363,20 +354,30 @@ impl Images {
             range: range.map(GetRange::Bounded),
             ..GetOptions::default()
         };
-        let key = Self::key(uuid, rendition);
-        let found = match self.store.get_opts(&key, options).await {
-            Ok(found) => found,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(ImagesError::Missing(uuid, rendition));
-            }
-            Err(e) => return Err(ImagesError::Unavailable(e)),
-        };
+        let found = self.fetch(uuid, rendition, options).await?;
         let (range, size) = (found.range.clone(), found.meta.size);
         Ok(ImageStream {
             bytes: found.into_stream(),
             range,
             size,
         })
+    }
+
+    async fn fetch(
+        &self,
+        uuid: Uuid,
+        rendition: Rendition,
+        options: GetOptions,
+    ) -> Result<object_store::GetResult, ImagesError> {
+        match self
+            .store
+            .get_opts(&Self::key(uuid, rendition), options)
+            .await
+        {
+            Ok(found) => Ok(found),
+            Err(object_store::Error::NotFound { .. }) => Err(ImagesError::Missing(uuid, rendition)),
+            Err(e) => Err(ImagesError::Unavailable(e)),
+        }
     }
 
     /// Removes every PNG of `uuid`; one that is not there is already removed.

@@ -109,16 +109,8 @@ impl TestApp {
     async fn run_one(&self) -> FractalView {
         let grant = self.lease().await;
         let png = render(&grant);
-        let upload = Upload {
-            uuid: grant.uuid,
-            lease_token: grant.lease_token,
-            png: png.bytes.into(),
-            checksum: &png.checksum,
-            duration: Duration::from_millis(5),
-            generated_by: "test-worker",
-        };
         assert_eq!(
-            self.worker.upload(&upload).await.unwrap(),
+            self.worker.upload(&upload_of(&grant, &png)).await.unwrap(),
             LeaseOutcome::Held
         );
         self.worker.get(grant.uuid).await.unwrap()

@@ -1,16 +1,19 @@
 //! Real infrastructure for tests: a throwaway PostgreSQL cluster started from the
 //! installed binaries, a throwaway OpenStack Swift cluster serving S3, a TCP proxy that
-//! can cut every connection through it, and hosts made of network namespaces.
+//! can cut every connection through it, hosts made of network namespaces, and a
+//! certificate authority.
 
 mod hosts;
 mod postgres;
 mod proxy;
 mod swift;
+mod tls;
 
 pub use hosts::{Host, Hosts};
 pub use postgres::PostgresServer;
 pub use proxy::TcpProxy;
 pub use swift::SwiftCluster;
+pub use tls::TestCa;
 
 /// A free TCP port on loopback (bound, read, released).
 pub fn free_port() -> u16 {

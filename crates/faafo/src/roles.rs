@@ -55,11 +55,7 @@ fn server_tls(args: &crate::cli::TlsArgs) -> anyhow::Result<Option<Arc<rustls::S
 }
 
 pub async fn worker(endpoints: &str, ca: Option<&[u8]>, args: WorkerArgs) -> anyhow::Result<()> {
-    let mut client = Client::new(endpoints, RetryPolicy::default()).context("--endpoint-url")?;
-    if let Some(pem) = ca {
-        client = client.with_root_certificates(pem).context("--ca-cert")?;
-    }
-    let client = Arc::new(client.with_worker_token(WorkerToken::new(args.worker_token)));
+    let client = worker_client(endpoints, WorkerToken::new(args.worker_token), ca)?;
     let config = WorkerConfig::new(args.name.unwrap_or_else(faafo_worker::default_name));
     faafo_worker::run(client, config, shutdown_on_signal()).await;
     Ok(())
@@ -174,7 +170,7 @@ impl LocalService {
             api_shutdown.clone(),
         ));
 
-        let client = worker_client(&format!("http://{listener_address}"), token)?;
+        let client = worker_client(&format!("http://{listener_address}"), token, None)?;
         let tracker = TaskTracker::new();
         let host = faafo_worker::host_name();
         for index in 1..=workers {
@@ -216,8 +212,16 @@ impl LocalService {
     }
 }
 
-fn worker_client(endpoints: &str, token: WorkerToken) -> anyhow::Result<Arc<Client>> {
-    let client = Client::new(endpoints, RetryPolicy::default()).context("--endpoint-url")?;
+/// A worker's client: `ca`, the PEM of `--ca-cert`, is trusted besides the system's roots.
+fn worker_client(
+    endpoints: &str,
+    token: WorkerToken,
+    ca: Option<&[u8]>,
+) -> anyhow::Result<Arc<Client>> {
+    let mut client = Client::new(endpoints, RetryPolicy::default()).context("--endpoint-url")?;
+    if let Some(pem) = ca {
+        client = client.with_root_certificates(pem).context("--ca-cert")?;
+    }
     Ok(Arc::new(client.with_worker_token(token)))
 }
 

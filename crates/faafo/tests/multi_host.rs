@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::TOKEN;
 use common::load::{LoadRun, assert_listed_once, assert_rendered};
 use faafo_cluster::members::{Programs, etcd, postgres, swift};
-use faafo_testkit::{Host, Hosts, SwiftCluster};
+use faafo_testkit::{Host, Hosts, SwiftCluster, TestCa};
 use uuid::Uuid;
 
 // Every host listens on the ports its programs use by default: hosts do not share ports.
@@ -598,28 +598,16 @@ impl Drop for Deployment {
 /// address signed by it (`DIR/HOST/etc/faafo/tls.pem` and `tls.key`), as an operator's PKI
 /// would. Returns the CA's PEM.
 fn write_certificates(hosts: &Hosts, dir: &Path) -> String {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "faafo multi-host CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
+    let ca = TestCa::new("faafo multi-host CA");
     for host in &hosts.hosts {
         let etc = dir.join(&host.name).join("etc/faafo");
         std::fs::create_dir_all(&etc).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let certificate = CertificateParams::new(vec![host.address.to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(etc.join("tls.pem"), certificate.pem()).unwrap();
-        postgres::write_private(&etc.join("tls.key"), &key.serialize_pem()).unwrap();
+        let (certificate, key) = ca.issue(&[&host.address.to_string()]);
+        std::fs::write(etc.join("tls.pem"), certificate).unwrap();
+        postgres::write_private(&etc.join("tls.key"), &key).unwrap();
     }
-    std::fs::write(dir.join("ca.pem"), &ca).unwrap();
-    ca
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    ca.pem().to_owned()
 }
 
 /// What the systemd unit `deploy/systemd/UNIT.service` runs: its `ExecStart`, with the

@@ -10,27 +10,16 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use faafo_testkit::TestCa;
 
 /// Writes `ca.pem`, `server.pem` and `server.key` into `dir`: a CA, and a certificate it
 /// signed for 127.0.0.1 and localhost.
 fn make_certificates(dir: &Path) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "faafo test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
+    let ca = TestCa::new("faafo test CA");
+    let (certificate, key) = ca.issue(&["127.0.0.1", "localhost"]);
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), certificate).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
 }
 
 fn faafo(args: &[&str]) -> Output {

@@ -155,24 +155,21 @@ impl Programs {
     /// install.
     pub fn find() -> anyhow::Result<Programs> {
         let etcd = find_program("etcd");
-        if let Some(chosen) = std::env::var_os(PATRONI_PROGRAM) {
-            anyhow::ensure!(
-                Path::new(&chosen).exists(),
-                "{PATRONI_PROGRAM}={} does not exist",
-                Path::new(&chosen).display()
-            );
-        }
-        let patroni = std::env::var_os(PATRONI_PROGRAM)
-            .map(PathBuf::from)
-            .or_else(|| {
-                ["/usr/bin/patroni"]
-                    .iter()
-                    .map(PathBuf::from)
-                    .find(|p| p.exists())
-            })
+        let patroni = match std::env::var_os(PATRONI_PROGRAM).map(PathBuf::from) {
+            Some(chosen) => {
+                anyhow::ensure!(
+                    chosen.exists(),
+                    "{PATRONI_PROGRAM}={} does not exist",
+                    chosen.display()
+                );
+                Some(chosen)
+            }
             // Patroni's own shebang names the system Python; a python3 earlier on PATH
             // (a pyenv shim) may not see its modules, so the system copy comes first.
-            .or_else(|| find_program("patroni"));
+            None => Some(PathBuf::from("/usr/bin/patroni"))
+                .filter(|p| p.exists())
+                .or_else(|| find_program("patroni")),
+        };
         if let Some(patroni) = &patroni {
             check_patroni_version(patroni)?;
         }
@@ -181,29 +178,36 @@ impl Programs {
         if etcd.is_none() {
             missing.push("etcd-server");
         }
-        if patroni.is_none() {
-            missing.push("patroni");
-        }
         if postgres_bin.is_none() {
             missing.push("postgresql");
         }
-        match (etcd, patroni, postgres_bin) {
-            (Some(etcd), Some(patroni), Some(postgres_bin)) => Ok(Programs {
-                etcd,
-                patroni,
-                postgres_bin,
-            }),
-            _ => anyhow::bail!(
-                "--postgres-nodes needs etcd, Patroni and the PostgreSQL server, which are not installed: \
+        let (Some(etcd), Some(postgres_bin)) = (etcd, postgres_bin) else {
+            anyhow::bail!(
+                "--postgres-nodes needs etcd and the PostgreSQL server, which are not installed: \
                  apt-get install --no-install-recommends {}",
                 missing.join(" ")
-            ),
-        }
+            );
+        };
+        let Some(patroni) = patroni else {
+            anyhow::bail!(
+                "--postgres-nodes needs Patroni 3.0.3 or later, which is not installed. {INSTALL_PATRONI}"
+            );
+        };
+        Ok(Programs {
+            etcd,
+            patroni,
+            postgres_bin,
+        })
     }
 }
 
 /// Names the Patroni program to run, overriding the one found on the machine.
 pub const PATRONI_PROGRAM: &str = "FAAFO_PATRONI_PROGRAM";
+
+/// How to get a Patroni that is safe to run (Debian 12 ships 3.0.2).
+const INSTALL_PATRONI: &str = "Install one from PyPI, for example `/usr/bin/python3 -m venv \
+     /opt/patroni && /opt/patroni/bin/pip install 'patroni[etcd3]==3.0.4' psycopg2-binary`, \
+     and name it with FAAFO_PATRONI_PROGRAM=/opt/patroni/bin/patroni";
 
 /// Refuses a Patroni whose etcd3 code can lose acknowledged writes: before 3.0.3 an old
 /// leader whose session expired (a host cut off and back, or a stalled loop) overwrote
@@ -224,10 +228,7 @@ fn check_patroni_version(patroni: &Path) -> anyhow::Result<()> {
         ),
         Some(true) => anyhow::bail!(
             "{} is Patroni {version}, which can lose acknowledged writes when a leader cut off \
-             from etcd comes back (fixed in 3.0.3). Install a newer one, for example \
-             `/usr/bin/python3 -m venv /opt/patroni && /opt/patroni/bin/pip install \
-             'patroni[etcd3]==3.0.4' psycopg2-binary`, and name it with \
-             {PATRONI_PROGRAM}=/opt/patroni/bin/patroni",
+             from etcd comes back (fixed in 3.0.3). {INSTALL_PATRONI}",
             patroni.display()
         ),
         Some(false) => {}
