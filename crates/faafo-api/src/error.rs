@@ -77,7 +77,9 @@ impl From<StoreError> for ApiError {
             }
             StoreError::NotFound(uuid) => ApiError::NotFound(format!("no fractal {uuid}")),
             error @ StoreError::LeaseLost { .. } => ApiError::Conflict(error.to_string()),
-            error @ StoreError::Corrupt(_) => ApiError::Internal(Box::new(error)),
+            error @ (StoreError::Corrupt(_) | StoreError::InvalidUrl(_)) => {
+                ApiError::Internal(Box::new(error))
+            }
         }
     }
 }

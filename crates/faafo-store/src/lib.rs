@@ -10,6 +10,7 @@
 
 pub mod patroni;
 mod postgres;
+pub mod postgres_tls;
 mod sqlite;
 
 use std::time::Duration;
@@ -113,6 +114,9 @@ pub enum StoreError {
     /// Stored data does not parse; a bug or outside tampering.
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// The database URL or a file it names is wrong; only opening a store says this.
+    #[error("the database URL is invalid")]
+    InvalidUrl(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The durable record of fractals and their queue. Implementations must make each

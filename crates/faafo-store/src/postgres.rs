@@ -21,11 +21,12 @@ use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Windo
 use std::sync::Mutex;
 
 use tokio::sync::{Notify, watch};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::patroni::{self, Leader, PatroniFence};
+use crate::postgres_tls::{self, PostgresTls};
 use crate::{
     CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats,
     Store, StoreError, node_record,
@@ -109,6 +110,9 @@ pub struct PostgresOptions {
     /// only to the leader Patroni confirms (see [`crate::patroni`]), at the PostgreSQL
     /// address Patroni advertises for it, with the user, password and database of the URL.
     pub patroni: Vec<String>,
+    /// PEM roots trusted besides the system's for `sslmode=verify-ca`/`verify-full` when
+    /// the URL names no `sslrootcert` (faafo's `--ca-cert`).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl PostgresOptions {
@@ -116,6 +120,7 @@ impl PostgresOptions {
         PostgresOptions {
             wakeups,
             patroni: Vec::new(),
+            ca_pem: None,
         }
     }
 }
@@ -141,15 +146,15 @@ struct Pools {
 }
 
 impl Pools {
-    fn new(config: &tokio_postgres::Config) -> Result<Pools, StoreError> {
+    fn new(config: &tokio_postgres::Config, tls: &PostgresTls) -> Result<Pools, StoreError> {
         let mut relaxed = config.clone();
         relaxed.options(format!(
             "{} -c synchronous_commit=off",
             config.get_options().unwrap_or_default()
         ));
         Ok(Pools {
-            durable: build_pool(config.clone())?,
-            lease: build_pool(relaxed)?,
+            durable: build_pool(config.clone(), tls.clone())?,
+            lease: build_pool(relaxed, tls.clone())?,
         })
     }
 
@@ -159,9 +164,15 @@ impl Pools {
     }
 }
 
-/// Where connections go.
+/// Where connections go, and how (TLS or not).
 #[derive(Debug)]
-enum Target {
+struct Target {
+    route: Route,
+    tls: PostgresTls,
+}
+
+#[derive(Debug)]
+enum Route {
     /// The URL's hosts as libpq would choose among them.
     Url {
         config: tokio_postgres::Config,
@@ -196,9 +207,9 @@ impl Checkout {
 
 impl Target {
     fn connect_config(&self) -> Result<(tokio_postgres::Config, Option<Term>), StoreError> {
-        match self {
-            Target::Url { config, .. } => Ok((config.clone(), None)),
-            Target::Patroni { base, fence, .. } => match fence.current() {
+        match &self.route {
+            Route::Url { config, .. } => Ok((config.clone(), None)),
+            Route::Patroni { base, fence, .. } => match fence.current() {
                 Leader::Confirmed {
                     host, port, term, ..
                 } => Ok((
@@ -211,12 +222,12 @@ impl Target {
     }
 
     fn checkout(&self) -> Result<Checkout, StoreError> {
-        match self {
-            Target::Url { pools, .. } => Ok(Checkout {
+        match &self.route {
+            Route::Url { pools, .. } => Ok(Checkout {
                 pools: Arc::clone(pools),
                 term: None,
             }),
-            Target::Patroni {
+            Route::Patroni {
                 base,
                 fence,
                 current,
@@ -237,7 +248,7 @@ impl Target {
                             // Idle connections go now; busy ones when returned.
                             old.close();
                         }
-                        let pools = Arc::new(Pools::new(&server_config(base, &host, port))?);
+                        let pools = Arc::new(Pools::new(&server_config(base, &host, port), &self.tls)?);
                         *current = Some((term, Arc::clone(&pools)));
                         pools
                     }
@@ -251,7 +262,8 @@ impl Target {
     }
 }
 
-/// `base` (user, password, database, options) aimed at one server that must accept writes.
+/// `base` (user, password, database, options, TLS) aimed at one server that must accept
+/// writes.
 fn server_config(base: &tokio_postgres::Config, host: &str, port: u16) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config.host(host).port(port);
@@ -274,6 +286,7 @@ fn server_config(base: &tokio_postgres::Config, host: &str, port: u16) -> tokio_
         config.connect_timeout(*timeout);
     }
     config.keepalives_idle(base.get_keepalives_idle());
+    config.ssl_mode(base.get_ssl_mode());
     config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     config
 }
@@ -310,15 +323,18 @@ impl PostgresStore {
         url: &str,
         options: PostgresOptions,
     ) -> Result<PostgresStore, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(unavailable)?;
+        let invalid = |error: Box<dyn std::error::Error + Send + Sync>| StoreError::InvalidUrl(error);
+        let (url, tls) = postgres_tls::from_url(url, options.ca_pem.as_deref())
+            .map_err(|e| invalid(e.into()))?;
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| invalid(e.into()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.keepalives_idle(Duration::from_secs(10));
         config.application_name("faafo");
-        let target = if options.patroni.is_empty() {
-            Target::Url {
-                pools: Arc::new(Pools::new(&config)?),
+        let route = if options.patroni.is_empty() {
+            Route::Url {
+                pools: Arc::new(Pools::new(&config, &tls)?),
                 config,
             }
         } else {
@@ -326,14 +342,14 @@ impl PostgresStore {
                 .map_err(|e| unavailable(std::io::Error::other(e)))?;
             // Migrations need the leader: give the cluster a moment to confirm one.
             fence.confirmed(Duration::from_secs(10)).await;
-            Target::Patroni {
+            Route::Patroni {
                 base: config,
                 fence,
                 current: Mutex::new(None),
             }
         };
         let store = PostgresStore {
-            target: Arc::new(target),
+            target: Arc::new(Target { route, tls }),
             wakeups: options.wakeups,
             hints: Arc::new(Notify::new()),
             stop_listening: CancellationToken::new(),
@@ -431,10 +447,10 @@ impl PostgresStore {
     }
 }
 
-fn build_pool(config: tokio_postgres::Config) -> Result<Pool, StoreError> {
+fn build_pool(config: tokio_postgres::Config, tls: PostgresTls) -> Result<Pool, StoreError> {
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -455,7 +471,7 @@ async fn listen(target: Arc<Target>, hints: Arc<Notify>, stop: CancellationToken
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         match target.connect_config() {
-            Ok((config, term)) => match config.connect(NoTls).await {
+            Ok((config, term)) => match config.connect(target.tls.clone()).await {
                 Ok((client, mut connection)) => {
                     let ended = async {
                         match term {
@@ -991,9 +1007,9 @@ impl Store for PostgresStore {
     }
 
     async fn database_members(&self) -> Vec<faafo_core::node::DatabaseMemberView> {
-        match &*self.target {
-            Target::Patroni { fence, .. } => fence.members().await,
-            Target::Url { .. } => Vec::new(),
+        match &self.target.route {
+            Route::Patroni { fence, .. } => fence.members().await,
+            Route::Url { .. } => Vec::new(),
         }
     }
 

@@ -16,6 +16,8 @@ pub struct PostgresServer {
     root: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// Serves TLS with `server.crt` and `server.key` in `root` as well as plain TCP.
+    tls: bool,
 }
 
 /// Where the PostgreSQL binaries are: `FAAFO_PG_BIN`, or the newest Debian install.
@@ -46,21 +48,26 @@ fn running_as_root() -> bool {
 fn as_server_user(program: &Path) -> Command {
     let mut command = Command::new(program);
     if running_as_root() {
-        let name = std::ffi::CString::new("postgres").expect("no NUL");
-        // SAFETY: getpwnam returns a pointer to static storage or null; read at once.
-        let user = unsafe { libc::getpwnam(name.as_ptr()) };
-        assert!(
-            !user.is_null(),
-            "running as root needs a `postgres` user to run PostgreSQL"
-        );
-        // SAFETY: checked non-null above.
-        let (uid, gid) = unsafe { ((*user).pw_uid, (*user).pw_gid) };
+        let (uid, gid) = server_user_ids();
         std::os::unix::process::CommandExt::uid(&mut command, uid);
         std::os::unix::process::CommandExt::gid(&mut command, gid);
         // HOME of root is not readable by postgres; some tools look there.
         command.env("HOME", "/tmp");
     }
     command
+}
+
+/// The uid and gid of the `postgres` user.
+fn server_user_ids() -> (u32, u32) {
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam returns a pointer to static storage or null; read at once.
+    let user = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !user.is_null(),
+        "running as root needs a `postgres` user to run PostgreSQL"
+    );
+    // SAFETY: checked non-null above.
+    unsafe { ((*user).pw_uid, (*user).pw_gid) }
 }
 
 fn open_to_everyone(path: &Path) {
@@ -109,6 +116,15 @@ fn template() -> PathBuf {
 impl PostgresServer {
     /// Starts a fresh server on a free port.
     pub fn start() -> PostgresServer {
+        Self::start_with(None)
+    }
+
+    /// Starts a fresh server that also accepts TLS, with this certificate and key (PEM).
+    pub fn start_with_tls(certificate: &str, key: &str) -> PostgresServer {
+        Self::start_with(Some((certificate, key)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> PostgresServer {
         let template = template();
         let root = tempfile::Builder::new()
             .prefix("faafo-pg-")
@@ -123,10 +139,23 @@ impl PostgresServer {
             .status()
             .expect("cp runs");
         assert!(status.success(), "copying the template cluster failed");
+        if let Some((certificate, key)) = tls {
+            // PostgreSQL reads a key only if its owner alone can read it.
+            for (name, text) in [("server.crt", certificate), ("server.key", key)] {
+                let path = root.path().join(name);
+                fs::write(&path, text).expect("writing the server's certificate");
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+                if running_as_root() {
+                    let (uid, gid) = server_user_ids();
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown");
+                }
+            }
+        }
         let mut server = PostgresServer {
             root,
             port: crate::free_port(),
             child: None,
+            tls: tls.is_some(),
         };
         server.resume();
         server
@@ -180,7 +209,14 @@ impl PostgresServer {
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = File::create(self.root.path().join("postgres.log")).expect("log file");
-        let child = as_server_user(&bin_dir().join("postgres"))
+        let mut command = as_server_user(&bin_dir().join("postgres"));
+        if self.tls {
+            let file = |name: &str| self.root.path().join(name).display().to_string();
+            command.args(["-c", "ssl=on"]);
+            command.args(["-c", &format!("ssl_cert_file={}", file("server.crt"))]);
+            command.args(["-c", &format!("ssl_key_file={}", file("server.key"))]);
+        }
+        let child = command
             .arg("-D")
             .arg(self.data_dir())
             .args(["-p", &self.port.to_string(), "-k"])

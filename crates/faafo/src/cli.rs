@@ -34,7 +34,8 @@ pub struct Cli {
     pub timeout: f64,
 
     /// Trust the certificates in this PEM file (a CA, or a server's own certificate)
-    /// besides the system's, for https:// endpoints and backends.
+    /// besides the system's: for https:// endpoints and backends, and for PostgreSQL
+    /// with sslmode=verify-full when the URL names no sslrootcert.
     #[arg(long, global = true, env = "FAAFO_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 
@@ -105,6 +106,8 @@ pub struct ApiArgs {
     /// The store: sqlite:///path/to/faafo.db (or sqlite:relative/path.db), or PostgreSQL:
     /// postgres://user@host1:5432,host2:5432/faafo?target_session_attrs=read-write
     /// (several hosts: the one that accepts writes is used, and found again after a failover).
+    /// TLS as libpq reads it: sslmode=verify-full (or verify-ca, require) and
+    /// sslrootcert=PATH|system; without sslrootcert, the system's roots and --ca-cert.
     #[arg(long, env = "FAAFO_DATABASE_URL")]
     pub database_url: String,
     /// Where images are kept: file:///absolute/directory, or an S3-compatible store,
@@ -255,7 +258,7 @@ impl Cli {
             }
             Command::Delete { uuid } => client_cli::delete(&client()?, uuid, &output).await,
             Command::Up(args) => roles::up(args).await,
-            Command::Api(args) => roles::api(args).await,
+            Command::Api(args) => roles::api(args, ca).await,
             Command::Worker(args) => roles::worker(&self.endpoint_url, ca.as_deref(), args).await,
             Command::Gateway(args) => roles::gateway(args, ca).await,
             Command::Status => client_cli::status(&client()?, &output).await,

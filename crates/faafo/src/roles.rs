@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::{ApiArgs, GatewayArgs, UpArgs, WorkerArgs};
 
-pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
+pub async fn api(args: ApiArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
     let wakeups = if args.poll_only {
         Wakeups::PollOnly
     } else {
@@ -24,6 +24,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     };
     let mut options = PostgresOptions::new(wakeups);
     options.patroni = args.patroni;
+    options.ca_pem = ca;
     let store = open_store(&args.database_url, options).await?;
     let images = Images::open(&args.object_store)
         .await
