@@ -155,6 +155,14 @@ pub struct ClusterUpArgs {
     /// How many times a task may be leased before the fractal is failed.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// Gateways and API instances serve HTTPS with this certificate chain (PEM), and
+    /// PostgreSQL (--postgres-nodes) takes only TLS with it. It must name --host, where
+    /// the members reach each other; they trust the system's roots and --ca-cert.
+    #[arg(long, env = "FAAFO_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "FAAFO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// What a cluster command has to show.
@@ -170,10 +178,17 @@ pub enum Outcome {
 }
 
 impl ClusterCommand {
-    /// Carries out the command; `on_progress` gets each progress line of a long request.
-    pub async fn run(self, on_progress: impl FnMut(&str)) -> anyhow::Result<Outcome> {
+    /// Carries out the command; `ca_cert` is faafo's `--ca-cert`, `on_progress` gets each
+    /// progress line of a long request.
+    pub async fn run(
+        self,
+        ca_cert: Option<PathBuf>,
+        on_progress: impl FnMut(&str),
+    ) -> anyhow::Result<Outcome> {
         let (location, request) = match self {
-            ClusterCommand::Up(args) => return up(args).await.map(|()| Outcome::Nothing),
+            ClusterCommand::Up(args) => {
+                return up(args, ca_cert).await.map(|()| Outcome::Nothing);
+            }
             ClusterCommand::Chaos {
                 duration,
                 interval,
@@ -233,7 +248,7 @@ fn socket_path(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(socket)
 }
 
-async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
+async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = &args.location.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
@@ -261,6 +276,22 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(certificate), Some(key)) => {
+            let reached_at = if args.host.is_unspecified() {
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            } else {
+                args.host
+            };
+            Some(members::Tls::new(
+                certificate.clone(),
+                key.clone(),
+                ca_cert,
+                reached_at,
+            )?)
+        }
+        _ => None,
+    };
     let data_tier = if args.postgres_nodes > 0 {
         Some(DataTier {
             programs: Programs::find()?,
@@ -331,6 +362,7 @@ async fn up(args: ClusterUpArgs) -> anyhow::Result<()> {
         swift_port: args.swift_port,
         data_tier,
         swift,
+        tls,
     };
     let supervisor = Supervisor::new(settings)?;
     let control = tokio::spawn(control::serve(listener, std::sync::Arc::clone(&supervisor)));

@@ -20,12 +20,13 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use faafo_core::NodeRole;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{MemberStatus, Replies, Reply, Request, progress};
-use crate::members::{Health, Kind, Programs, Topology, etcd, faafo, postgres, swift};
+use crate::members::{Health, Kind, Programs, Tls, Topology, etcd, faafo, postgres, swift};
 use crate::process_tree;
 
 /// A process that exits sooner than this after starting failed to start: the next start
@@ -70,6 +71,8 @@ pub struct Settings {
     pub data_tier: Option<DataTier>,
     /// Where Swift's files live, when the cluster runs Swift.
     pub swift: Option<SwiftTier>,
+    /// HTTPS between gateways, APIs and workers, and TLS to PostgreSQL.
+    pub tls: Option<Tls>,
 }
 
 /// What running Swift needs.
@@ -161,16 +164,24 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(settings: Settings) -> anyhow::Result<Arc<Supervisor>> {
         std::fs::create_dir_all(settings.dir.join("logs"))?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()?;
+        // Trusts what the members are given to trust, to read their health over HTTPS.
+        let client = |timeout: Duration| -> anyhow::Result<reqwest::Client> {
+            let mut builder = reqwest::Client::builder().timeout(timeout);
+            if let Some(pem) = settings.tls.as_ref().and_then(|tls| tls.ca_pem.as_deref()) {
+                builder = builder.tls_certs_merge(
+                    reqwest::Certificate::from_pem_bundle(pem).context("--ca-cert")?,
+                );
+            }
+            Ok(builder.build()?)
+        };
+        let http = client(Duration::from_secs(1))?;
+        // For calls that take a while (a switchover).
+        let http_long = client(Duration::from_secs(60))?;
         Ok(Arc::new(Supervisor {
             settings,
             members: Mutex::new(Vec::new()),
             http,
-            http_long: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?,
+            http_long,
             changing: tokio::sync::Mutex::new(()),
             down: CancellationToken::new(),
         }))
@@ -209,7 +220,14 @@ impl Supervisor {
     /// The URL this supervisor reaches a gateway or API at.
     fn url(&self, member: &Member) -> Option<String> {
         match member.kind {
-            Kind::Gateway | Kind::Api => self.address(member, 0).map(|a| format!("http://{a}")),
+            Kind::Gateway | Kind::Api => {
+                let scheme = if self.settings.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                self.address(member, 0).map(|a| format!("{scheme}://{a}"))
+            }
             _ => None,
         }
     }
@@ -533,12 +551,17 @@ impl Supervisor {
                     dir: self.member_dir(member),
                 };
                 std::fs::create_dir_all(&layout.dir)?;
+                let tls = self.settings.tls.as_ref();
+                if let Some(tls) = tls {
+                    layout.install_certificate(tls)?;
+                }
                 let config = postgres::patroni_config(
                     &node,
                     &topology.etcd,
                     &layout,
                     &tier.programs.postgres_bin,
                     &tier.secrets,
+                    tls,
                 );
                 postgres::write_private(&layout.config(), &serde_json::to_string_pretty(&config)?)?;
                 let mut command = tokio::process::Command::new(&tier.programs.patroni);
@@ -567,6 +590,14 @@ impl Supervisor {
                 command
                     .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
                     .env_remove("FAAFO_ADVERTISE_URL");
+                // Only what this cluster was given: not what its own environment holds.
+                for variable in ["FAAFO_TLS_CERT", "FAAFO_TLS_KEY", "FAAFO_CA_CERT"] {
+                    command.env_remove(variable);
+                }
+                if let Some(tls) = &settings.tls {
+                    let serves = matches!(kind, Kind::Gateway | Kind::Api);
+                    command.envs(tls.environment(serves));
+                }
                 command
             }
         };
@@ -626,7 +657,11 @@ impl Supervisor {
     fn backing(&self, topology: &Topology, index: u32) -> faafo::Backing {
         let mut backing = self.settings.backing.clone();
         if let Some(tier) = &self.settings.data_tier {
-            backing.database_url = postgres::database_url(&topology.postgres, &tier.secrets);
+            backing.database_url = postgres::database_url(
+                &topology.postgres,
+                &tier.secrets,
+                self.settings.tls.as_ref(),
+            );
             backing.patroni = topology.patroni_urls();
         }
         // Each API instance has a Swift proxy of its own (the one of its index): a dead
@@ -716,8 +751,13 @@ impl Supervisor {
             }
             if kind == Kind::Postgres && count > 0 {
                 let tier = self.data_tier()?;
-                postgres::ensure_database(&self.topology().postgres, &tier.secrets, READY_TIMEOUT)
-                    .await?;
+                postgres::ensure_database(
+                    &self.topology().postgres,
+                    &tier.secrets,
+                    self.settings.tls.as_ref(),
+                    READY_TIMEOUT,
+                )
+                .await?;
             }
         }
         Ok(())

@@ -9,7 +9,6 @@
 //! a hint, and polling remains the guarantee (and the only mechanism in poll-only mode, for
 //! transaction-pooling proxies where LISTEN does not work).
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -248,7 +247,8 @@ impl Target {
                             // Idle connections go now; busy ones when returned.
                             old.close();
                         }
-                        let pools = Arc::new(Pools::new(&server_config(base, &host, port), &self.tls)?);
+                        let pools =
+                            Arc::new(Pools::new(&server_config(base, &host, port), &self.tls)?);
                         *current = Some((term, Arc::clone(&pools)));
                         pools
                     }
@@ -323,10 +323,8 @@ impl PostgresStore {
         url: &str,
         options: PostgresOptions,
     ) -> Result<PostgresStore, StoreError> {
-        let invalid = |error: Box<dyn std::error::Error + Send + Sync>| StoreError::InvalidUrl(error);
-        let (url, tls) = postgres_tls::from_url(url, options.ca_pem.as_deref())
-            .map_err(|e| invalid(e.into()))?;
-        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| invalid(e.into()))?;
+        let (mut config, tls) = postgres_tls::parse_url(url, options.ca_pem.as_deref())
+            .map_err(|e| StoreError::InvalidUrl(Box::new(e)))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }

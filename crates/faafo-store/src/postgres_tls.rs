@@ -32,9 +32,7 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 /// A mistake in the URL's TLS parameters or in the files they name.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSettingsError {
-    #[error(
-        "sslmode={0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-    )]
+    #[error("sslmode={0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")]
     UnknownMode(String),
     #[error("sslrootcert needs sslmode=require, verify-ca or verify-full (sslmode is {0})")]
     RootsWithoutTls(String),
@@ -46,6 +44,8 @@ pub enum TlsSettingsError {
     SystemRoots(String),
     #[error("TLS set-up: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Url(#[from] tokio_postgres::Error),
 }
 
 /// libpq's `sslmode`, less `allow`, which means the same as `prefer` here.
@@ -67,13 +67,22 @@ impl Mode {
             other => return Err(TlsSettingsError::UnknownMode(other.to_owned())),
         })
     }
-
 }
 
-/// Takes `sslmode` and `sslrootcert` out of `url` and returns the URL tokio-postgres is to
-/// parse (with `sslmode=disable` or `require`) and the connector to use with it.
-/// `extra_roots` is PEM trusted besides the system's when the URL names no roots.
-pub fn from_url(
+/// The connection settings of a libpq URL and the TLS connector its `sslmode` and
+/// `sslrootcert` ask for. `extra_roots` is PEM trusted besides the system's when the URL
+/// names no roots.
+pub fn parse_url(
+    url: &str,
+    extra_roots: Option<&[u8]>,
+) -> Result<(tokio_postgres::Config, PostgresTls), TlsSettingsError> {
+    let (url, tls) = split_url(url, extra_roots)?;
+    Ok((url.parse()?, tls))
+}
+
+/// Takes `sslmode` and `sslrootcert` out of `url`: the URL tokio-postgres is to parse
+/// (with `sslmode=disable` or `require`) and the connector to use with it.
+fn split_url(
     url: &str,
     extra_roots: Option<&[u8]>,
 ) -> Result<(String, PostgresTls), TlsSettingsError> {
@@ -126,10 +135,9 @@ pub fn from_url(
         Mode::Require => PostgresTls::with(Arc::new(Unverified(provider())))?,
         Mode::VerifyCa | Mode::VerifyFull => {
             let roots = trusted_roots(roots.as_deref(), extra_roots)?;
-            let webpki =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-                    .build()
-                    .map_err(|e| TlsSettingsError::Rustls(rustls::Error::General(e.to_string())))?;
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsSettingsError::Rustls(rustls::Error::General(e.to_string())))?;
             if mode == Mode::VerifyFull {
                 PostgresTls::with(webpki)?
             } else {
@@ -281,14 +289,18 @@ impl ServerCertVerifier for Unverified {
     }
 }
 
-/// The connector a [`from_url`] URL goes with. Plain URLs carry `sslmode=disable`, so
+/// The connector a [`parse_url`] configuration goes with. Plain URLs carry `sslmode=disable`, so
 /// tokio-postgres never asks it for TLS.
 #[derive(Clone)]
 pub struct PostgresTls(Option<tokio_rustls::TlsConnector>);
 
 impl std::fmt::Debug for PostgresTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "PostgresTls(tls)" } else { "PostgresTls(plain)" })
+        f.write_str(if self.0.is_some() {
+            "PostgresTls(tls)"
+        } else {
+            "PostgresTls(plain)"
+        })
     }
 }
 
@@ -333,7 +345,9 @@ pub struct PostgresTlsConnect {
 
 impl std::fmt::Debug for PostgresTlsConnect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresTlsConnect").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("PostgresTlsConnect")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -402,7 +416,7 @@ mod tests {
     use super::*;
 
     fn rewritten(url: &str) -> Result<(String, bool), TlsSettingsError> {
-        from_url(url, None).map(|(url, tls)| (url, tls.0.is_some()))
+        split_url(url, None).map(|(url, tls)| (url, tls.0.is_some()))
     }
 
     #[test]
@@ -413,7 +427,10 @@ mod tests {
             assert!(!tls);
         }
         let (url, tls) = rewritten("postgres://u@h1:5432,h2:5432/db?connect_timeout=2").unwrap();
-        assert_eq!(url, "postgres://u@h1:5432,h2:5432/db?connect_timeout=2&sslmode=disable");
+        assert_eq!(
+            url,
+            "postgres://u@h1:5432,h2:5432/db?connect_timeout=2&sslmode=disable"
+        );
         assert!(!tls);
         // Nothing to rewrite: tokio-postgres reads it as before.
         assert_eq!(
@@ -442,9 +459,15 @@ mod tests {
     fn mistakes_are_named() {
         let unknown = rewritten("postgres://u@h/db?sslmode=verify").unwrap_err();
         assert!(unknown.to_string().contains("\"verify\""), "{unknown}");
-        let missing = rewritten("postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Fnowhere%2Fca.pem")
-            .unwrap_err();
-        assert!(missing.to_string().starts_with("sslrootcert /nowhere/ca.pem:"), "{missing}");
+        let missing =
+            rewritten("postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Fnowhere%2Fca.pem")
+                .unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .starts_with("sslrootcert /nowhere/ca.pem:"),
+            "{missing}"
+        );
         let without_tls =
             rewritten("postgres://u@h/db?sslmode=disable&sslrootcert=/ca.pem").unwrap_err();
         assert!(matches!(without_tls, TlsSettingsError::RootsWithoutTls(_)));

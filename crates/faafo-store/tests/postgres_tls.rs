@@ -83,9 +83,10 @@ async fn assert_serves_over_tls(store: &PostgresStore, server: &PostgresServer) 
         .unwrap();
     assert!(store.get(uuid).await.unwrap().is_some());
 
-    let (client, connection) = tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, connection) =
+        tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let row = client
         .query_one(
@@ -105,7 +106,10 @@ async fn assert_serves_over_tls(store: &PostgresStore, server: &PostgresServer) 
 async fn verify_full_checks_the_chain_and_the_name() {
     let setup = setup(&["127.0.0.1"]);
     let url = setup
-        .url(&format!("sslmode=verify-full&sslrootcert={}", setup.ca_path()))
+        .url(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            setup.ca_path()
+        ))
         .await;
     let store = open(&url, None).await.unwrap();
     assert_serves_over_tls(&store, &setup.server).await;

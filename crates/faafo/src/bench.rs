@@ -72,7 +72,8 @@ async fn e2e(args: E2eArgs) -> anyhow::Result<()> {
     let config = faafo_api::ApiConfig::new(faafo_core::WorkerToken::new("bench"));
     let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let backing = crate::roles::Backing::embedded(data.path()).await?;
-    let service = LocalService::start(bind, backing, workers, config, shutdown.clone()).await?;
+    let service =
+        LocalService::start(bind, None, backing, workers, config, shutdown.clone()).await?;
     let client = Client::new(
         &format!("http://{}", service.listener_address),
         RetryPolicy::default(),

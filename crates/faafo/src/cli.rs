@@ -94,6 +94,8 @@ pub struct UpArgs {
     #[arg(long, env = "FAAFO_WORKERS")]
     pub workers: Option<usize>,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub tuning: ApiTuning,
 }
 
@@ -265,7 +267,7 @@ impl Cli {
             Command::Cluster(command) => {
                 let json = output.json;
                 let outcome = command
-                    .run(|progress| {
+                    .run(self.ca_cert.clone(), |progress| {
                         if !json {
                             println!("{progress}");
                         }

@@ -91,6 +91,7 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
         let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
         let service = LocalService::start(
             bind,
+            None,
             Backing { store, images },
             0,
             ApiConfig::new(WorkerToken::new(TOKEN)),

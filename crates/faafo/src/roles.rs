@@ -93,15 +93,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let shutdown = shutdown_on_signal();
     let backing = Backing::embedded(&args.data_dir).await?;
+    let tls = server_tls(&args.tls)?;
+    let https = tls.is_some();
     let service = LocalService::start(
         args.bind,
+        tls,
         backing,
         workers,
         args.tuning.config(generated_token()),
         shutdown,
     )
     .await?;
-    announce(service.listener_address, false, "faafo is up")?;
+    announce(service.listener_address, https, "faafo is up")?;
     println!(
         "data in {}, {workers} worker(s); Ctrl-C stops",
         args.data_dir.display()
@@ -147,10 +150,11 @@ pub struct LocalService {
 }
 
 impl LocalService {
-    /// Starts serving; `shutdown` stops the workers first (they give back unfinished
-    /// tasks through the API), then the API.
+    /// Starts serving, over HTTPS with `tls`; `shutdown` stops the workers first (they
+    /// give back unfinished tasks through the API), then the API.
     pub async fn start(
         bind_address: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
         backing: Backing,
         workers: usize,
         config: ApiConfig,
@@ -161,17 +165,40 @@ impl LocalService {
         let listener_address = listener.local_addr()?;
         let token = config.worker_token.clone();
         let mut config = config;
-        config.advertise_url = Some(format!("http://{listener_address}"));
+        config.advertise_url = Some(advertised_url(listener_address, tls.is_some(), None)?);
         let api_shutdown = CancellationToken::new();
-        let api = tokio::spawn(faafo_api::serve(
-            listener,
-            store,
-            images,
-            config,
-            api_shutdown.clone(),
-        ));
+        let (api, workers_url) = match tls {
+            None => {
+                let api = tokio::spawn(faafo_api::serve(
+                    listener,
+                    store,
+                    images,
+                    config,
+                    api_shutdown.clone(),
+                ));
+                (api, format!("http://{listener_address}"))
+            }
+            Some(tls) => {
+                // The workers of this process come in on loopback, in plain HTTP: the
+                // certificate is for the names the world uses.
+                let loopback = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+                let workers_url = format!("http://{}", loopback.local_addr()?);
+                let listener = crate::tls::BothListeners {
+                    first: crate::tls::TlsListener::new(listener, tls)?,
+                    second: loopback,
+                };
+                let api = tokio::spawn(faafo_api::serve(
+                    listener,
+                    store,
+                    images,
+                    config,
+                    api_shutdown.clone(),
+                ));
+                (api, workers_url)
+            }
+        };
 
-        let client = worker_client(&format!("http://{listener_address}"), token, None)?;
+        let client = worker_client(&workers_url, token, None)?;
         let tracker = TaskTracker::new();
         let host = faafo_worker::host_name();
         for index in 1..=workers {

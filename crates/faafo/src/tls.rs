@@ -115,3 +115,34 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+/// The connections of two listeners as one: `faafo up` serves the world over TLS and the
+/// workers in its own process over plain TCP on loopback, so its certificate need not
+/// name 127.0.0.1. Addresses and `local_addr` are the first listener's.
+#[derive(Debug)]
+pub struct BothListeners<A, B> {
+    pub first: A,
+    pub second: B,
+}
+
+impl<A, B> axum::serve::Listener for BothListeners<A, B>
+where
+    A: axum::serve::Listener<Addr = SocketAddr>,
+    B: axum::serve::Listener<Addr = SocketAddr>,
+{
+    type Io = tokio_util::either::Either<A::Io, B::Io>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_util::either::Either;
+        // Both accepts are cancel-safe: the one that loses the race loses nothing.
+        tokio::select! {
+            (io, peer) = self.first.accept() => (Either::Left(io), peer),
+            (io, peer) = self.second.accept() => (Either::Right(io), peer),
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.first.local_addr()
+    }
+}

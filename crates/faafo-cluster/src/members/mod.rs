@@ -5,6 +5,9 @@ pub mod etcd;
 pub mod faafo;
 pub mod postgres;
 pub mod swift;
+mod tls;
+
+pub use tls::Tls;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Health, etcd};
+use super::{Health, Tls, etcd};
 
 /// Patroni's timings. With ttl 8 s a dead leader's key expires within 8 s and a
 /// standby takes over; loop_wait 1 s renews it every second; a leader that cannot reach
@@ -119,6 +119,25 @@ impl Layout {
         self.dir.join("data")
     }
 
+    /// The certificate chain PostgreSQL serves, with [`Tls`].
+    pub fn certificate(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+
+    pub fn private_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+
+    /// Copies the certificate and key of `tls` into the member's directory, where the
+    /// postgres user will own them: PostgreSQL reads a key only its owner can read.
+    pub fn install_certificate(&self, tls: &Tls) -> anyhow::Result<()> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        write_private(&self.certificate(), &read(&tls.certificate)?)?;
+        write_private(&self.private_key(), &read(&tls.key)?)
+    }
+
     /// The pid of the running postmaster, from the first line of `postmaster.pid`: only
     /// while that process is this member's PostgreSQL (the file outlives a killed server,
     /// and its pid may have been reused).
@@ -132,15 +151,28 @@ impl Layout {
     }
 }
 
-/// Patroni's configuration for member `me` (JSON, which is YAML too).
+/// Patroni's configuration for member `me` (JSON, which is YAML too). With `tls`,
+/// PostgreSQL serves the certificate installed in `layout` and takes TCP connections
+/// only over TLS (the members' replication connections included: libpq's default
+/// `sslmode=prefer` encrypts them).
 pub fn patroni_config(
     me: &Node,
     etcd: &[etcd::Peer],
     layout: &Layout,
     bin_dir: &Path,
     secrets: &Secrets,
+    tls: Option<&Tls>,
 ) -> Value {
     let etcd_hosts: Vec<String> = etcd.iter().map(|p| p.client.to_string()).collect();
+    let mut parameters = json!({ "unix_socket_directories": layout.dir });
+    let host = if tls.is_some() {
+        parameters["ssl"] = json!("on");
+        parameters["ssl_cert_file"] = json!(layout.certificate());
+        parameters["ssl_key_file"] = json!(layout.private_key());
+        "hostssl"
+    } else {
+        "host"
+    };
     json!({
         "scope": SCOPE,
         "namespace": "/faafo/",
@@ -206,13 +238,11 @@ pub fn patroni_config(
                 "replication": { "username": "replicator", "password": secrets.replication },
                 "rewind": { "username": "rewinder", "password": secrets.rewind },
             },
-            "parameters": {
-                "unix_socket_directories": layout.dir,
-            },
+            "parameters": parameters,
             "pg_hba": [
                 "local all all trust",
-                "host replication replicator all scram-sha-256",
-                "host all all all scram-sha-256",
+                format!("{host} replication replicator all scram-sha-256"),
+                format!("{host} all all all scram-sha-256"),
             ],
         },
         "tags": { "nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false },
@@ -289,6 +319,7 @@ pub fn describe(member: &ClusterMember) -> Health {
 pub async fn ensure_database(
     nodes: &[Node],
     secrets: &Secrets,
+    tls: Option<&Tls>,
     wait: Duration,
 ) -> anyhow::Result<()> {
     let fence = faafo_store::patroni::PatroniFence::start(
@@ -301,16 +332,24 @@ pub async fn ensure_database(
             anyhow::bail!("PostgreSQL did not elect a leader within {wait:?}: {reason}")
         }
     };
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&host)
-        .port(port)
-        .user("postgres")
-        .password(&secrets.superuser)
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(5));
+    // The password is a uuid: nothing in it needs escaping in a URL.
+    let url = format!(
+        "postgres://postgres:{}@{}/postgres?connect_timeout=5{}",
+        secrets.superuser,
+        match host.parse() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) => format!("{host}:{port}"),
+        },
+        if tls.is_some() {
+            "&sslmode=verify-full"
+        } else {
+            ""
+        }
+    );
+    let (config, connector) =
+        faafo_store::postgres_tls::parse_url(&url, tls.and_then(|t| t.ca_pem.as_deref()))?;
     let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(connector)
         .await
         .with_context(|| format!("connecting to the leader at {host}:{port}"))?;
     let driver = tokio::spawn(connection);
@@ -339,13 +378,20 @@ pub async fn ensure_database(
     Ok(())
 }
 
-/// The URL the API instances use: every member's PostgreSQL (the fence picks the leader).
-pub fn database_url(nodes: &[Node], secrets: &Secrets) -> String {
+/// The URL the API instances use: every member's PostgreSQL (the fence picks the leader),
+/// with `tls`, verified as the member it claims to be (the API's `--ca-cert` and the
+/// system's roots are trusted).
+pub fn database_url(nodes: &[Node], secrets: &Secrets, tls: Option<&Tls>) -> String {
     let hosts: Vec<String> = nodes.iter().map(|n| n.postgres.to_string()).collect();
     format!(
-        "postgres://{APP_USER}:{}@{}/{DATABASE}?target_session_attrs=read-write",
+        "postgres://{APP_USER}:{}@{}/{DATABASE}?target_session_attrs=read-write{}",
         secrets.app,
-        hosts.join(",")
+        hosts.join(","),
+        if tls.is_some() {
+            "&sslmode=verify-full"
+        } else {
+            ""
+        }
     )
 }
 
@@ -413,14 +459,48 @@ mod tests {
             &layout,
             Path::new("/usr/lib/postgresql/15/bin"),
             &secrets(),
+            None,
         );
         insta::assert_snapshot!(serde_json::to_string_pretty(&config).unwrap());
     }
 
     #[test]
+    fn with_tls_postgresql_serves_the_installed_certificate_and_takes_only_tls() {
+        let layout = Layout {
+            dir: "/data/cluster/postgres-1".into(),
+        };
+        let tls = Tls {
+            certificate: "/etc/faafo/tls.pem".into(),
+            key: "/etc/faafo/tls.key".into(),
+            ca_cert: None,
+            ca_pem: None,
+        };
+        let bin = Path::new("/usr/lib/postgresql/15/bin");
+        let config = patroni_config(&nodes()[0], &[], &layout, bin, &secrets(), Some(&tls));
+        let postgresql = &config["postgresql"];
+        assert_eq!(postgresql["parameters"]["ssl"], "on");
+        assert_eq!(
+            postgresql["parameters"]["ssl_key_file"],
+            "/data/cluster/postgres-1/server.key"
+        );
+        let hba: Vec<&str> = postgresql["pg_hba"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|line| line.as_str().unwrap())
+            .collect();
+        assert!(
+            hba.iter()
+                .all(|line| line.starts_with("local ") || line.starts_with("hostssl ")),
+            "{hba:?}"
+        );
+        assert!(database_url(&nodes(), &secrets(), Some(&tls)).ends_with("&sslmode=verify-full"));
+    }
+
+    #[test]
     fn the_api_url_lists_every_member() {
         assert_eq!(
-            database_url(&nodes(), &secrets()),
+            database_url(&nodes(), &secrets(), None),
             "postgres://faafo:A@127.0.0.1:9411,127.0.0.1:9412,127.0.0.1:9413/faafo?target_session_attrs=read-write"
         );
     }
