@@ -77,7 +77,12 @@ pub fn parse_url(
     extra_roots: Option<&[u8]>,
 ) -> Result<(tokio_postgres::Config, PostgresTls), TlsSettingsError> {
     let (url, tls) = split_url(url, extra_roots)?;
-    Ok((url.parse()?, tls))
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if tls.0.is_none() {
+        // tokio-postgres's default, `prefer`, would ask this connector for TLS.
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    Ok((config, tls))
 }
 
 /// Takes `sslmode` and `sslrootcert` out of `url`: the URL tokio-postgres is to parse
@@ -328,25 +333,25 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<PostgresTlsConnect> {
-        let connector = self.0.clone().ok_or_else(|| {
-            io::Error::other("TLS was asked for on a URL whose sslmode does not use it")
-        })?;
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|_| io::Error::other(format!("{host:?} is not a name TLS can verify")))?;
-        Ok(PostgresTlsConnect { connector, name })
+        Ok(PostgresTlsConnect {
+            connector: self.0.clone(),
+            host: host.to_owned(),
+        })
     }
 }
 
-/// One connection's handshake to the named server.
+/// One connection's handshake to the named server. tokio-postgres makes one for every
+/// host it tries, TLS or not (and a Unix socket has no name), so nothing is checked
+/// until a handshake is asked for.
 pub struct PostgresTlsConnect {
-    connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    connector: Option<tokio_rustls::TlsConnector>,
+    host: String,
 }
 
 impl std::fmt::Debug for PostgresTlsConnect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresTlsConnect")
-            .field("name", &self.name)
+            .field("host", &self.host)
             .finish_non_exhaustive()
     }
 }
@@ -361,7 +366,13 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let stream = self.connector.connect(self.name, stream).await?;
+            let connector = self.connector.ok_or_else(|| {
+                io::Error::other("TLS was asked for on a URL whose sslmode does not use it")
+            })?;
+            let host = self.host;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| io::Error::other(format!("{host:?} is not a name TLS can verify")))?;
+            let stream = connector.connect(name, stream).await?;
             Ok(PostgresTlsStream(stream))
         })
     }

@@ -60,6 +60,13 @@ fn chain(error: &dyn Error) -> String {
 
 /// The store works, and every connection it opened (pools and LISTEN) is encrypted.
 async fn assert_serves_over_tls(store: &PostgresStore, server: &PostgresServer) {
+    let (encrypted, plain) = serve_and_count_connections(store, server).await;
+    assert!(encrypted >= 1, "no faafo connection is encrypted");
+    assert_eq!(plain, 0, "{plain} faafo connection(s) in plain text");
+}
+
+/// Makes and reads a fractal; then faafo's connections to `server`: (encrypted, plain).
+async fn serve_and_count_connections(store: &PostgresStore, server: &PostgresServer) -> (i64, i64) {
     let request = CreateFractal {
         uuid: None,
         width: 16,
@@ -97,9 +104,7 @@ async fn assert_serves_over_tls(store: &PostgresStore, server: &PostgresServer) 
         )
         .await
         .unwrap();
-    let (encrypted, plain): (i64, i64) = (row.get(0), row.get(1));
-    assert!(encrypted >= 1, "no faafo connection is encrypted");
-    assert_eq!(plain, 0, "{plain} faafo connection(s) in plain text");
+    (row.get(0), row.get(1))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -183,4 +188,19 @@ async fn a_missing_root_file_is_a_clear_error() {
         "{}",
         chain(&error)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_sslmode_the_connections_stay_plain() {
+    let setup = setup(&["127.0.0.1"]);
+    for parameters in ["connect_timeout=5", "sslmode=prefer", "sslmode=disable"] {
+        let url = setup.url(parameters).await;
+        let store = open(&url, Some(&setup.ca_pem)).await.unwrap();
+        let (encrypted, plain) = serve_and_count_connections(&store, &setup.server).await;
+        assert_eq!(encrypted, 0, "{parameters}");
+        assert!(plain >= 1, "{parameters}");
+    }
+    // Nor does a URL without parameters (tokio-postgres reads it alone).
+    let url = setup.server.create_database().await;
+    open(&url, None).await.unwrap();
 }

@@ -3,7 +3,8 @@
 //! etcd member, a Patroni member with its PostgreSQL, a Swift storage node with its rsync
 //! daemon and an S3 proxy, and `faafo api`, `faafo worker` and `faafo gateway` started
 //! with the flags a systemd unit gives them. Every address is another host's, never
-//! 127.0.0.1, and faafo's tiers speak HTTPS with certificates from the test's own CA.
+//! 127.0.0.1; faafo's tiers speak HTTPS and PostgreSQL takes only TLS, with certificates
+//! from the test's own CA.
 //! Clients run outside the hosts and know the three gateways.
 //!
 //! Skipped, saying why, only where network namespaces cannot be made (not root).
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::TOKEN;
 use common::load::{LoadRun, assert_listed_once, assert_rendered};
-use faafo_cluster::members::{Programs, etcd, postgres, swift};
+use faafo_cluster::members::{Programs, Tls, etcd, postgres, swift};
 use faafo_testkit::{Host, Hosts, SwiftCluster, TestCa};
 use uuid::Uuid;
 
@@ -130,6 +131,17 @@ impl Deployment {
         }
     }
 
+    /// Host `index`'s certificate, which its PostgreSQL serves too, and the CA.
+    fn database_tls(&self, index: usize) -> Tls {
+        let etc = self.host_dir(index).join("etc/faafo");
+        Tls {
+            certificate: etc.join("tls.pem"),
+            key: etc.join("tls.key"),
+            ca_cert: Some(self.dir.path().join("ca.pem")),
+            ca_pem: Some(self.ca.clone().into_bytes()),
+        }
+    }
+
     fn patroni_layout(&self, index: usize) -> postgres::Layout {
         postgres::Layout {
             dir: self.host_dir(index).join("postgres"),
@@ -153,12 +165,15 @@ impl Deployment {
             .expect("Swift configuration");
             let patroni = self.patroni_layout(index);
             std::fs::create_dir_all(&patroni.dir).unwrap();
+            let tls = self.database_tls(index);
+            patroni.install_certificate(&tls).unwrap();
             let config = postgres::patroni_config(
                 &self.postgres[index],
                 &self.etcd,
                 &patroni,
                 &self.programs.postgres_bin,
                 &self.secrets,
+                Some(&tls),
             );
             postgres::write_private(
                 &patroni.config(),
@@ -286,7 +301,11 @@ impl Deployment {
                     ("FAAFO_BIND", at(&host, API).to_string()),
                     (
                         "FAAFO_DATABASE_URL",
-                        postgres::database_url(&self.postgres, &self.secrets),
+                        postgres::database_url(
+                            &self.postgres,
+                            &self.secrets,
+                            Some(&self.database_tls(index)),
+                        ),
                     ),
                     ("FAAFO_PATRONI", self.urls("http", PATRONI)),
                     (
@@ -337,9 +356,15 @@ impl Deployment {
         for index in all.clone() {
             self.start_patroni(index);
         }
-        postgres::ensure_database(&self.postgres, &self.secrets, Duration::from_secs(120))
-            .await
-            .unwrap_or_else(|e| panic!("no database: {e:#}\n{}", self.logs()));
+        let tls = self.database_tls(0);
+        postgres::ensure_database(
+            &self.postgres,
+            &self.secrets,
+            Some(&tls),
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no database: {e:#}\n{}", self.logs()));
         for index in all.clone() {
             self.start_swift(index);
         }
@@ -459,12 +484,15 @@ impl Deployment {
         let host = self.hosts.get(index).clone();
         let api = format!("https://{}/v1/fractal", at(&host, API));
         let roots = reqwest::Certificate::from_pem_bundle(self.ca.as_bytes()).unwrap();
+        // Over TLS, verified: the members take nothing else over TCP.
         let database = format!(
-            "host={} port={POSTGRES} user={} password={} dbname=faafo connect_timeout=2",
-            host.address,
+            "postgres://{}:{}@{}/faafo?connect_timeout=2&sslmode=verify-full",
             postgres::APP_USER,
-            self.secrets.app
+            self.secrets.app,
+            at(&host, POSTGRES),
         );
+        let (database, connector) =
+            faafo_store::postgres_tls::parse_url(&database, Some(self.ca.as_bytes())).unwrap();
         let body = serde_json::to_string(&common::small_fractal()).unwrap();
         let fenced = host.within(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -479,15 +507,14 @@ impl Deployment {
                     .unwrap();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
-                    let writable =
-                        match tokio_postgres::connect(&database, tokio_postgres::NoTls).await {
-                            Ok((client, connection)) => {
-                                tokio::spawn(connection);
-                                let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
-                                matches!(row, Ok(row) if !row.get::<_, bool>(0))
-                            }
-                            Err(_) => false,
-                        };
+                    let writable = match database.connect(connector.clone()).await {
+                        Ok((client, connection)) => {
+                            tokio::spawn(connection);
+                            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
+                            matches!(row, Ok(row) if !row.get::<_, bool>(0))
+                        }
+                        Err(_) => false,
+                    };
                     let created = http
                         .post(&api)
                         .header("content-type", "application/json")
