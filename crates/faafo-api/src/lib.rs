@@ -4,6 +4,7 @@
 //! The server is stateless: everything durable is in the [`Store`] and the [`Images`]
 //! object store, so any number of API processes can serve the same data.
 
+mod clients;
 mod error;
 mod images;
 mod json;
@@ -20,6 +21,7 @@ use faafo_store::Store;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use clients::{ClientPolicy, IpNet};
 pub use error::ApiError;
 pub use images::{Images, ImagesError, Rendition};
 use metrics::Metrics;
@@ -49,6 +51,8 @@ pub struct ApiConfig {
     /// On shutdown, how long to keep serving after `/readyz` turns 503, so that load
     /// balancers see it and stop sending requests before the listener closes.
     pub drain_delay: Duration,
+    /// Who clients are (API keys, trusted proxies) and their limits.
+    pub clients: ClientPolicy,
 }
 
 impl ApiConfig {
@@ -64,6 +68,7 @@ impl ApiConfig {
             max_lease_wait: Duration::from_secs(30),
             advertise_url: None,
             drain_delay: Duration::ZERO,
+            clients: ClientPolicy::default(),
         }
     }
 }
@@ -82,6 +87,8 @@ pub(crate) struct AppState {
     /// Cancelled when the process begins to shut down: `/readyz` turns 503, the instance
     /// leaves the membership, and lease requests are sent elsewhere.
     shutdown: CancellationToken,
+    /// Creates per client, when `config.clients.create_rate` limits them.
+    create_rate: Option<clients::RateLimiter>,
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled; then drains: `/readyz`
@@ -96,9 +103,9 @@ pub async fn serve<L>(
 ) -> std::io::Result<()>
 where
     // Plain TCP, or TLS (the binary's `TlsListener`).
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
+    let config_rate = config.clients.create_rate;
     let state = Arc::new(AppState {
         store,
         images,
@@ -108,6 +115,7 @@ where
         // Opening the object store wrote to it: it answered a moment ago.
         object_store_health: tokio::sync::watch::Sender::new(Ok(())),
         shutdown: shutdown.clone(),
+        create_rate: config_rate.map(clients::RateLimiter::new),
     });
     let background = TaskTracker::new();
     background.spawn(routes::health::watch_object_store(Arc::clone(&state)));
@@ -125,6 +133,10 @@ where
         tracing::info!(?drain_delay, "draining");
         tokio::time::sleep(drain_delay).await;
     };
+    // The peer's address identifies clients that send no API key.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|_| {});
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(drained)
         .await;

@@ -27,6 +27,8 @@ pub struct Metrics {
     fractals: IntGaugeVec,
     queue_depth: IntGauge,
     oldest_queued_seconds: prometheus::Gauge,
+    /// Creates refused by a client limit, by limit.
+    limited: IntCounterVec,
     /// Every request answered, for the membership heartbeat's load figure.
     served: std::sync::atomic::AtomicU64,
 }
@@ -82,6 +84,14 @@ impl Metrics {
             "Age of the oldest task waiting for a worker",
         )
         .expect("static");
+        let limited = IntCounterVec::new(
+            Opts::new(
+                "creates_limited_total",
+                "Creates refused with 429 by a client limit (create_rate, max_queued_work)",
+            ),
+            &["limit"],
+        )
+        .expect("static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -92,6 +102,7 @@ impl Metrics {
             Box::new(fractals.clone()),
             Box::new(queue_depth.clone()),
             Box::new(oldest_queued_seconds.clone()),
+            Box::new(limited.clone()),
         ] {
             registry
                 .register(collector)
@@ -108,8 +119,14 @@ impl Metrics {
             fractals,
             queue_depth,
             oldest_queued_seconds,
+            limited,
             served: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// A create refused by the client limit `limit`.
+    pub fn record_limited(&self, limit: &str) {
+        self.limited.with_label_values(&[limit]).inc();
     }
 
     /// Requests answered since the process started.

@@ -117,6 +117,8 @@ pub struct Client {
     http: reqwest::Client,
     policy: RetryPolicy,
     worker_token: Option<WorkerToken>,
+    /// Names this client to the API (`Authorization: Bearer`), for its limits and fair share.
+    api_key: Option<String>,
     /// When discovery last ran; `None` while discovery is off.
     discovered_at: Option<Mutex<Option<Instant>>>,
     /// Attempts that failed and were tried again, over the client's life.
@@ -140,6 +142,7 @@ impl Client {
             http,
             policy,
             worker_token: None,
+            api_key: None,
             discovered_at: None,
             retries: AtomicU64::new(0),
         })
@@ -169,6 +172,13 @@ impl Client {
     /// Sends `token` with the worker protocol's calls.
     pub fn with_worker_token(mut self, token: WorkerToken) -> Client {
         self.worker_token = Some(token);
+        self
+    }
+
+    /// Sends `key` with every call but the worker protocol's: the service counts this
+    /// client's creates and queued work by it, not by its address.
+    pub fn with_api_key(mut self, key: String) -> Client {
+        self.api_key = Some(key);
         self
     }
 
@@ -254,13 +264,13 @@ impl Client {
             )
             .await
         {
-            Ok((status, body)) if status.is_success() => {
+            Ok((status, body, _)) if status.is_success() => {
                 match serde_json::from_slice::<Endpoints>(&body) {
                     Ok(found) => self.adopt(&found),
                     Err(error) => tracing::debug!(%endpoint, %error, "unreadable endpoint list"),
                 }
             }
-            Ok((status, _)) => tracing::debug!(%endpoint, %status, "no endpoint list"),
+            Ok((status, _, _)) => tracing::debug!(%endpoint, %status, "no endpoint list"),
             Err(error) => tracing::debug!(%endpoint, error = %describe(&error), "no endpoint list"),
         }
     }
@@ -475,7 +485,24 @@ impl Client {
             };
             let endpoint = &endpoint;
             let last_error = match self.attempt(&method, endpoint, path, &body, timeout).await {
-                Ok((status, body)) if !is_retryable(status) => {
+                // Over one of this client's limits: nothing was done; wait as told (if
+                // the time allows) and ask again.
+                Ok((status, body, retry_after)) if status == StatusCode::TOO_MANY_REQUESTS => {
+                    let pause = jittered(retry_after.unwrap_or(Duration::from_secs(1)));
+                    if started.elapsed() + pause >= self.policy.total {
+                        return Ok(Reply {
+                            endpoint: endpoint.clone(),
+                            status,
+                            body,
+                            maybe_repeated: maybe_sent,
+                        });
+                    }
+                    tracing::debug!(%endpoint, ?pause, "limited (429); waiting as told");
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Ok((status, body, _)) if !is_retryable(status) => {
                     return Ok(Reply {
                         endpoint: endpoint.clone(),
                         status,
@@ -483,7 +510,7 @@ impl Client {
                         maybe_repeated: maybe_sent,
                     });
                 }
-                Ok((status, body)) => {
+                Ok((status, body, _)) => {
                     maybe_sent = true;
                     format!("{endpoint} answered {status}: {}", error_message(&body))
                 }
@@ -544,13 +571,15 @@ impl Client {
         path: &str,
         body: &Body,
         timeout: Option<Duration>,
-    ) -> Result<(StatusCode, Bytes), reqwest::Error> {
+    ) -> Result<(StatusCode, Bytes, Option<Duration>), reqwest::Error> {
         let mut request = self
             .http
             .request(method.clone(), format!("{endpoint}{path}"))
             .timeout(timeout.unwrap_or(self.policy.request_timeout));
         if let Some(token) = &self.worker_token {
             request = request.bearer_auth(token.expose());
+        } else if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
         }
         request = match body {
             Body::Empty => request,
@@ -569,8 +598,14 @@ impl Client {
         };
         let response = request.send().await?;
         let status = response.status();
+        // Seconds only (the HTTP-date form is not sent by faafo).
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = response.bytes().await?;
-        Ok((status, body))
+        Ok((status, body, retry_after))
     }
 }
 

@@ -4,6 +4,12 @@
 //! moment when a fractal exists without its task or the reverse. Workers claim tasks with
 //! a lease (token and expiry) and every later write must present the token (fencing).
 //!
+//! Claims are fair between clients: each task gets a *rank* when it is queued, its
+//! client's next (one past its latest queued task's) but never below the lowest rank still
+//! queued, and claims take the lowest rank, oldest first. So every client with queued work
+//! gets one task per round, and a client's backlog delays another client's first task by
+//! about one task per worker (start-time fair queueing with the queue as its clock).
+//!
 //! [`Store`] is what the API serves from; [`SqliteStore`] is the embedded default and
 //! [`PostgresStore`] the one for several hosts. The store also keeps the membership list:
 //! which gateways, APIs and workers are alive.
@@ -29,6 +35,20 @@ pub struct NewFractal {
     pub uuid: Uuid,
     pub spec: FractalSpec,
     pub max_attempts: u32,
+    /// Who asked (an API key's digest or an address): the unit of fair queueing.
+    pub client: String,
+    /// Refuse the create if the client's unfinished work (width × height × iterations,
+    /// queued or running) would exceed this.
+    pub max_queued_work: Option<f64>,
+}
+
+impl NewFractal {
+    /// What this fractal costs against a client's quota.
+    pub fn work(&self) -> f64 {
+        f64::from(self.spec.width())
+            * f64::from(self.spec.height())
+            * f64::from(self.spec.iterations())
+    }
 }
 
 /// What a create did.
@@ -37,6 +57,11 @@ pub enum CreateOutcome {
     Created(Fractal),
     /// A fractal with this uuid already existed; the caller decides whether it is the same.
     Existing(Fractal),
+    /// Nothing was stored: the client's unfinished work is `queued_work` and this one
+    /// would take it past `NewFractal::max_queued_work`.
+    OverQuota {
+        queued_work: f64,
+    },
 }
 
 /// A task handed to a worker.

@@ -78,10 +78,27 @@ CREATE TABLE nodes (
     left_at   bigint
 );
 "#,
+    // Fair queueing (see the crate's documentation) and per-client quotas.
+    r#"
+ALTER TABLE fractals ADD COLUMN client text NOT NULL DEFAULT '';
+ALTER TABLE fractals ADD COLUMN fair_rank bigint NOT NULL DEFAULT 0;
+CREATE INDEX fractals_fair_queue ON fractals (fair_rank, id) WHERE state = 'queued';
+CREATE INDEX fractals_client_queued ON fractals (client, fair_rank) WHERE state = 'queued';
+CREATE INDEX fractals_client_unfinished ON fractals (client) WHERE state IN ('queued', 'running');
+"#,
 ];
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
 const MIGRATION_LOCK: i64 = 0x6661_6166_6f00;
+
+/// A client's unfinished work (width × height × iterations), for its quota; `client` is
+/// the parameter that holds the client.
+fn unfinished_work(client: &str) -> String {
+    format!(
+        "SELECT coalesce(sum(width::float8 * height * iterations), 0) \
+         FROM fractals WHERE client = {client} AND state IN ('queued', 'running')"
+    )
+}
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
@@ -624,32 +641,58 @@ impl Store for PostgresStore {
                 // One statement, one commit: the NOTIFY (a wake-up hint) rides on the insert
                 // and is sent only if a row was inserted.
                 let notify_column = if notify { format!(", pg_notify('{CHANNEL}', '') IS NULL") } else { String::new() };
+                // The rank: the client's next, but never below the lowest still queued.
+                // Under a quota the row is inserted only while the client's unfinished work
+                // leaves room; creates of one client then take turns (an advisory lock on
+                // the client), so that concurrent ones cannot all fit in the same room.
                 let insert = client
                     .prepare_cached(&format!(
                         "WITH inserted AS (INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
-                         seed, state, max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12) \
-                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}) SELECT *{notify_column} FROM inserted"
+                         seed, state, max_attempts, client, fair_rank) \
+                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, greatest(\
+                           (SELECT max(fair_rank) + 1 FROM fractals WHERE client = $13 AND state = 'queued'), \
+                           (SELECT min(fair_rank) FROM fractals WHERE state = 'queued'), 0) \
+                         WHERE $14::float8 IS NULL OR ({}) + $15 <= $14 \
+                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}) SELECT *{notify_column} FROM inserted",
+                        unfinished_work("$13")
                     ))
                     .await
                     .map_err(unavailable)?;
                 let (width, height, iterations, max_attempts) =
                     (spec.width() as i32, spec.height() as i32, spec.iterations() as i32, new.max_attempts as i32);
                 let seed = spec.seed().map(|s| s as i64);
-                let inserted = client
-                    .query_opt(
-                        &insert,
-                        &[&new.uuid, &width, &height, &iterations, &window.xa, &window.xb, &window.ya, &window.yb, &spec.cx(), &spec.cy(), &seed, &max_attempts],
-                    )
+                let work = new.work();
+                let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+                    &new.uuid, &width, &height, &iterations, &window.xa, &window.xb, &window.ya, &window.yb,
+                    &spec.cx(), &spec.cy(), &seed, &max_attempts, &new.client, &new.max_queued_work, &work,
+                ];
+                let inserted = if new.max_queued_work.is_some() {
+                    let tx = client.transaction().await.map_err(unavailable)?;
+                    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&new.client])
+                        .await
+                        .map_err(unavailable)?;
+                    let inserted = tx.query_opt(&insert, &parameters).await.map_err(unavailable)?;
+                    tx.commit().await.map_err(unavailable)?;
+                    inserted
+                } else {
+                    client.query_opt(&insert, &parameters).await.map_err(unavailable)?
+                };
+                if let Some(row) = inserted {
+                    return Ok(CreateOutcome::Created(fractal_from_row(&row)?));
+                }
+                let existing = client
+                    .query_opt(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"), &[&new.uuid])
                     .await
                     .map_err(unavailable)?;
-                match inserted {
-                    Some(row) => Ok(CreateOutcome::Created(fractal_from_row(&row)?)),
+                match existing {
+                    Some(row) => Ok(CreateOutcome::Existing(fractal_from_row(&row)?)),
                     None => {
-                        let row = client
-                            .query_one(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"), &[&new.uuid])
+                        let queued_work: f64 = client
+                            .query_one(&unfinished_work("$1"), &[&new.client])
                             .await
-                            .map_err(unavailable)?;
-                        Ok(CreateOutcome::Existing(fractal_from_row(&row)?))
+                            .map_err(unavailable)?
+                            .get(0);
+                        Ok(CreateOutcome::OverQuota { queued_work })
                     }
                 }
             })
@@ -738,7 +781,7 @@ impl Store for PostgresStore {
                     .prepare_cached(&format!(
                         "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = $1, \
                          lease_expires_at = faafo_now_ms() + $2, leased_by = $3 \
-                         WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1 \
+                         WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY fair_rank, id LIMIT 1 \
                                      FOR UPDATE SKIP LOCKED) \
                          RETURNING {COLUMNS}"
                     ))

@@ -66,7 +66,19 @@ CREATE TABLE nodes (
     left_at   INTEGER
 );
 "#,
+    // Fair queueing (see the crate's documentation) and per-client quotas.
+    r#"
+ALTER TABLE fractals ADD COLUMN client TEXT NOT NULL DEFAULT '';
+ALTER TABLE fractals ADD COLUMN fair_rank INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX fractals_fair_queue ON fractals (fair_rank, id) WHERE state = 'queued';
+CREATE INDEX fractals_client_queued ON fractals (client, fair_rank) WHERE state = 'queued';
+CREATE INDEX fractals_client_unfinished ON fractals (client) WHERE state IN ('queued', 'running');
+"#,
 ];
+
+/// A client's unfinished work (width × height × iterations), for its quota.
+const UNFINISHED_WORK: &str = "SELECT coalesce(sum(CAST(width AS REAL) * height * iterations), 0.0) \
+                               FROM fractals WHERE client = ?1 AND state IN ('queued', 'running')";
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
@@ -253,11 +265,23 @@ impl Store for SqliteStore {
             if let Some(existing) = select_fractal(&tx, new.uuid)? {
                 return Ok(CreateOutcome::Existing(existing));
             }
+            if let Some(limit) = new.max_queued_work {
+                let queued_work: f64 = tx
+                    .prepare_cached(UNFINISHED_WORK)
+                    .and_then(|mut statement| statement.query_row(params![new.client], |row| row.get(0)))
+                    .map_err(unavailable)?;
+                if queued_work + new.work() > limit {
+                    return Ok(CreateOutcome::OverQuota { queued_work });
+                }
+            }
             let spec = &new.spec;
             let window = spec.window();
             tx.prepare_cached(
                 "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, \
-                 max_attempts, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12, ?13)",
+                 max_attempts, created_at, client, fair_rank) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+                 'queued', ?12, ?13, ?14, max(\
+                   coalesce((SELECT max(fair_rank) + 1 FROM fractals WHERE client = ?14 AND state = 'queued'), 0), \
+                   coalesce((SELECT min(fair_rank) FROM fractals WHERE state = 'queued'), 0)))",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -274,6 +298,7 @@ impl Store for SqliteStore {
                     spec.seed().map(|s| s as i64),
                     new.max_attempts,
                     now_ms(),
+                    new.client,
                 ])
             })
             .map_err(unavailable)?;
@@ -342,7 +367,7 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!(
                     "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = ?1, \
                      lease_expires_at = ?2, leased_by = ?3 \
-                     WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1) \
+                     WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY fair_rank, id LIMIT 1) \
                      RETURNING {COLUMNS}"
                 ))
                 .and_then(|mut statement| statement.query_row(params![token.to_string(), expires_at, worker], fractal_from_row).optional())

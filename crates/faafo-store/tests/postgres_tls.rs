@@ -85,6 +85,8 @@ async fn serve_and_count_connections(store: &PostgresStore, server: &PostgresSer
             uuid,
             spec: FractalSpec::parse(&request, &Limits::default(), 0).unwrap(),
             max_attempts: 3,
+            client: "ip:127.0.0.1".into(),
+            max_queued_work: None,
         })
         .await
         .unwrap();

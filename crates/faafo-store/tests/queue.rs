@@ -107,6 +107,24 @@ fn new_fractal(max_attempts: u32) -> NewFractal {
         uuid: Uuid::new_v4(),
         spec: FractalSpec::parse(&request, &Limits::default(), 0).unwrap(),
         max_attempts,
+        client: "ip:192.0.2.1".into(),
+        max_queued_work: None,
+    }
+}
+
+/// A fractal of `client`'s (16 x 8 x 32 = 4096 units of work).
+fn fractal_of(client: &str, max_queued_work: Option<f64>) -> NewFractal {
+    NewFractal {
+        client: client.into(),
+        max_queued_work,
+        ..new_fractal(5)
+    }
+}
+
+async fn create_for(store: &dyn Store, client: &str) -> Uuid {
+    match store.create(fractal_of(client, None)).await.unwrap() {
+        CreateOutcome::Created(fractal) => fractal.uuid,
+        other => panic!("not created: {other:?}"),
     }
 }
 
@@ -122,7 +140,7 @@ fn result() -> RenderResult {
 async fn create(store: &dyn Store, max_attempts: u32) -> Uuid {
     match store.create(new_fractal(max_attempts)).await.unwrap() {
         CreateOutcome::Created(fractal) => fractal.uuid,
-        CreateOutcome::Existing(_) => panic!("a fresh uuid already existed"),
+        other => panic!("a fresh fractal was not created: {other:?}"),
     }
 }
 
@@ -405,7 +423,71 @@ async fn nodes_are_remembered_updated_and_marked_when_they_leave(t: TestStore) {
     assert!(t.store.nodes().await.unwrap().iter().all(|n| !n.left));
 }
 
+/// A client's backlog does not hold up another client: claims take turns between the
+/// clients with queued work, oldest first within each.
+async fn claims_take_turns_between_clients(t: TestStore) {
+    let store = &*t.store;
+    let mut backlog = Vec::new();
+    for _ in 0..6 {
+        backlog.push(create_for(store, "key:busy").await);
+    }
+    // Two of the backlog are taken before the others arrive.
+    for expected in &backlog[..2] {
+        let lease = store.claim("w", LEASE).await.unwrap().unwrap();
+        assert_eq!(lease.fractal.uuid, *expected);
+    }
+    let single = create_for(store, "ip:198.51.100.7").await;
+    let pair = [
+        create_for(store, "ip:203.0.113.9").await,
+        create_for(store, "ip:203.0.113.9").await,
+    ];
+    let mut order = Vec::new();
+    while let Some(lease) = store.claim("w", LEASE).await.unwrap() {
+        order.push(lease.fractal.uuid);
+    }
+    // One round: the busy client's next, then each newcomer's first; then the next round.
+    assert_eq!(
+        order,
+        [
+            backlog[2], single, pair[0], backlog[3], pair[1], backlog[4], backlog[5]
+        ]
+    );
+}
+
+/// Past its quota a client's create stores nothing and says how much it has queued;
+/// others are not affected, and finished work frees the room.
+async fn a_quota_refuses_creates_past_the_clients_unfinished_work(t: TestStore) {
+    let store = &*t.store;
+    let quota = Some(2.5 * 4096.0);
+    for _ in 0..2 {
+        let outcome = store.create(fractal_of("key:a", quota)).await.unwrap();
+        assert!(matches!(outcome, CreateOutcome::Created(_)), "{outcome:?}");
+    }
+    let refused = fractal_of("key:a", quota);
+    match store.create(refused.clone()).await.unwrap() {
+        CreateOutcome::OverQuota { queued_work } => assert_eq!(queued_work, 2.0 * 4096.0),
+        other => panic!("created past the quota: {other:?}"),
+    }
+    assert!(store.get(refused.uuid).await.unwrap().is_none());
+    let other = store.create(fractal_of("key:b", quota)).await.unwrap();
+    assert!(matches!(other, CreateOutcome::Created(_)), "{other:?}");
+    // A running task still counts; a finished one does not.
+    let lease = store.claim("w", LEASE).await.unwrap().unwrap();
+    assert!(matches!(
+        store.create(fractal_of("key:a", quota)).await.unwrap(),
+        CreateOutcome::OverQuota { .. }
+    ));
+    store
+        .complete(lease.fractal.uuid, lease.token, result())
+        .await
+        .unwrap();
+    let after = store.create(fractal_of("key:a", quota)).await.unwrap();
+    assert!(matches!(after, CreateOutcome::Created(_)), "{after:?}");
+}
+
 on_every_store!(
+    claims_take_turns_between_clients,
+    a_quota_refuses_creates_past_the_clients_unfinished_work,
     nodes_are_remembered_updated_and_marked_when_they_leave,
     create_is_idempotent_by_uuid,
     list_is_oldest_first_with_a_total,

@@ -39,6 +39,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "FAAFO_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 
+    /// The API key this client sends (`Authorization: Bearer`): the service counts its
+    /// creates and queued work by it rather than by address.
+    #[arg(long, global = true, env = "FAAFO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -163,6 +168,33 @@ pub struct ApiTuning {
     /// Upper bound of width * height * iterations.
     #[arg(long, env = "FAAFO_MAX_WORK", default_value_t = Limits::default().max_work)]
     pub max_work: f64,
+    /// Creates a second each client may make, in bursts of as many; past it, 429 with
+    /// Retry-After (0: no limit). Counted per API instance.
+    #[arg(long, env = "FAAFO_CREATE_RATE", default_value_t = 200.0, value_parser = non_negative)]
+    pub create_rate: f64,
+    /// Largest sum of width * height * iterations of one client's unfinished (queued or
+    /// running) fractals; past it, 429 (0: no limit). The default is 20 of the largest.
+    #[arg(long, env = "FAAFO_MAX_QUEUED_WORK", default_value_t = 20.0 * Limits::default().max_work, value_parser = non_negative)]
+    pub max_queued_work: f64,
+    /// API keys clients may send (`Authorization: Bearer KEY`), comma-separated; a key
+    /// names its client for the limits and the fair queue. Without the list any key is
+    /// taken, and a request without one is counted against its address.
+    #[arg(
+        long,
+        env = "FAAFO_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Proxies whose X-Forwarded-For names the client (gateways, load balancers):
+    /// addresses or blocks, comma-separated.
+    #[arg(
+        long,
+        env = "FAAFO_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1"
+    )]
+    pub trusted_proxies: Vec<faafo_api::IpNet>,
 }
 
 impl ApiTuning {
@@ -176,6 +208,17 @@ impl ApiTuning {
             max_height: self.max_height,
             max_iterations: self.max_iterations,
             max_work: self.max_work,
+        };
+        let positive = |value: f64| (value > 0.0).then_some(value);
+        config.clients = faafo_api::ClientPolicy {
+            api_keys: self
+                .api_keys
+                .iter()
+                .map(|key| faafo_api::ClientPolicy::digest(key.trim()))
+                .collect(),
+            trusted_proxies: self.trusted_proxies.clone(),
+            create_rate: positive(self.create_rate),
+            max_queued_work: positive(self.max_queued_work),
         };
         config
     }
@@ -249,6 +292,7 @@ impl Cli {
                 &self.endpoint_url,
                 Duration::from_secs_f64(self.timeout),
                 ca.as_deref(),
+                self.api_key.as_deref(),
             )
         };
         match self.command {
@@ -289,6 +333,13 @@ impl Cli {
             Command::Render(args) => render_cli::render(&args),
             Command::Bench(command) => command.run().await,
         }
+    }
+}
+
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        _ => Err(format!("expected a number, 0 or more, got {text:?}")),
     }
 }
 

@@ -23,7 +23,12 @@ pub struct Output {
 
 /// The client of the CLI commands: `ca`, the PEM of `--ca-cert`, is trusted besides the
 /// system's roots.
-pub fn client(endpoints: &str, timeout: Duration, ca: Option<&[u8]>) -> anyhow::Result<Client> {
+pub fn client(
+    endpoints: &str,
+    timeout: Duration,
+    ca: Option<&[u8]>,
+    api_key: Option<&str>,
+) -> anyhow::Result<Client> {
     let policy = RetryPolicy {
         total: timeout,
         ..RetryPolicy::default()
@@ -31,6 +36,9 @@ pub fn client(endpoints: &str, timeout: Duration, ca: Option<&[u8]>) -> anyhow::
     let mut client = Client::new(endpoints, policy).context("--endpoint-url")?;
     if let Some(pem) = ca {
         client = client.with_root_certificates(pem).context("--ca-cert")?;
+    }
+    if let Some(key) = api_key {
+        client = client.with_api_key(key.to_owned());
     }
     Ok(client.with_discovery())
 }

@@ -1,11 +1,12 @@
 //! `/v1/fractal`: the original faafo API, in flask-restless's shapes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::FractalSpec;
 use faafo_core::wire::{CreateFractal, FractalPage, FractalView};
@@ -17,6 +18,8 @@ use crate::{ApiError, AppState, json};
 
 const DEFAULT_PER_PAGE: u64 = 10;
 const MAX_PER_PAGE: u64 = 100;
+/// When a client over its quota is told to try again: work frees up as renders finish.
+const QUOTA_RETRY_AFTER_S: u64 = 5;
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -66,7 +69,27 @@ fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
         })
 }
 
-pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let policy = &state.config.clients;
+    let client = policy.identify(&headers, peer)?;
+    if let Some(limiter) = &state.create_rate
+        && let Err(wait) = limiter.take(&client)
+    {
+        state.metrics.record_limited("create_rate");
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "too many creates: this client may make {} a second (--create-rate); retry in {:.1} s",
+                limiter.rate(),
+                wait.as_secs_f64()
+            ),
+            retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
     let request: CreateFractal = json::read_json(body).await?;
     let uuid = request.uuid.unwrap_or_else(Uuid::new_v4);
     // The seed comes from the uuid, so a retried create chooses the same `c`.
@@ -79,6 +102,8 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
             uuid,
             spec,
             max_attempts: state.config.max_attempts,
+            client,
+            max_queued_work: policy.max_queued_work,
         })
         .await?;
     let (status, fractal) = match outcome {
@@ -93,6 +118,18 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
             return Err(ApiError::Conflict(format!(
                 "fractal {uuid} already exists with a different spec; use a new uuid for a new fractal"
             )));
+        }
+        CreateOutcome::OverQuota { queued_work } => {
+            state.metrics.record_limited("max_queued_work");
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "too much queued work: this client's unfinished fractals add up to {queued_work:.3e} \
+                     (width x height x iterations) and this one would take it past the limit of {:.3e} \
+                     (--max-queued-work); retry when some are done",
+                    policy.max_queued_work.unwrap_or_default()
+                ),
+                retry_after: QUOTA_RETRY_AFTER_S,
+            });
         }
     };
     let location = format!("/v1/fractal/{uuid}");
