@@ -200,6 +200,13 @@ impl Deployment {
         self.urls("https", GATEWAY)
     }
 
+    /// Every host's address, comma-separated.
+    fn addresses(&self) -> String {
+        let addresses: Vec<String> =
+            self.hosts.hosts.iter().map(|host| host.address.to_string()).collect();
+        addresses.join(",")
+    }
+
     fn urls(&self, scheme: &str, port: u16) -> String {
         let urls: Vec<String> = self
             .hosts
@@ -308,6 +315,8 @@ impl Deployment {
                         ),
                     ),
                     ("FAAFO_PATRONI", self.urls("http", PATRONI)),
+                    // The gateways are on the other hosts: their X-Forwarded-For names clients.
+                    ("FAAFO_TRUSTED_PROXIES", self.addresses()),
                     (
                         "FAAFO_OBJECT_STORE",
                         swift::object_store_url("faafo", at(&host, S3)),
