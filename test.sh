@@ -54,4 +54,13 @@ if [ ! -x "$patroni_venv/bin/patroni" ]; then
 fi
 export FAAFO_PATRONI_PROGRAM="$PWD/$patroni_venv/bin/patroni"
 
+# Schemathesis (PyPI) fuzzes the API from its own OpenAPI description.
+schemathesis_venv=target/schemathesis-venv
+if [ ! -x "$schemathesis_venv/bin/st" ]; then
+  echo "test.sh: installing Schemathesis from PyPI into $schemathesis_venv"
+  /usr/bin/python3 -m venv "$schemathesis_venv"
+  "$schemathesis_venv/bin/pip" install --quiet 'schemathesis==4.32.5'
+fi
+export FAAFO_SCHEMATHESIS="$PWD/$schemathesis_venv/bin/st"
+
 exec cargo nextest run --workspace --locked "$@"

@@ -10,6 +10,7 @@ mod images;
 mod json;
 mod membership;
 mod metrics;
+mod openapi;
 mod queue;
 mod routes;
 

@@ -12,6 +12,7 @@ use faafo_core::node::{
     ClusterStatus, DOWN_AFTER, Endpoints, HEARTBEAT_INTERVAL, Liveness, NodeView, QueueView,
     VERSION,
 };
+use faafo_core::wire::ErrorBody;
 use faafo_core::{FractalState, NodeBeat, NodeRole};
 use faafo_store::NodeRecord;
 use serde::Deserialize;
@@ -44,6 +45,17 @@ pub async fn announce(state: Arc<AppState>, address: String) {
 }
 
 /// `POST /v1/nodes/heartbeat`: a gateway or worker is alive.
+#[utoipa::path(post, path = "/v1/nodes/heartbeat", tag = "membership",
+    summary = "A node says it is alive",
+    request_body = NodeBeat,
+    security(("worker_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 422, description = "A wrong field", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn heartbeat(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -65,13 +77,25 @@ pub async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Leave {
     id: String,
 }
 
 /// `POST /v1/nodes/leave`: a gateway or worker is shutting down cleanly.
+#[utoipa::path(post, path = "/v1/nodes/leave", tag = "membership",
+    summary = "A node says it is leaving",
+    request_body = Leave,
+    security(("worker_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 422, description = "A wrong field", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn leave(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -97,6 +121,12 @@ fn liveness(node: &NodeRecord) -> Liveness {
 }
 
 /// `GET /v1/nodes`: every node the store remembers, and the queue.
+#[utoipa::path(get, path = "/v1/nodes", tag = "membership",
+    summary = "Every node and the queue",
+    responses(
+        (status = 200, body = ClusterStatus),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let (nodes, stats, database) = tokio::join!(
         state.store.nodes(),
@@ -133,6 +163,12 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
 }
 
 /// `GET /v1/endpoints`: the addresses of live gateways and API instances.
+#[utoipa::path(get, path = "/v1/endpoints", tag = "membership",
+    summary = "Where clients may send requests: the live gateways and API instances",
+    responses(
+        (status = 200, body = Endpoints),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn endpoints(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let mut endpoints = Endpoints::default();
     for node in state.store.nodes().await? {

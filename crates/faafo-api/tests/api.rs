@@ -1061,3 +1061,59 @@ async fn a_stale_upload_is_refused_before_anything_is_stored() {
     assert!(!image.exists(), "{} was left behind", image.display());
     app.stop().await;
 }
+
+/// `/openapi.json` is an OpenAPI 3.1 description, and every operation it lists is served:
+/// sent to the router, none falls through to "no such resource" or "method not allowed".
+/// (The router is built from the same annotations, so nothing is served undescribed.)
+#[tokio::test]
+async fn the_description_lists_the_served_routes() {
+    let app = TestApp::start().await;
+    let (status, description) = app.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(description["openapi"], "3.1.0");
+    let paths = description["paths"].as_object().expect("paths");
+    let mut operations = 0;
+    for (path, item) in paths {
+        let concrete = path
+            .replace("{uuid}", &Uuid::new_v4().to_string())
+            .replace("{page}", "1");
+        for method in item.as_object().unwrap().keys() {
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = app
+                .http
+                .request(method.clone(), app.url(&concrete))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(
+                !body.contains("no such resource"),
+                "{method} {path} is described but not served"
+            );
+            operations += 1;
+        }
+    }
+    // The v1 API, images, the worker protocol, membership, health and the gallery.
+    for path in [
+        "/v1/fractal",
+        "/v1/fractal/{uuid}",
+        "/fractal/{uuid}",
+        "/v1/worker/lease",
+        "/v1/worker/tasks/{uuid}/image",
+        "/v1/nodes/heartbeat",
+        "/readyz",
+        "/view/{uuid}",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains_key(path), "{path} is not described");
+    }
+    assert_eq!(operations, 27, "{:?}", paths.keys().collect::<Vec<_>>());
+    let create = &paths["/v1/fractal"]["post"];
+    assert!(create["responses"]["429"]["headers"]["Retry-After"].is_object());
+    assert_eq!(
+        create["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/CreateFractal"
+    );
+}

@@ -361,7 +361,7 @@ impl Client {
     ) -> Result<Option<LeaseGrant>, ClientError> {
         let request = LeaseRequest {
             worker: worker.to_owned(),
-            wait_ms: wait.as_millis() as u64,
+            wait_ms: i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
         };
         let body = Bytes::from(serde_json::to_vec(&request).expect("serializes"));
         let timeout = wait + self.policy.request_timeout;

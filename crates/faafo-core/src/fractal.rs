@@ -9,7 +9,9 @@ use crate::FractalSpec;
 
 /// Where a fractal is in its lifecycle: `queued -> running -> done`, or `failed` after
 /// an error or too many expired leases. Deleting a fractal removes it and cancels its task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FractalState {
     Queued,

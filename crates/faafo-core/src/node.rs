@@ -22,7 +22,19 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
 pub const MAX_ID_LENGTH: usize = 200;
 
 /// What a process does in the deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeRole {
     Gateway,
@@ -60,39 +72,47 @@ impl std::str::FromStr for NodeRole {
 }
 
 /// What a node says of itself at each heartbeat (`POST /v1/nodes/heartbeat`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeBeat {
     /// Stable across restarts of the same member (a gateway's or API's address, a
     /// worker's name), so a restarted process takes over its own entry.
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     pub id: String,
     pub role: NodeRole,
-    /// Where clients reach it: gateways and APIs; workers have none.
+    /// Where clients reach it (`http://host:port`): gateways and APIs; workers have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 300, pattern = "^https?://.")]
     pub address: Option<String>,
+    #[schema(max_length = 64)]
     pub version: String,
     /// Tasks rendered (workers) or requests served (gateways, APIs) since it started.
     #[serde(default)]
+    #[schema(maximum = 9223372036854775807_u64)]
     pub load: u64,
 }
 
 impl NodeBeat {
     /// Checks what a remote node sent; the message says what is wrong.
     pub fn validate(&self) -> Result<(), String> {
-        if self.id.trim().is_empty() || self.id.len() > MAX_ID_LENGTH {
+        let id_length = self.id.chars().count();
+        if self.id.trim().is_empty() || id_length > MAX_ID_LENGTH {
             return Err(format!(
-                "id must be 1 to {MAX_ID_LENGTH} characters, got {} characters",
-                self.id.len()
+                "id must be 1 to {MAX_ID_LENGTH} characters, not only spaces, got {id_length} characters"
             ));
         }
-        if self.version.len() > 64 {
+        if self.version.chars().count() > 64 {
             return Err("version must be at most 64 characters".into());
+        }
+        // Stored as a signed 64-bit number.
+        if i64::try_from(self.load).is_err() {
+            return Err(format!("load must be at most {}", i64::MAX));
         }
         match (&self.address, self.role) {
             (None, NodeRole::Worker) => Ok(()),
             (None, role) => Err(format!("a {role} must give its address")),
             (Some(address), _) => {
-                let valid = address.len() <= 300
+                let valid = address.chars().count() <= 300
                     && (address.starts_with("http://") || address.starts_with("https://"))
                     && address
                         .split("://")
@@ -109,7 +129,7 @@ impl NodeBeat {
 }
 
 /// Whether a node is serving, as far as its heartbeats tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Liveness {
     Up,
@@ -120,7 +140,7 @@ pub enum Liveness {
 }
 
 /// One node, as `GET /v1/nodes` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub id: String,
     pub role: NodeRole,
@@ -133,7 +153,7 @@ pub struct NodeView {
 }
 
 /// The queue, as `GET /v1/nodes` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueView {
     pub queued: u64,
     pub running: u64,
@@ -144,7 +164,7 @@ pub struct QueueView {
 }
 
 /// One member of a replicated database, as its manager (Patroni) reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DatabaseMemberView {
     pub name: String,
     /// `leader`, `sync_standby` or `replica`.
@@ -158,7 +178,7 @@ pub struct DatabaseMemberView {
 }
 
 /// `GET /v1/nodes`: every node and the queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterStatus {
     pub nodes: Vec<NodeView>,
     pub queue: QueueView,
@@ -168,7 +188,7 @@ pub struct ClusterStatus {
 }
 
 /// `GET /v1/endpoints`: where clients can send requests, live nodes only.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoints {
     pub gateways: Vec<String>,
     pub apis: Vec<String>,

@@ -9,19 +9,28 @@ use uuid::Uuid;
 use crate::{Fractal, FractalState};
 
 /// `POST /v1/fractal`: the original's body, plus an optional `c`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateFractal {
     /// Chosen by the client so that a retried create cannot make a second fractal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<Uuid>,
+    /// Pixels; at most 10000 by default (`--max-width`).
+    #[schema(minimum = 1, maximum = 10000)]
     pub width: u32,
+    /// Pixels; at most 10000 by default (`--max-height`).
+    #[schema(minimum = 1, maximum = 10000)]
     pub height: u32,
+    /// At most 100000 by default (`--max-iterations`); width x height x iterations at
+    /// most 5e11 (`--max-work`).
+    #[schema(minimum = 1, maximum = 100000)]
     pub iterations: u32,
+    /// The window in the complex plane: finite, `xa != xb`, `ya != yb`.
     pub xa: f64,
     pub xb: f64,
     pub ya: f64,
     pub yb: f64,
+    /// `c`, chosen by the server (from the uuid) unless given; both or neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cx: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -29,7 +38,7 @@ pub struct CreateFractal {
 }
 
 /// A fractal as `GET /v1/fractal/<uuid>` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FractalView {
     pub uuid: Uuid,
     pub width: u32,
@@ -104,7 +113,7 @@ fn rfc3339(ms: i64) -> String {
 }
 
 /// `GET /v1/fractal`: one page, in flask-restless's shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FractalPage {
     pub num_results: u64,
     pub objects: Vec<FractalView>,
@@ -113,7 +122,7 @@ pub struct FractalPage {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub message: String,
     /// The request field at fault, when one is.
@@ -122,17 +131,20 @@ pub struct ErrorBody {
 }
 
 /// `POST /v1/worker/lease`: a worker asks for one task it can start now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     /// The worker's name, recorded as `generated_by`.
+    #[schema(min_length = 1, max_length = 200)]
     pub worker: String,
-    /// How long the server may hold the request open waiting for work (long poll).
-    pub wait_ms: u64,
+    /// How long the server may hold the request open waiting for work (long poll); it
+    /// holds it at most its `--max-lease-wait-ms` (30 s by default), whatever is asked.
+    #[schema(minimum = 0)]
+    pub wait_ms: i64,
 }
 
 /// A task given to a worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseGrant {
     pub uuid: Uuid,
     pub lease_token: Uuid,
@@ -168,14 +180,14 @@ impl LeaseGrant {
 }
 
 /// `POST /v1/worker/tasks/<uuid>/heartbeat` and `/release`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseHeld {
     pub lease_token: Uuid,
 }
 
 /// `POST /v1/worker/tasks/<uuid>/fail`: the render cannot succeed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailTask {
     pub lease_token: Uuid,

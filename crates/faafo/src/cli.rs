@@ -159,6 +159,10 @@ pub struct ApiTuning {
     /// How many times a task may be leased before the fractal is failed.
     #[arg(long, env = "FAAFO_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// The longest a worker's lease request is held open waiting for work, in
+    /// milliseconds (below the idle timeout of any proxy between workers and the API).
+    #[arg(long, env = "FAAFO_MAX_LEASE_WAIT_MS", default_value_t = 30_000)]
+    pub max_lease_wait_ms: u64,
     #[arg(long, env = "FAAFO_MAX_WIDTH", default_value_t = Limits::default().max_width)]
     pub max_width: u32,
     #[arg(long, env = "FAAFO_MAX_HEIGHT", default_value_t = Limits::default().max_height)]
@@ -203,6 +207,7 @@ impl ApiTuning {
         config.lease = Duration::from_millis(self.lease_ms);
         config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         config.max_attempts = self.max_attempts;
+        config.max_lease_wait = Duration::from_millis(self.max_lease_wait_ms);
         config.limits = Limits {
             max_width: self.max_width,
             max_height: self.max_height,

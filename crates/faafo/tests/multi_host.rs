@@ -202,8 +202,12 @@ impl Deployment {
 
     /// Every host's address, comma-separated.
     fn addresses(&self) -> String {
-        let addresses: Vec<String> =
-            self.hosts.hosts.iter().map(|host| host.address.to_string()).collect();
+        let addresses: Vec<String> = self
+            .hosts
+            .hosts
+            .iter()
+            .map(|host| host.address.to_string())
+            .collect();
         addresses.join(",")
     }
 

@@ -9,7 +9,7 @@ use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::FractalSpec;
-use faafo_core::wire::{CreateFractal, FractalPage, FractalView};
+use faafo_core::wire::{CreateFractal, ErrorBody, FractalPage, FractalView};
 use faafo_store::{CreateOutcome, ListOrder, NewFractal};
 use uuid::Uuid;
 
@@ -21,6 +21,17 @@ const MAX_PER_PAGE: u64 = 100;
 /// When a client over its quota is told to try again: work frees up as renders finish.
 const QUOTA_RETRY_AFTER_S: u64 = 5;
 
+#[utoipa::path(get, path = "/v1/fractal", tag = "fractals",
+    summary = "List fractals, oldest first",
+    params(
+        ("page" = Option<u32>, Query, minimum = 1, description = "Page number, from 1"),
+        ("results_per_page" = Option<u32>, Query, minimum = 1, description = "Page size (default 10; more than 100 counts as 100)"),
+    ),
+    responses(
+        (status = 200, body = FractalPage),
+        (status = 400, description = "A page parameter is not a whole number from 1 to 2147483647", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
@@ -29,14 +40,13 @@ pub async fn list(
     let mut per_page = DEFAULT_PER_PAGE;
     for (key, value) in form_pairs(query.as_deref().unwrap_or("")) {
         let number = || {
-            value
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| ApiError::BadRequest {
-                    message: format!("{key} must be a whole number of at least 1, got {value:?}"),
-                    field: Some(key.clone()),
-                })
+            super::parse_page_number(&value).ok_or_else(|| ApiError::BadRequest {
+                message: format!(
+                    "{key} must be a whole number from 1 to {}, got {value:?}",
+                    super::MAX_PAGE_NUMBER
+                ),
+                field: Some(key.clone()),
+            })
         };
         match key.as_str() {
             "page" => page = number()?,
@@ -69,6 +79,22 @@ fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
         })
 }
 
+#[utoipa::path(post, path = "/v1/fractal", tag = "fractals",
+    summary = "Ask for a fractal",
+    description = "Queues a render. Sending the same `uuid` again is safe: the same spec answers 200 with the existing fractal, another spec 409. A client is its API key, or its address; each has a create rate and a quota of unfinished work.",
+    request_body = CreateFractal,
+    security((), ("api_key" = [])),
+    responses(
+        (status = 201, description = "Queued", body = FractalView, headers(("Location" = String, description = "/v1/fractal/UUID"))),
+        (status = 200, description = "A fractal with this uuid and spec already existed", body = FractalView),
+        (status = 400, description = "Not JSON, or a bad Authorization header", body = ErrorBody),
+        (status = 401, description = "An API key this service does not accept", body = ErrorBody),
+        (status = 409, description = "The uuid exists with another spec", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 422, description = "A wrong, missing or unknown field, or a value past a limit", body = ErrorBody),
+        (status = 429, description = "Past the client's create rate or queued-work quota (the message says which); nothing was stored", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -141,6 +167,15 @@ pub async fn create(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/fractal/{uuid}", tag = "fractals",
+    summary = "One fractal",
+    params(("uuid" = Uuid, Path, description = "The fractal's uuid")),
+    responses(
+        (status = 200, body = FractalView),
+        (status = 400, description = "Not a uuid", body = ErrorBody),
+        (status = 404, description = "No such fractal", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn show(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -154,6 +189,15 @@ pub async fn show(
     Ok(Json(FractalView::new(&fractal)))
 }
 
+#[utoipa::path(delete, path = "/v1/fractal/{uuid}", tag = "fractals",
+    summary = "Delete a fractal and its images, cancelling its render",
+    params(("uuid" = Uuid, Path, description = "The fractal's uuid")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Not a uuid", body = ErrorBody),
+        (status = 404, description = "No such fractal", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,

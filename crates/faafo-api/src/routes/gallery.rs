@@ -158,14 +158,11 @@ fn render(template: &impl Template) -> Response {
 }
 
 fn parse_page(text: &str) -> Result<u64, PageError> {
-    text.parse::<u64>()
-        .ok()
-        .filter(|page| *page >= 1)
-        .ok_or_else(|| {
-            PageError(ApiError::bad_request(format!(
-                "{text:?} is not a page number"
-            )))
-        })
+    super::parse_page_number(text).ok_or_else(|| {
+        PageError(ApiError::bad_request(format!(
+            "{text:?} is not a page number"
+        )))
+    })
 }
 
 async fn load_page(state: &AppState, page: u64) -> Result<Page, PageError> {
@@ -190,10 +187,17 @@ fn signature(found: &Page) -> String {
     hex::encode(&hasher.finalize()[..8])
 }
 
+#[utoipa::path(get, path = "/", tag = "gallery",
+    summary = "The gallery's first page",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String), (status = 503, description = "The store is unavailable", content_type = "text/html", body = String)))]
 pub async fn first_page(State(state): State<Arc<AppState>>) -> Result<Response, PageError> {
     show_page(&state, 1).await
 }
 
+#[utoipa::path(get, path = "/index/{page}", tag = "gallery",
+    summary = "A page of the gallery",
+    params(("page" = u32, Path, minimum = 1, description = "Page number, from 1")),
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String), (status = 400, description = "Not a page number", content_type = "text/html", body = String), (status = 404, description = "No such page", content_type = "text/html", body = String), (status = 503, description = "The store is unavailable", content_type = "text/html", body = String)))]
 pub async fn page(
     State(state): State<Arc<AppState>>,
     Path(page): Path<String>,
@@ -214,6 +218,10 @@ async fn show_page(state: &AppState, page: u64) -> Result<Response, PageError> {
     }))
 }
 
+#[utoipa::path(get, path = "/index/{page}/signature", tag = "gallery",
+    summary = "What the page shows, in short: it reloads when this changes",
+    params(("page" = u32, Path, minimum = 1, description = "Page number, from 1")),
+    responses((status = 200, description = "The signature", content_type = "text/plain", body = String), (status = 400, description = "Not a page number", content_type = "text/html", body = String), (status = 404, description = "No such page", content_type = "text/html", body = String), (status = 503, description = "The store is unavailable", content_type = "text/html", body = String)))]
 pub async fn page_signature(
     State(state): State<Arc<AppState>>,
     Path(page): Path<String>,
@@ -222,6 +230,10 @@ pub async fn page_signature(
     Ok(signature(&load_page(&state, page).await?))
 }
 
+#[utoipa::path(get, path = "/view/{uuid}", tag = "gallery",
+    summary = "One fractal's page",
+    params(("uuid" = Uuid, Path, description = "The fractal's uuid")),
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String), (status = 400, description = "Not a uuid", content_type = "text/html", body = String), (status = 404, description = "No such fractal", content_type = "text/html", body = String), (status = 503, description = "The store is unavailable", content_type = "text/html", body = String)))]
 pub async fn detail(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -232,6 +244,10 @@ pub async fn detail(
     }))
 }
 
+#[utoipa::path(get, path = "/view/{uuid}/signature", tag = "gallery",
+    summary = "What the fractal's page shows, in short",
+    params(("uuid" = Uuid, Path, description = "The fractal's uuid")),
+    responses((status = 200, description = "The signature", content_type = "text/plain", body = String), (status = 400, description = "Not a uuid", content_type = "text/html", body = String), (status = 404, description = "No such fractal", content_type = "text/html", body = String), (status = 503, description = "The store is unavailable", content_type = "text/html", body = String)))]
 pub async fn detail_signature(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -248,6 +264,8 @@ async fn find(state: &AppState, uuid: &str) -> Result<Fractal, PageError> {
         .ok_or_else(|| ApiError::NotFound(format!("There is no fractal {uuid}.")))?)
 }
 
+#[utoipa::path(get, path = "/static/style.css", tag = "gallery",
+    responses((status = 200, description = "CSS", content_type = "text/css", body = String)))]
 pub async fn stylesheet() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
@@ -255,6 +273,8 @@ pub async fn stylesheet() -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(get, path = "/static/gallery.js", tag = "gallery",
+    responses((status = 200, description = "JavaScript", content_type = "text/javascript", body = String)))]
 pub async fn script() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],

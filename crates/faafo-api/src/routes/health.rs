@@ -11,12 +11,21 @@ use serde_json::json;
 use crate::AppState;
 
 /// The process is alive and serving HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    summary = "The process is alive",
+    responses((status = 200, description = "Alive", body = Object)))]
 pub async fn alive() -> Json<serde_json::Value> {
     Json(json!({ "status": "alive" }))
 }
 
 /// The process can do useful work: it is not shutting down and both the store and the
 /// object store answer. Load balancers route only to ready instances.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    summary = "Ready for traffic: the store and the object store answer, not draining",
+    responses(
+        (status = 200, description = "Ready", body = Object),
+        (status = 503, description = "Not ready, with the reason", body = Object),
+    ))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.shutdown.is_cancelled() {
         let body =
@@ -86,6 +95,9 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Prometheus text format. The queue gauges are read from the store at scrape time.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match state.store.stats().await {
         Ok(stats) => state.metrics.set_queue(&stats),

@@ -17,6 +17,22 @@ use super::parse_uuid;
 use crate::images::ImageStream;
 use crate::{ApiError, AppState, ImagesError, Rendition};
 
+#[utoipa::path(get, path = "/fractal/{uuid}", tag = "images",
+    summary = "The fractal's PNG",
+    params(
+        ("uuid" = Uuid, Path, description = "The fractal's uuid"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag seen before"),
+        ("Range" = Option<String>, Header, description = "bytes=START-END"),
+    ),
+    responses(
+        (status = 200, description = "The PNG, cacheable forever", content_type = "image/png", body = Vec<u8>, headers(("ETag" = String))),
+        (status = 206, description = "The range asked for", content_type = "image/png", body = Vec<u8>),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "Not a uuid", body = ErrorBody),
+        (status = 404, description = "No such fractal, or not rendered yet (with Retry-After while it may still be)", body = ErrorBody),
+        (status = 416, description = "The range is outside the image"),
+        (status = 503, description = "The store or the object store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn download(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -28,6 +44,22 @@ pub async fn download(
 /// `GET /fractal/<uuid>/preview`: the small rendition the gallery shows. An image no
 /// larger than a preview is its own preview, and so is the image of a fractal rendered
 /// before previews existed.
+#[utoipa::path(get, path = "/fractal/{uuid}/preview", tag = "images",
+    summary = "The fractal at most 512 pixels on its long side",
+    params(
+        ("uuid" = Uuid, Path, description = "The fractal's uuid"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag seen before"),
+        ("Range" = Option<String>, Header, description = "bytes=START-END"),
+    ),
+    responses(
+        (status = 200, description = "The PNG, cacheable forever", content_type = "image/png", body = Vec<u8>, headers(("ETag" = String))),
+        (status = 206, description = "The range asked for", content_type = "image/png", body = Vec<u8>),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "Not a uuid", body = ErrorBody),
+        (status = 404, description = "No such fractal, or not rendered yet (with Retry-After while it may still be)", body = ErrorBody),
+        (status = 416, description = "The range is outside the image"),
+        (status = 503, description = "The store or the object store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn preview(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::fractal::RenderResult;
 use faafo_core::wire::{
-    FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
+    ErrorBody, FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
 };
 use faafo_core::{Fractal, FractalState, LeaseToken};
 use faafo_store::{Lease, StoreError};
@@ -48,6 +48,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Gives the caller one task, waiting up to `wait_ms` for one to appear. Answers 204 when
 /// none appeared in time, and 503 when the server is draining, so that the worker's
 /// client asks another instance.
+#[utoipa::path(post, path = "/v1/worker/lease", tag = "worker protocol",
+    summary = "Take a task (long poll)",
+    request_body = LeaseRequest,
+    security(("worker_token" = [])),
+    responses(
+        (status = 200, description = "A task and its lease", body = LeaseGrant),
+        (status = 204, description = "No work within wait_ms"),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 422, description = "A wrong field", body = ErrorBody),
+        (status = 503, description = "Unavailable or draining; ask another instance", body = ErrorBody),
+    ))]
 pub async fn lease(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -55,14 +67,15 @@ pub async fn lease(
 ) -> Result<Response, ApiError> {
     authorize_member(&state, &headers)?;
     let request: LeaseRequest = json::read_json(body).await?;
-    if request.worker.is_empty() || request.worker.len() > 200 {
+    if !(1..=200).contains(&request.worker.chars().count()) {
         return Err(ApiError::invalid(
             "worker",
-            "worker name must be 1 to 200 bytes",
+            "worker name must be 1 to 200 characters",
         ));
     }
-    let deadline =
-        Instant::now() + Duration::from_millis(request.wait_ms).min(state.config.max_lease_wait);
+    let wait_ms = u64::try_from(request.wait_ms)
+        .map_err(|_| ApiError::invalid("wait_ms", "wait_ms must be 0 or more"))?;
+    let deadline = Instant::now() + Duration::from_millis(wait_ms).min(state.config.max_lease_wait);
     let _waiting = GaugeGuard::enter(&state.metrics.lease_waiters);
     loop {
         // Register for the wake-up before looking, so work created in between is not missed.
@@ -132,6 +145,20 @@ fn grant(lease: &Lease, duration: Duration) -> LeaseGrant {
     }
 }
 
+#[utoipa::path(post, path = "/v1/worker/tasks/{uuid}/heartbeat", tag = "worker protocol",
+    summary = "Renew a lease",
+    params(("uuid" = Uuid, Path, description = "The task's fractal")),
+    request_body = LeaseHeld,
+    security(("worker_token" = [])),
+    responses(
+        (status = 200, description = "Renewed, for this long", body = Object, example = json!({"lease_ms": 10000})),
+        (status = 400, description = "Not JSON, or not a uuid", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The lease is no longer held by this token", body = ErrorBody),
+        (status = 422, description = "A wrong field", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn heartbeat(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -150,6 +177,20 @@ pub async fn heartbeat(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/worker/tasks/{uuid}/release", tag = "worker protocol",
+    summary = "Give a task back unfinished",
+    params(("uuid" = Uuid, Path, description = "The task's fractal")),
+    request_body = LeaseHeld,
+    security(("worker_token" = [])),
+    responses(
+        (status = 204, description = "Done"),
+        (status = 400, description = "Not JSON, or not a uuid", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The lease is no longer held by this token", body = ErrorBody),
+        (status = 422, description = "A wrong field", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn release(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -167,6 +208,20 @@ pub async fn release(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/worker/tasks/{uuid}/fail", tag = "worker protocol",
+    summary = "Report that a render cannot succeed",
+    params(("uuid" = Uuid, Path, description = "The task's fractal")),
+    request_body = FailTask,
+    security(("worker_token" = [])),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Not JSON, or not a uuid", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The lease is no longer held by this token", body = ErrorBody),
+        (status = 422, description = "A wrong field", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn fail(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -261,6 +316,25 @@ fn store_unavailable(error: crate::ImagesError) -> ApiError {
 
 /// Takes the small preview of a task's image (see `JuliaParams::preview`). Workers send
 /// it before the image, whose upload ends the lease. Storing it twice is harmless.
+#[utoipa::path(put, path = "/v1/worker/tasks/{uuid}/preview", tag = "worker protocol",
+    summary = "Deliver the preview (before the image)",
+    params(
+        ("uuid" = Uuid, Path, description = "The task's fractal"),
+        ("faafo-lease-token" = Uuid, Header, description = "The lease's token"),
+        ("faafo-checksum" = String, Header, pattern = "^[0-9a-f]{64}$", description = "Lower-case hex SHA-256 of the body"),
+    ),
+    request_body(content = Vec<u8>, content_type = "image/png"),
+    security(("worker_token" = [])),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "A missing or bad header, or not a uuid", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The lease is no longer held by this token", body = ErrorBody),
+        (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+        (status = 422, description = "The checksum does not match, or not a PNG of the right size", body = ErrorBody),
+        (status = 503, description = "The store or the object store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn upload_preview(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
@@ -299,6 +373,27 @@ pub async fn upload_preview(
 /// Takes a finished PNG: checks the lease, the checksum and the image size, stores the
 /// image, then marks the fractal done. Storing the same image twice is harmless: a
 /// fractal's PNG is a pure function of its record.
+#[utoipa::path(put, path = "/v1/worker/tasks/{uuid}/image", tag = "worker protocol",
+    summary = "Deliver the image; the fractal is done",
+    params(
+        ("uuid" = Uuid, Path, description = "The task's fractal"),
+        ("faafo-lease-token" = Uuid, Header, description = "The lease's token"),
+        ("faafo-checksum" = String, Header, pattern = "^[0-9a-f]{64}$", description = "Lower-case hex SHA-256 of the body"),
+        ("faafo-duration" = f64, Header, minimum = 0.0, description = "Seconds the render took"),
+        ("faafo-generated-by" = String, Header, description = "The worker's name"),
+    ),
+    request_body(content = Vec<u8>, content_type = "image/png"),
+    security(("worker_token" = [])),
+    responses(
+        (status = 200, description = "Stored; the fractal is done", body = FractalView),
+        (status = 400, description = "A missing or bad header, or not a uuid", body = ErrorBody),
+        (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "The lease is no longer held by this token", body = ErrorBody),
+        (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+        (status = 422, description = "The checksum does not match, or not a PNG of the right size", body = ErrorBody),
+        (status = 503, description = "The store or the object store is unavailable; retry", body = ErrorBody),
+    ))]
 pub async fn upload(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
