@@ -83,8 +83,8 @@ CREATE TABLE nodes (
 ALTER TABLE fractals ADD COLUMN client text NOT NULL DEFAULT '';
 ALTER TABLE fractals ADD COLUMN fair_rank bigint NOT NULL DEFAULT 0;
 CREATE INDEX fractals_fair_queue ON fractals (fair_rank, id) WHERE state = 'queued';
-CREATE INDEX fractals_client_queued ON fractals (client, fair_rank) WHERE state = 'queued';
-CREATE INDEX fractals_client_unfinished ON fractals (client) WHERE state IN ('queued', 'running');
+-- A client's next rank (its queued tasks) and its unfinished work (queued and running).
+CREATE INDEX fractals_client_unfinished ON fractals (client, state, fair_rank) WHERE state IN ('queued', 'running');
 "#,
 ];
 
