@@ -17,9 +17,9 @@ fn schemathesis() -> String {
     std::env::var("FAAFO_SCHEMATHESIS").unwrap_or_else(|_| "st".into())
 }
 
-/// Runs schemathesis against `base`, with `extra` arguments; fails the test with its
-/// report unless every generated case passed.
-fn run_schemathesis(base: &str, extra: &[&str]) {
+/// Runs schemathesis against `base`, with `extra` arguments, in `workdir` (where it keeps
+/// its cache); fails the test with its report unless every generated case passed.
+fn run_schemathesis(base: &str, workdir: &Path, extra: &[&str]) {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis/schemathesis.toml");
     let program = schemathesis();
     let output = Command::new(&program)
@@ -33,6 +33,7 @@ fn run_schemathesis(base: &str, extra: &[&str]) {
         .args(["--seed", "20261124"])
         .args(extra)
         .env("NO_COLOR", "1")
+        .current_dir(workdir)
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -62,7 +63,7 @@ fn run_schemathesis(base: &str, extra: &[&str]) {
 fn schemathesis_finds_nothing_against_faafo_up() {
     let dir = tempfile::tempdir().unwrap();
     let up = spawn_up(dir.path(), "up", 1);
-    run_schemathesis(up.url(), &[]);
+    run_schemathesis(up.url(), dir.path(), &[]);
 }
 
 #[test]
@@ -71,5 +72,5 @@ fn schemathesis_finds_nothing_in_the_worker_protocol() {
     // Lease requests with long waits would each hold a test case for 30 s.
     let api = spawn_api(dir.path(), "api", &["--max-lease-wait-ms", "200"]);
     let token = format!("Authorization: Bearer {TOKEN}");
-    run_schemathesis(api.url(), &["--header", &token]);
+    run_schemathesis(api.url(), dir.path(), &["--header", &token]);
 }
