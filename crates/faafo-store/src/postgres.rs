@@ -83,8 +83,9 @@ CREATE TABLE nodes (
 ALTER TABLE fractals ADD COLUMN client text NOT NULL DEFAULT '';
 ALTER TABLE fractals ADD COLUMN fair_rank bigint NOT NULL DEFAULT 0;
 CREATE INDEX fractals_fair_queue ON fractals (fair_rank, id) WHERE state = 'queued';
--- A client's next rank (its queued tasks) and its unfinished work (queued and running).
-CREATE INDEX fractals_client_unfinished ON fractals (client, state, fair_rank) WHERE state IN ('queued', 'running');
+-- A client's next rank and, with fractals_leased for the few running rows, its
+-- unfinished work. Queued rows only: a claim leaves it, a completion does not touch it.
+CREATE INDEX fractals_client_queued ON fractals (client, fair_rank) WHERE state = 'queued';
 "#,
 ];
 
@@ -95,8 +96,10 @@ const MIGRATION_LOCK: i64 = 0x6661_6166_6f00;
 /// the parameter that holds the client.
 fn unfinished_work(client: &str) -> String {
     format!(
-        "SELECT coalesce(sum(width::float8 * height * iterations), 0) \
-         FROM fractals WHERE client = {client} AND state IN ('queued', 'running')"
+        "SELECT coalesce((SELECT sum(width::float8 * height * iterations) FROM fractals \
+                           WHERE client = {client} AND state = 'queued'), 0) \
+              + coalesce((SELECT sum(width::float8 * height * iterations) FROM fractals \
+                           WHERE state = 'running' AND client = {client}), 0)"
     )
 }
 

@@ -74,18 +74,22 @@ ALTER TABLE fractals ADD COLUMN fair_rank INTEGER NOT NULL DEFAULT 0;
 -- entries are in row order within a state.
 DROP INDEX fractals_queued;
 CREATE INDEX fractals_fair_queue ON fractals (fair_rank, id) WHERE state = 'queued';
--- A client's next rank (its queued tasks) and its unfinished work (queued and running).
-CREATE INDEX fractals_client_unfinished ON fractals (client, state, fair_rank) WHERE state IN ('queued', 'running');
+-- A client's next rank and, with fractals_leased for the few running rows, its
+-- unfinished work. Queued rows only: a claim leaves it, a completion does not touch it.
+CREATE INDEX fractals_client_queued ON fractals (client, fair_rank) WHERE state = 'queued';
 "#,
 ];
 
 // The fair queue's statements name their indexes: without statistics SQLite would pick
 // the index on `state` and sort every queued row on each claim. (A partial index is used
-// only when the query repeats its condition word for word, hence `state IN (...)`.)
+// only when the query repeats its condition.)
 
 /// A client's unfinished work (width × height × iterations), for its quota.
-const UNFINISHED_WORK: &str = "SELECT coalesce(sum(CAST(width AS REAL) * height * iterations), 0.0) \
-                               FROM fractals WHERE client = ?1 AND state IN ('queued', 'running')";
+const UNFINISHED_WORK: &str = "SELECT \
+    coalesce((SELECT sum(CAST(width AS REAL) * height * iterations) FROM fractals INDEXED BY fractals_client_queued \
+              WHERE client = ?1 AND state = 'queued'), 0.0) + \
+    coalesce((SELECT sum(CAST(width AS REAL) * height * iterations) FROM fractals INDEXED BY fractals_leased \
+              WHERE state = 'running' AND client = ?1), 0.0)";
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
@@ -290,8 +294,8 @@ impl Store for SqliteStore {
                 "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, \
                  max_attempts, created_at, client, fair_rank) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
                  'queued', ?12, ?13, ?14, max(\
-                   coalesce((SELECT max(fair_rank) + 1 FROM fractals INDEXED BY fractals_client_unfinished \
-                             WHERE client = ?14 AND state IN ('queued', 'running') AND state = 'queued'), 0), \
+                   coalesce((SELECT max(fair_rank) + 1 FROM fractals INDEXED BY fractals_client_queued \
+                             WHERE client = ?14 AND state = 'queued'), 0), \
                    coalesce((SELECT min(fair_rank) FROM fractals INDEXED BY fractals_fair_queue \
                              WHERE state = 'queued'), 0)))",
             )
