@@ -277,19 +277,12 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(certificate), Some(key)) => {
-            let reached_at = if args.host.is_unspecified() {
-                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-            } else {
-                args.host
-            };
-            Some(members::Tls::new(
-                certificate.clone(),
-                key.clone(),
-                ca_cert,
-                reached_at,
-            )?)
-        }
+        (Some(certificate), Some(key)) => Some(members::Tls::new(
+            certificate.clone(),
+            key.clone(),
+            ca_cert,
+            supervisor::reachable(args.host),
+        )?),
         _ => None,
     };
     let data_tier = if args.postgres_nodes > 0 {

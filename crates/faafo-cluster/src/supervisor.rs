@@ -161,6 +161,15 @@ pub struct Supervisor {
     pub down: CancellationToken,
 }
 
+/// The address members listening on `host` are reached at: loopback for every interface.
+pub(crate) fn reachable(host: IpAddr) -> IpAddr {
+    if host.is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        host
+    }
+}
+
 impl Supervisor {
     pub fn new(settings: Settings) -> anyhow::Result<Arc<Supervisor>> {
         std::fs::create_dir_all(settings.dir.join("logs"))?;
@@ -201,13 +210,8 @@ impl Supervisor {
             .collect()
     }
 
-    /// The address members are reached at.
     fn reachable_host(&self) -> IpAddr {
-        if self.settings.host.is_unspecified() {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else {
-            self.settings.host
-        }
+        reachable(self.settings.host)
     }
 
     fn address(&self, member: &Member, port: usize) -> Option<SocketAddr> {

@@ -77,8 +77,7 @@ impl FractalSpec {
         check_count("width", request.width, limits.max_width)?;
         check_count("height", request.height, limits.max_height)?;
         check_count("iterations", request.iterations, limits.max_iterations)?;
-        let work =
-            f64::from(request.width) * f64::from(request.height) * f64::from(request.iterations);
+        let work = work(request.width, request.height, request.iterations);
         if work > limits.max_work {
             return Err(SpecError::new(
                 "iterations",
@@ -185,6 +184,10 @@ impl FractalSpec {
     pub fn iterations(&self) -> u32 {
         self.iterations
     }
+    /// width x height x iterations: what `Limits::max_work` and client quotas count.
+    pub fn work(&self) -> f64 {
+        work(self.width, self.height, self.iterations)
+    }
     pub fn window(&self) -> Window {
         self.window
     }
@@ -247,6 +250,12 @@ fn check_finite(field: &'static str, value: f64) -> Result<(), SpecError> {
         ));
     }
     Ok(())
+}
+
+/// What a render costs: width x height x iterations, as a float (it passes u64 range
+/// long before any limit is checked).
+fn work(width: u32, height: u32, iterations: u32) -> f64 {
+    f64::from(width) * f64::from(height) * f64::from(iterations)
 }
 
 #[cfg(test)]

@@ -42,15 +42,6 @@ pub struct NewFractal {
     pub max_queued_work: Option<f64>,
 }
 
-impl NewFractal {
-    /// What this fractal costs against a client's quota.
-    pub fn work(&self) -> f64 {
-        f64::from(self.spec.width())
-            * f64::from(self.spec.height())
-            * f64::from(self.spec.iterations())
-    }
-}
-
 /// What a create did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateOutcome {

@@ -664,7 +664,7 @@ impl Store for PostgresStore {
                 let (width, height, iterations, max_attempts) =
                     (spec.width() as i32, spec.height() as i32, spec.iterations() as i32, new.max_attempts as i32);
                 let seed = spec.seed().map(|s| s as i64);
-                let work = new.work();
+                let work = new.spec.work();
                 let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
                     &new.uuid, &width, &height, &iterations, &window.xa, &window.xb, &window.ya, &window.yb,
                     &spec.cx(), &spec.cy(), &seed, &max_attempts, &new.client, &new.max_queued_work, &work,

@@ -161,34 +161,38 @@ fn trusted_roots(
     named: Option<&str>,
     extra: Option<&[u8]>,
 ) -> Result<RootCertStore, TlsSettingsError> {
+    let path = match named {
+        None => return system_roots_and(extra),
+        Some("system") => return system_roots_and(None),
+        Some(path) => path,
+    };
+    let fail = |reason: String| TlsSettingsError::Roots {
+        path: path.to_owned(),
+        reason,
+    };
+    let certificates = CertificateDer::pem_file_iter(Path::new(path))
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| fail(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(fail("holds no PEM certificate".into()));
+    }
     let mut roots = RootCertStore::empty();
-    match named {
-        Some("system") => add_system_roots(&mut roots)?,
-        Some(path) => {
-            let fail = |reason: String| TlsSettingsError::Roots {
-                path: path.to_owned(),
-                reason,
-            };
-            let certificates = CertificateDer::pem_file_iter(Path::new(path))
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| fail(e.to_string()))?;
-            if certificates.is_empty() {
-                return Err(fail("holds no PEM certificate".into()));
-            }
-            for certificate in certificates {
-                roots.add(certificate).map_err(|e| fail(e.to_string()))?;
-            }
-        }
-        None => {
-            add_system_roots(&mut roots)?;
-            for certificate in CertificateDer::pem_slice_iter(extra.unwrap_or_default()) {
-                let certificate = certificate.map_err(|e| TlsSettingsError::Roots {
-                    path: "--ca-cert".into(),
-                    reason: e.to_string(),
-                })?;
-                roots.add(certificate)?;
-            }
-        }
+    for certificate in certificates {
+        roots.add(certificate).map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// The system's trusted roots and the certificates of `extra` (PEM; faafo's `--ca-cert`).
+pub fn system_roots_and(extra: Option<&[u8]>) -> Result<RootCertStore, TlsSettingsError> {
+    let mut roots = RootCertStore::empty();
+    add_system_roots(&mut roots)?;
+    for certificate in CertificateDer::pem_slice_iter(extra.unwrap_or_default()) {
+        let certificate = certificate.map_err(|e| TlsSettingsError::Roots {
+            path: "--ca-cert".into(),
+            reason: e.to_string(),
+        })?;
+        roots.add(certificate)?;
     }
     Ok(roots)
 }

@@ -284,7 +284,7 @@ impl Store for SqliteStore {
                     .prepare_cached(UNFINISHED_WORK)
                     .and_then(|mut statement| statement.query_row(params![new.client], |row| row.get(0)))
                     .map_err(unavailable)?;
-                if queued_work + new.work() > limit {
+                if queued_work + new.spec.work() > limit {
                     return Ok(CreateOutcome::OverQuota { queued_work });
                 }
             }

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use rustls::CertificateError;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, RootCertStore};
 
 /// The certificate the members serve, and what they trust.
 #[derive(Debug, Clone)]
@@ -62,13 +62,7 @@ impl Tls {
         let Some((leaf, intermediates)) = chain.split_first() else {
             bail!("{} holds no PEM certificate", path.display());
         };
-        let mut roots = RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        if let Some(pem) = &self.ca_pem {
-            for certificate in CertificateDer::pem_slice_iter(pem) {
-                roots.add(certificate.context("--ca-cert is not PEM")?)?;
-            }
-        }
+        let roots = faafo_store::postgres_tls::system_roots_and(self.ca_pem.as_deref())?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
