@@ -5,7 +5,7 @@
 //! a lease (token and expiry) and every later write must present the token (fencing).
 //!
 //! Claims are fair between clients: each task gets a *rank* when it is queued, its
-//! client's next (one past its latest queued task's) but never below the lowest rank still
+//! client's next (one past its latest task's) but never below the lowest rank still
 //! queued, and claims take the lowest rank, oldest first. So every client with queued work
 //! gets one task per round, and a client's backlog delays another client's first task by
 //! about one task per worker (start-time fair queueing with the queue as its clock).

@@ -455,7 +455,7 @@ async fn claims_take_turns_between_clients(t: TestStore) {
 }
 
 /// Past its quota a client's create stores nothing and says how much it has queued;
-/// others are not affected, and finished work frees the room.
+/// others are not affected, and finished or deleted work frees the room.
 async fn a_quota_refuses_creates_past_the_clients_unfinished_work(t: TestStore) {
     let store = &*t.store;
     let quota = Some(2.5 * 4096.0);
@@ -481,8 +481,17 @@ async fn a_quota_refuses_creates_past_the_clients_unfinished_work(t: TestStore) 
         .complete(lease.fractal.uuid, lease.token, result())
         .await
         .unwrap();
-    let after = store.create(fractal_of("key:a", quota)).await.unwrap();
-    assert!(matches!(after, CreateOutcome::Created(_)), "{after:?}");
+    let after = fractal_of("key:a", quota);
+    let created = store.create(after.clone()).await.unwrap();
+    assert!(matches!(created, CreateOutcome::Created(_)), "{created:?}");
+    // A deleted task frees its room too, and the count stays exact.
+    store.delete(after.uuid).await.unwrap();
+    let again = store.create(fractal_of("key:a", quota)).await.unwrap();
+    assert!(matches!(again, CreateOutcome::Created(_)), "{again:?}");
+    match store.create(fractal_of("key:a", quota)).await.unwrap() {
+        CreateOutcome::OverQuota { queued_work } => assert_eq!(queued_work, 2.0 * 4096.0),
+        other => panic!("created past the quota: {other:?}"),
+    }
 }
 
 on_every_store!(
