@@ -76,6 +76,9 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Show every node of the deployment (gateways, APIs, workers) and the queue.
     Status,
+    /// Watch the service as a user would: create a small fractal, wait for it, download
+    /// it, check it against a local render, delete it; every --interval, or --once.
+    Probe(crate::probe::ProbeArgs),
     /// Run and control the whole topology on this machine: gateways, API instances and
     /// workers under a supervisor.
     #[command(subcommand)]
@@ -313,6 +316,7 @@ impl Cli {
             Command::Worker(args) => roles::worker(&self.endpoint_url, ca.as_deref(), args).await,
             Command::Gateway(args) => roles::gateway(args, ca).await,
             Command::Status => client_cli::status(&client()?, &output).await,
+            Command::Probe(args) => crate::probe::run(client()?, args, &output).await,
             Command::Cluster(command) => {
                 let json = output.json;
                 let outcome = command
@@ -348,7 +352,7 @@ fn non_negative(text: &str) -> Result<f64, String> {
     }
 }
 
-fn positive_seconds(text: &str) -> Result<f64, String> {
+pub(crate) fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
         _ => Err(format!(

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod client_cli;
+mod probe;
 mod queue_bench;
 mod render_bench;
 mod render_cli;
