@@ -108,6 +108,10 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
+        // Both limits' series exist from the start, so that rates and alerts see zeros.
+        for limit in ["create_rate", "max_queued_work"] {
+            limited.with_label_values(&[limit]);
+        }
         Metrics {
             registry,
             requests,
