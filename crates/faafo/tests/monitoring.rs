@@ -13,12 +13,7 @@ use common::*;
 fn served_names(page: &str) -> impl Iterator<Item = String> + '_ {
     page.lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .map(|line| {
-            line.split(|c: char| c == '{' || c == ' ')
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
+        .map(|line| line.split(['{', ' ']).next().unwrap_or_default().to_owned())
 }
 
 /// Every `faafo_...` word in a file.
