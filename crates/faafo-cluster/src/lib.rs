@@ -379,6 +379,7 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
         (Kind::Api, args.apis),
         (Kind::Gateway, args.gateways),
         (Kind::Worker, args.workers),
+        (Kind::Probe, 1),
     ];
     let started = tokio::select! {
         started = supervisor.start(&counts) => started,

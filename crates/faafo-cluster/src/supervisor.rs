@@ -251,6 +251,9 @@ impl Supervisor {
             }
             Kind::SwiftProxy => self.address(member, 0).map(|a| format!("http://{a}")),
             Kind::SwiftRsync => self.address(member, 0).map(|a| format!("rsync://{a}")),
+            Kind::Probe => self
+                .address(member, 0)
+                .map(|a| format!("http://{a}/metrics")),
             _ => self.url(member),
         }
     }
@@ -276,6 +279,7 @@ impl Supervisor {
         Topology {
             host: self.settings.host,
             apis: self.api_urls(),
+            gateways: self.gateway_urls(),
             etcd: with(Kind::Etcd)
                 .filter_map(|m| {
                     Some(etcd::Peer {
@@ -330,7 +334,7 @@ impl Supervisor {
                 .settings
                 .swift_port
                 .saturating_add(4 * SECOND_PORT_OFFSET - 1),
-            Kind::SwiftProxy | Kind::SwiftRsync | Kind::Worker => 0,
+            Kind::SwiftProxy | Kind::SwiftRsync | Kind::Worker | Kind::Probe => 0,
         }
     }
 
@@ -588,7 +592,7 @@ impl Supervisor {
                     kind,
                     &member.name,
                     bind.as_deref(),
-                    &topology.apis,
+                    &topology,
                     &self.backing(&topology, member.index),
                 );
                 command
@@ -813,6 +817,10 @@ impl Supervisor {
                 None => Health::not("no address"),
             },
             Kind::Worker => Health::ready("-"),
+            Kind::Probe => match self.address(member, 0) {
+                Some(address) => faafo::probe_health(&self.http, address).await,
+                None => Health::not("no address"),
+            },
             Kind::Etcd => match self.address(member, 0) {
                 Some(client) => etcd::health(&self.http, client).await,
                 None => Health::not("no address"),

@@ -136,7 +136,7 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let opened = path.clone();
-        let connection = tokio::task::spawn_blocking(move || open_and_migrate(&opened))
+        let connection = tokio::task::spawn_blocking(move || open_and_migrate_when_free(&opened))
             .await
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?
             .map_err(unavailable)?;
@@ -166,6 +166,29 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+    }
+}
+
+/// Opens as [`open_and_migrate`] does, trying again for a while when another process
+/// holds the database: several API processes starting at once on a new file find it
+/// locked while the first one turns on WAL and migrates (SQLite does not wait on its busy
+/// handler for every lock those steps take).
+fn open_and_migrate_when_free(path: &Path) -> rusqlite::Result<Connection> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match open_and_migrate(path) {
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if matches!(
+                    error.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() + pause < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            opened => return opened,
+        }
     }
 }
 

@@ -509,3 +509,19 @@ on_every_store!(
     stats_count_states_and_the_oldest_queued,
     two_handles_on_one_store_never_claim_the_same_task,
 );
+
+/// Several API processes started at once on a new file (as `faafo cluster up` starts
+/// them) all open it: the ones that find it locked while another migrates wait their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_stores_opening_a_new_sqlite_file_at_once_all_succeed() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faafo.db");
+        let opens: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(SqliteStore::open(path.clone())))
+            .collect();
+        for open in opens {
+            open.await.unwrap().expect("every store opens");
+        }
+    }
+}

@@ -68,7 +68,8 @@ async fn chaos_kills_lose_nothing_and_fail_no_request() {
     let status = run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await;
     let members: serde_json::Value = serde_json::from_str(&status).unwrap();
     let members = members.as_array().unwrap();
-    assert_eq!(members.len(), 7);
+    // 2 gateways, 2 APIs, 3 workers and the probe.
+    assert_eq!(members.len(), 8);
     let restarts: u64 = members
         .iter()
         .map(|m| m["restarts"].as_u64().unwrap())
@@ -176,6 +177,22 @@ async fn scale_stop_start_and_status() {
             let status = run_faafo(&["--endpoint-url", &gateway, "status"]).await;
             let up = |role: &str| status.matches(&format!("| UP    | {role}")).count();
             (up("gateway ") == 1 && up("api     ") == 2 && up("worker  ") == 2).then_some(())
+        },
+    )
+    .await;
+
+    // The cluster's probe makes fractals through the gateway and says so.
+    wait_for(
+        "the probe to report a successful round",
+        Duration::from_secs(30),
+        || async {
+            let table = run_faafo(&["cluster", "status", "--data-dir", data]).await;
+            table
+                .lines()
+                .any(|line| {
+                    line.starts_with("| probe-1") && line.contains("users' fractals are made")
+                })
+                .then_some(())
         },
     )
     .await;

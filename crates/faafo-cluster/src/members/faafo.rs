@@ -1,9 +1,12 @@
-//! The faafo members: gateways, API instances and workers, each this same binary with
-//! the flags a user would give it.
+//! The faafo members: gateways, API instances, workers and the probe, each this same
+//! binary with the flags a user would give it.
 
 use serde::Deserialize;
 
-use super::{Health, Kind};
+use super::{Health, Kind, Topology};
+
+/// Seconds between the cluster probe's rounds.
+pub const PROBE_INTERVAL: &str = "10";
 
 /// How the API instances reach the data.
 #[derive(Debug, Clone)]
@@ -24,9 +27,10 @@ pub fn configure(
     kind: Kind,
     name: &str,
     bind: Option<&str>,
-    apis: &[String],
+    topology: &Topology,
     backing: &Backing,
 ) {
+    let apis = &topology.apis;
     match kind {
         Kind::Gateway => {
             command.args(["gateway", "--discover", "--bind"]);
@@ -61,6 +65,17 @@ pub fn configure(
                 "{}-{name}",
                 gethostname::gethostname().to_string_lossy()
             ));
+        }
+        Kind::Probe => {
+            // As users come in: through the gateways, or the APIs when there are none.
+            let entry = if topology.gateways.is_empty() {
+                apis
+            } else {
+                &topology.gateways
+            };
+            command.args(["--endpoint-url", &entry.join(",")]);
+            command.args(["probe", "--interval", PROBE_INTERVAL, "--bind"]);
+            command.arg(bind.unwrap_or_default());
         }
         other => unreachable!("{other} is not a faafo member"),
     }
@@ -112,4 +127,28 @@ pub async fn gateway_stats(http: &reqwest::Client, url: &str) -> Option<GatewayS
         return None;
     }
     answer.json().await.ok()
+}
+
+/// The probe's own account of its latest round, from its metrics.
+pub async fn probe_health(http: &reqwest::Client, address: std::net::SocketAddr) -> Health {
+    let page = match http.get(format!("http://{address}/metrics")).send().await {
+        Ok(answer) if answer.status().is_success() => answer.text().await.unwrap_or_default(),
+        _ => return Health::not("no answer"),
+    };
+    let sample = |name: &str| {
+        page.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    let runs = sample(r#"faafo_probe_runs_total{outcome="ok"}"#).unwrap_or(0.0)
+        + sample(r#"faafo_probe_runs_total{outcome="failed"}"#).unwrap_or(0.0);
+    // Ready means running: a failing probe is news about the service, not about itself.
+    match sample("faafo_probe_success") {
+        _ if runs == 0.0 => Health::ready("no probe yet"),
+        Some(1.0) => Health::ready("users' fractals are made"),
+        _ => Health::ready("FAILING: users' fractals are not made (see its log)"),
+    }
 }

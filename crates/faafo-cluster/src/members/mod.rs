@@ -42,10 +42,13 @@ pub enum Kind {
     Gateway,
     #[serde(rename = "worker")]
     Worker,
+    /// `faafo probe`: the synthetic user, through the gateways.
+    #[serde(rename = "probe")]
+    Probe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Etcd,
         Kind::Postgres,
         Kind::SwiftRsync,
@@ -54,6 +57,7 @@ impl Kind {
         Kind::Api,
         Kind::Gateway,
         Kind::Worker,
+        Kind::Probe,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Kind {
             Kind::Api => "api",
             Kind::Gateway => "gateway",
             Kind::Worker => "worker",
+            Kind::Probe => "probe",
         }
     }
 
@@ -94,12 +99,13 @@ impl Kind {
 
     /// How many ports one member takes: etcd a client and a peer port, a postgres member
     /// PostgreSQL's and its Patroni REST API's, a Swift node its account, container and
-    /// object servers', a gateway, an API, a proxy or the rsync daemon one.
+    /// object servers', a gateway, an API, a proxy, the rsync daemon or the probe (its
+    /// metrics) one.
     pub fn port_count(self) -> usize {
         match self {
             Kind::SwiftNode => 3,
             Kind::Etcd | Kind::Postgres => 2,
-            Kind::Api | Kind::Gateway | Kind::SwiftProxy | Kind::SwiftRsync => 1,
+            Kind::Api | Kind::Gateway | Kind::SwiftProxy | Kind::SwiftRsync | Kind::Probe => 1,
             Kind::Worker => 0,
         }
     }
@@ -124,6 +130,8 @@ pub struct Topology {
     pub host: IpAddr,
     /// The APIs' URLs, for gateways and workers.
     pub apis: Vec<String>,
+    /// The gateways' URLs, for the probe.
+    pub gateways: Vec<String>,
     /// `host:port` of every etcd member's client and peer ports, by member.
     pub etcd: Vec<etcd::Peer>,
     /// Every postgres member's PostgreSQL and Patroni REST ports.
