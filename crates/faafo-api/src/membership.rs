@@ -128,6 +128,11 @@ fn liveness(node: &NodeRecord) -> Liveness {
         (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
     ))]
 pub async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    Ok(Json(cluster_status(&state).await?).into_response())
+}
+
+/// Every node, the queue and the database's members, as `/v1/nodes` and `/status` show them.
+pub(crate) async fn cluster_status(state: &AppState) -> Result<ClusterStatus, ApiError> {
     let (nodes, stats, database) = tokio::join!(
         state.store.nodes(),
         state.store.stats(),
@@ -154,12 +159,11 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
         failed: stats.count(FractalState::Failed),
         oldest_queued_age_s: stats.oldest_queued_age.map(|age| age.as_secs_f64()),
     };
-    Ok(Json(ClusterStatus {
+    Ok(ClusterStatus {
         nodes,
         queue,
         database,
     })
-    .into_response())
 }
 
 /// `GET /v1/endpoints`: the addresses of live gateways and API instances.

@@ -1095,7 +1095,8 @@ async fn the_description_lists_the_served_routes() {
             operations += 1;
         }
     }
-    // The v1 API, images, the worker protocol, membership, health and the gallery.
+    // The v1 API, images, the worker protocol, membership, probes, health, the gallery
+    // and the status page.
     for path in [
         "/v1/fractal",
         "/v1/fractal/{uuid}",
@@ -1105,15 +1106,84 @@ async fn the_description_lists_the_served_routes() {
         "/v1/nodes/heartbeat",
         "/readyz",
         "/view/{uuid}",
+        "/status",
+        "/v1/probes",
         "/openapi.json",
     ] {
         assert!(paths.contains_key(path), "{path} is not described");
     }
-    assert_eq!(operations, 27, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(operations, 29, "{:?}", paths.keys().collect::<Vec<_>>());
     let create = &paths["/v1/fractal"]["post"];
     assert!(create["responses"]["429"]["headers"]["Retry-After"].is_object());
     assert_eq!(
         create["requestBody"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/CreateFractal"
     );
+}
+
+/// Probes report their rounds with the worker token; bad reports are refused with what
+/// was wrong, and what was recorded shows on the status page.
+#[tokio::test]
+async fn probe_reports_need_the_token_are_checked_and_reach_the_status_page() {
+    let app = TestApp::start().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let report = |outcomes: Value| json!({"probe": "probe-x", "outcomes": outcomes}).to_string();
+    let send = |body: String, token: Option<&str>| {
+        let request = app.http.post(app.url("/v1/probes")).body(body);
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        async move { request.send().await.unwrap() }
+    };
+    let good = report(json!([
+        {"finished_at_ms": now - 2000, "ok": true, "total_ms": 31.5},
+        {"finished_at_ms": now - 1000, "ok": false, "total_ms": 1000.0, "failed_step": "render"},
+    ]));
+    assert_eq!(
+        send(good.clone(), None).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    for (bad, says) in [
+        (
+            report(json!([{"finished_at_ms": now, "ok": true, "total_ms": -1.0}])),
+            "total_ms",
+        ),
+        (
+            report(
+                json!([{"finished_at_ms": now, "ok": false, "total_ms": 1.0, "failed_step": "x".repeat(21)}]),
+            ),
+            "failed_step",
+        ),
+        (
+            json!({"probe": "", "outcomes": []}).to_string(),
+            "probe name",
+        ),
+        (
+            json!({"probe": "p", "outcomes": [], "extra": 1}).to_string(),
+            "extra",
+        ),
+    ] {
+        let answer = send(bad.clone(), Some(TOKEN)).await;
+        assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        let text = answer.text().await.unwrap();
+        assert!(text.contains(says), "{bad}: {text}");
+    }
+
+    assert_eq!(
+        send(good, Some(TOKEN)).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let page = app.http.get(app.url("/status")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"data-colour="red""#), "{html}");
+    assert!(html.contains("FAILED at render"), "{html}");
+    assert!(html.contains("50.00% of 2 rounds"), "{html}");
+    assert_eq!(html.matches(r#"class="probe-ok""#).count(), 1, "{html}");
+    app.stop().await;
 }

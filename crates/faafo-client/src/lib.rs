@@ -292,6 +292,18 @@ impl Client {
         expect_success(reply).map(|_| ())
     }
 
+    /// Reports a probe's rounds for the status page (needs the worker token).
+    pub async fn report_probes(
+        &self,
+        reports: &faafo_core::node::ProbeReports,
+    ) -> Result<(), ClientError> {
+        let body = Bytes::from(serde_json::to_vec(reports).expect("serializes"));
+        let reply = self
+            .send(Method::POST, "/v1/probes", Body::Json(body), None)
+            .await?;
+        expect_success(reply).map(|_| ())
+    }
+
     /// Says a node is shutting down cleanly (needs the worker token).
     pub async fn node_leave(&self, id: &str) -> Result<(), ClientError> {
         let body =

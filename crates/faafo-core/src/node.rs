@@ -187,6 +187,34 @@ pub struct ClusterStatus {
     pub database: Vec<DatabaseMemberView>,
 }
 
+/// One round of a probe (`faafo probe`): when it ended, whether it made, fetched and
+/// verified its fractal, and how long it took or at which step it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeOutcome {
+    /// When the round ended, in milliseconds since the Unix epoch.
+    pub finished_at_ms: i64,
+    pub ok: bool,
+    /// The whole round, in milliseconds.
+    #[schema(minimum = 0)]
+    pub total_ms: f64,
+    /// The step that failed (create, render, download, verify, delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 20)]
+    pub failed_step: Option<String>,
+}
+
+/// `POST /v1/probes`: a probe's rounds not yet reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeReports {
+    /// The probe's name.
+    #[schema(min_length = 1, max_length = 200)]
+    pub probe: String,
+    #[schema(max_items = 1000)]
+    pub outcomes: Vec<ProbeOutcome>,
+}
+
 /// `GET /v1/endpoints`: where clients can send requests, live nodes only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoints {

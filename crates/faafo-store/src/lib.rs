@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use faafo_core::fractal::RenderResult;
+use faafo_core::node::ProbeOutcome;
 use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat};
 use uuid::Uuid;
 
@@ -193,6 +194,15 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Records probe rounds (a round already recorded is not doubled) and forgets rounds
+    /// older than [`PROBE_HISTORY`].
+    async fn record_probes(&self, probe: &str, outcomes: &[ProbeOutcome])
+    -> Result<(), StoreError>;
+
+    /// Every probe's rounds that ended since `since_ms` (Unix milliseconds), oldest first.
+    async fn probe_history(&self, since_ms: i64)
+    -> Result<Vec<(String, ProbeOutcome)>, StoreError>;
+
     /// The members of a replicated database and their roles, for stores that know them;
     /// empty otherwise, or when nobody answers.
     async fn database_members(&self) -> Vec<faafo_core::node::DatabaseMemberView> {
@@ -205,6 +215,9 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
         None
     }
 }
+
+/// How long probe rounds are kept.
+pub const PROBE_HISTORY: Duration = Duration::from_secs(24 * 3600);
 
 /// A membership row, as both backends read it.
 pub(crate) fn node_record(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use faafo_core::fractal::RenderResult;
-use faafo_core::node::FORGET_AFTER;
+use faafo_core::node::{FORGET_AFTER, ProbeOutcome};
 use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Window};
 use std::sync::Mutex;
 
@@ -27,8 +27,8 @@ use uuid::Uuid;
 use crate::patroni::{self, Leader, PatroniFence};
 use crate::postgres_tls::{self, PostgresTls};
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats,
-    Store, StoreError, node_record,
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, PROBE_HISTORY, Page,
+    QueueStats, Store, StoreError, node_record,
 };
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
@@ -86,6 +86,17 @@ CREATE INDEX fractals_fair_queue ON fractals (fair_rank, id) WHERE state = 'queu
 -- A client's next rank and, with fractals_leased for the few running rows, its
 -- unfinished work. Queued rows only: a claim leaves it, a completion does not touch it.
 CREATE INDEX fractals_client_queued ON fractals (client, fair_rank) WHERE state = 'queued';
+"#,
+    // The probes' rounds, for the status page.
+    r#"
+CREATE TABLE probe_rounds (
+    probe       text             NOT NULL,
+    finished_at bigint           NOT NULL,
+    ok          boolean          NOT NULL,
+    total_ms    double precision NOT NULL,
+    failed_step text,
+    PRIMARY KEY (finished_at, probe)
+);
 "#,
 ];
 
@@ -1024,6 +1035,76 @@ impl Store for PostgresStore {
                     .await
                     .map_err(unavailable)?;
                 Ok(changed > 0)
+            })
+        })
+        .await
+    }
+
+    async fn record_probes(
+        &self,
+        probe: &str,
+        outcomes: &[ProbeOutcome],
+    ) -> Result<(), StoreError> {
+        let (probe, outcomes) = (probe.to_owned(), outcomes.to_vec());
+        let keep_ms = PROBE_HISTORY.as_millis() as i64;
+        self.run_lease(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(unavailable)?;
+                for outcome in &outcomes {
+                    tx.execute(
+                        "INSERT INTO probe_rounds (probe, finished_at, ok, total_ms, failed_step) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                        &[
+                            &probe,
+                            &outcome.finished_at_ms,
+                            &outcome.ok,
+                            &outcome.total_ms,
+                            &outcome.failed_step,
+                        ],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
+                tx.execute(
+                    "DELETE FROM probe_rounds WHERE finished_at < faafo_now_ms() - $1",
+                    &[&keep_ms],
+                )
+                .await
+                .map_err(unavailable)?;
+                tx.commit().await.map_err(unavailable)
+            })
+        })
+        .await
+    }
+
+    async fn probe_history(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<(String, ProbeOutcome)>, StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT probe, finished_at, ok, total_ms, failed_step FROM probe_rounds \
+                         WHERE finished_at >= $1 ORDER BY finished_at",
+                        &[&since_ms],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                Ok(rows
+                    .into_iter()
+                    .map(|row| {
+                        (
+                            row.get(0),
+                            ProbeOutcome {
+                                finished_at_ms: row.get(1),
+                                ok: row.get(2),
+                                total_ms: row.get(3),
+                                failed_step: row.get(4),
+                            },
+                        )
+                    })
+                    .collect())
             })
         })
         .await

@@ -16,9 +16,11 @@ use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Windo
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
+use faafo_core::node::ProbeOutcome;
+
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, Page, QueueStats,
-    Store, StoreError, node_record,
+    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, PROBE_HISTORY, Page,
+    QueueStats, Store, StoreError, node_record,
 };
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
@@ -105,6 +107,17 @@ WHEN OLD.state IN ('queued', 'running') BEGIN
     WHERE client = OLD.client;
     DELETE FROM queue_clients WHERE client = OLD.client AND unfinished_work <= 0;
 END;
+"#,
+    // The probes' rounds, for the status page.
+    r#"
+CREATE TABLE probe_rounds (
+    probe       TEXT    NOT NULL,
+    finished_at INTEGER NOT NULL,
+    ok          INTEGER NOT NULL,
+    total_ms    REAL    NOT NULL,
+    failed_step TEXT,
+    PRIMARY KEY (finished_at, probe)
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -611,6 +624,70 @@ impl Store for SqliteStore {
         self.run(|connection| {
             connection
                 .query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn record_probes(
+        &self,
+        probe: &str,
+        outcomes: &[ProbeOutcome],
+    ) -> Result<(), StoreError> {
+        let (probe, outcomes) = (probe.to_owned(), outcomes.to_vec());
+        self.run(move |connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            for outcome in &outcomes {
+                tx.prepare_cached(
+                    "INSERT INTO probe_rounds (probe, finished_at, ok, total_ms, failed_step) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        probe,
+                        outcome.finished_at_ms,
+                        outcome.ok,
+                        outcome.total_ms,
+                        outcome.failed_step
+                    ])
+                })
+                .map_err(unavailable)?;
+            }
+            tx.prepare_cached("DELETE FROM probe_rounds WHERE finished_at < ?1")
+                .and_then(|mut s| s.execute([now_ms() - PROBE_HISTORY.as_millis() as i64]))
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn probe_history(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<(String, ProbeOutcome)>, StoreError> {
+        self.run(move |connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT probe, finished_at, ok, total_ms, failed_step FROM probe_rounds \
+                     WHERE finished_at >= ?1 ORDER BY finished_at",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map([since_ms], |row| {
+                    Ok((
+                        row.get(0)?,
+                        ProbeOutcome {
+                            finished_at_ms: row.get(1)?,
+                            ok: row.get(2)?,
+                            total_ms: row.get(3)?,
+                            failed_step: row.get(4)?,
+                        },
+                    ))
+                })
+                .map_err(unavailable)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(unavailable)
         })
         .await

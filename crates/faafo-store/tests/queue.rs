@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faafo_core::fractal::RenderResult;
+use faafo_core::node::ProbeOutcome;
 use faafo_core::wire::CreateFractal;
 use faafo_core::{FractalSpec, FractalState, LeaseToken, Limits};
 use faafo_store::{
@@ -494,7 +495,58 @@ async fn a_quota_refuses_creates_past_the_clients_unfinished_work(t: TestStore) 
     }
 }
 
+/// Probe rounds come back oldest first, a round reported twice is kept once, and rounds
+/// past the history's length are forgotten.
+async fn probe_rounds_are_kept_once_in_order_for_a_day(t: TestStore) {
+    let store = &*t.store;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let round = |ago_ms: i64, ok: bool| ProbeOutcome {
+        finished_at_ms: now - ago_ms,
+        ok,
+        total_ms: 12.5,
+        failed_step: (!ok).then(|| "render".to_owned()),
+    };
+    let day_ms = faafo_store::PROBE_HISTORY.as_millis() as i64;
+    store
+        .record_probes(
+            "probe-a",
+            &[round(day_ms + 60_000, true), round(2_000, false)],
+        )
+        .await
+        .unwrap();
+    // Sent again after a lost answer, with a newer one.
+    store
+        .record_probes("probe-a", &[round(2_000, false), round(1_000, true)])
+        .await
+        .unwrap();
+    store
+        .record_probes("probe-b", &[round(1_500, true)])
+        .await
+        .unwrap();
+
+    let history = store.probe_history(now - 2 * day_ms).await.unwrap();
+    let seen: Vec<(&str, i64, bool)> = history
+        .iter()
+        .map(|(probe, o)| (probe.as_str(), now - o.finished_at_ms, o.ok))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("probe-a", 2_000, false),
+            ("probe-b", 1_500, true),
+            ("probe-a", 1_000, true)
+        ]
+    );
+    assert_eq!(history[0].1.failed_step.as_deref(), Some("render"));
+    assert_eq!(history[0].1.total_ms, 12.5);
+    assert_eq!(store.probe_history(now - 1_200).await.unwrap().len(), 1);
+}
+
 on_every_store!(
+    probe_rounds_are_kept_once_in_order_for_a_day,
     claims_take_turns_between_clients,
     a_quota_refuses_creates_past_the_clients_unfinished_work,
     nodes_are_remembered_updated_and_marked_when_they_leave,

@@ -18,6 +18,7 @@ use axum::routing::get;
 use clap::Args;
 use faafo_client::Client;
 use faafo_core::FractalState;
+use faafo_core::node::{ProbeOutcome, ProbeReports};
 use faafo_core::wire::{CreateFractal, FractalView};
 use faafo_render::{Engine, JuliaParams, render_png};
 use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -49,7 +50,18 @@ pub struct ProbeArgs {
     /// Iterations of the probe's fractal.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub iterations: u32,
+    /// With the deployment's worker token, the probe reports each round to the service,
+    /// whose status page (/status) plots the last hour. Rounds it could not report (the
+    /// service was down) go with the next report.
+    #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// The probe's name on the status page (default: host name and process id).
+    #[arg(long)]
+    pub name: Option<String>,
 }
+
+/// Rounds kept for a report while the service cannot take them (an hour at 10 s).
+const UNREPORTED_MAX: usize = 360;
 
 /// The steps of one probe, in order.
 const STEPS: [&str; 5] = ["create", "render", "download", "verify", "delete"];
@@ -69,6 +81,18 @@ pub struct ProbeReport {
 }
 
 impl ProbeReport {
+    /// The round as the service keeps it.
+    fn outcome(&self) -> ProbeOutcome {
+        ProbeOutcome {
+            finished_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            ok: self.ok,
+            total_ms: self.total_seconds * 1e3,
+            failed_step: self.failed_step.clone(),
+        }
+    }
+
     fn summary(&self) -> String {
         let steps: Vec<String> = self
             .steps
@@ -96,6 +120,14 @@ impl ProbeReport {
 }
 
 pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Result<()> {
+    let reporting = args.worker_token.is_some() && !args.once;
+    let client = match args.worker_token {
+        Some(token) => client.with_worker_token(faafo_core::WorkerToken::new(token)),
+        None => client,
+    };
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("probe-{}", faafo_worker::default_name()));
     let prober = Prober {
         client,
         deadline: Duration::from_secs_f64(args.deadline),
@@ -122,6 +154,7 @@ pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Re
         }
         None => None,
     };
+    let mut unreported: Vec<ProbeOutcome> = Vec::new();
     let interval = Duration::from_secs_f64(args.interval);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,6 +172,22 @@ pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Re
             tracing::info!("{}", report.summary());
         } else {
             tracing::warn!("{}", report.summary());
+        }
+        if reporting {
+            unreported.push(report.outcome());
+            if unreported.len() > UNREPORTED_MAX {
+                unreported.remove(0);
+            }
+            let reports = ProbeReports {
+                probe: name.clone(),
+                outcomes: unreported.clone(),
+            };
+            match prober.client.report_probes(&reports).await {
+                Ok(()) => unreported.clear(),
+                Err(error) => {
+                    tracing::debug!(%error, pending = unreported.len(), "round not reported yet")
+                }
+            }
         }
     }
     if let Some(server) = server {

@@ -205,23 +205,30 @@ fn palette_pixels(png: &[u8]) -> (usize, usize, usize) {
         .skip(1)
         .map(|rgb| [rgb[0], rgb[1], rgb[2]])
         .collect();
+    let pixels = rgb_pixels(png);
+    let mut seen = HashSet::new();
+    let mut matching = 0;
+    for rgb in &pixels {
+        if palette.contains(rgb) {
+            matching += 1;
+            seen.insert(*rgb);
+        }
+    }
+    (matching, pixels.len(), seen.len())
+}
+
+/// The colour of every pixel of `png`.
+fn rgb_pixels(png: &[u8]) -> Vec<[u8; 3]> {
     let mut reader = png::Decoder::new(std::io::Cursor::new(png))
         .read_info()
         .unwrap();
     let mut buffer = vec![0; reader.output_buffer_size().unwrap()];
     let frame = reader.next_frame(&mut buffer).unwrap();
     let channels = frame.color_type.samples();
-    let pixels = &buffer[..frame.buffer_size()];
-    let mut seen = HashSet::new();
-    let mut matching = 0;
-    for pixel in pixels.chunks(channels) {
-        let rgb = [pixel[0], pixel[1], pixel[2]];
-        if palette.contains(&rgb) {
-            matching += 1;
-            seen.insert(rgb);
-        }
-    }
-    (matching, pixels.len() / channels, seen.len())
+    buffer[..frame.buffer_size()]
+        .chunks(channels)
+        .map(|pixel| [pixel[0], pixel[1], pixel[2]])
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -436,4 +443,82 @@ async fn a_page_of_huge_fractals_is_light_because_it_shows_previews() {
         let (href, src) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
         assert_eq!(src, format!("{href}/preview"), "{sources}");
     }
+}
+
+/// The status page in a real browser: green while a probe's rounds succeed, every node
+/// listed with its state; red once renders stop (the only worker killed), with the failed
+/// round drawn in the plot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_nodes_and_turns_red_when_users_fractals_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("chromium-profile");
+    let api = spawn_api(dir.path(), "api", &[]);
+    let mut worker = spawn_worker(dir.path(), "worker-1", api.url());
+    let _probe = Process::spawn_server(
+        dir.path(),
+        "probe",
+        &[
+            "--endpoint-url",
+            api.url(),
+            "probe",
+            "--interval",
+            "0.2",
+            "--deadline",
+            "1",
+            "--worker-token",
+            TOKEN,
+            "--name",
+            "test-probe",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    );
+    let status_url = format!("{}/status", api.url());
+    let page = || chromium(&profile, &["--dump-dom"], &status_url);
+
+    let green = wait_for("a green status page", Duration::from_secs(30), || async {
+        let dom = page();
+        (dom.contains(r#"data-colour="green""#)
+            && dom.matches(r#"class="probe-ok""#).count() >= 2
+            && dom.contains("worker-1"))
+        .then_some(dom)
+    })
+    .await;
+    assert!(green.contains("users' fractals are made"), "{green}");
+    assert!(green.contains("(test-probe)"), "{green}");
+    for role in ["api", "worker"] {
+        assert!(
+            green.contains(&format!("<td>{role}</td>")),
+            "{role} listed: {green}"
+        );
+    }
+    assert!(green.contains(r#"<span class="pill pill-green">UP</span>"#));
+
+    worker.kill9();
+    let red = wait_for("a red status page", Duration::from_secs(30), || async {
+        let dom = page();
+        dom.contains(r#"data-colour="red""#).then_some(dom)
+    })
+    .await;
+    assert!(red.contains("the latest probe failed"), "{red}");
+    assert!(red.contains("FAILED at render"), "{red}");
+    assert!(red.contains(r#"class="probe-failed""#), "{red}");
+    chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", dir.path().join("status.png").display()),
+            "--window-size=1000,1200",
+        ],
+        &status_url,
+    );
+    let png = std::fs::read(dir.path().join("status.png")).expect("a screenshot");
+    // The banner's red (#c9302c), give or take the browser's colour handling.
+    let red_pixels = rgb_pixels(&png)
+        .iter()
+        .filter(|[r, g, b]| r.abs_diff(0xc9) < 6 && g.abs_diff(0x30) < 6 && b.abs_diff(0x2c) < 6)
+        .count();
+    assert!(
+        red_pixels > 10_000,
+        "the red banner is drawn: {red_pixels} red pixels"
+    );
 }

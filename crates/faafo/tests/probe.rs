@@ -8,21 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `faafo ARGS` to its end: its exit status and stdout.
-async fn faafo(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_faafo"))
-        .args(args)
-        .env_remove("FAAFO_ENDPOINT_URL")
-        .output()
-        .await
-        .expect("faafo runs");
-    (
-        output.status,
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 async fn fractals_left(endpoint: &str) -> u64 {
     client(endpoint).list_page(1, 10).await.unwrap().num_results
 }
@@ -32,7 +17,7 @@ async fn a_probe_checks_a_fractal_end_to_end_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let up = spawn_up(dir.path(), "up", 1);
     let (status, stdout, stderr) =
-        faafo(&["--endpoint-url", up.url(), "--json", "probe", "--once"]).await;
+        faafo_output(&["--endpoint-url", up.url(), "--json", "probe", "--once"]).await;
     assert!(status.success(), "{status}: {stdout}\n{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
     assert_eq!(report["ok"], true, "{report}");
@@ -49,7 +34,7 @@ async fn a_probe_checks_a_fractal_end_to_end_and_leaves_nothing_behind() {
     );
     assert_eq!(fractals_left(up.url()).await, 0, "the probe cleans up");
 
-    let (status, stdout, _) = faafo(&["--endpoint-url", up.url(), "probe", "--once"]).await;
+    let (status, stdout, _) = faafo_output(&["--endpoint-url", up.url(), "probe", "--once"]).await;
     assert!(status.success());
     assert!(
         stdout.contains(" ok in ") && stdout.contains("verify"),
@@ -62,7 +47,7 @@ async fn a_probe_that_cannot_finish_names_the_step_exits_1_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     // An API with no worker: the fractal is accepted and never rendered.
     let api = spawn_api(dir.path(), "api", &[]);
-    let (status, stdout, stderr) = faafo(&[
+    let (status, stdout, stderr) = faafo_output(&[
         "--endpoint-url",
         api.url(),
         "probe",
@@ -80,7 +65,7 @@ async fn a_probe_that_cannot_finish_names_the_step_exits_1_and_cleans_up() {
     assert_eq!(fractals_left(api.url()).await, 0, "the probe cleans up");
 
     // Nothing answers at all: the create fails, within the client's timeout.
-    let (status, stdout, _) = faafo(&[
+    let (status, stdout, _) = faafo_output(&[
         "--endpoint-url",
         "http://127.0.0.1:9",
         "--timeout",

@@ -4,6 +4,7 @@ mod fractals;
 mod gallery;
 pub(crate) mod health;
 mod image;
+mod status;
 mod worker;
 
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(gallery::detail_signature))
         .routes(routes!(gallery::stylesheet))
         .routes(routes!(gallery::script))
+        .routes(routes!(status::page))
+        .routes(routes!(status::report))
         .routes(routes!(health::alive))
         .routes(routes!(health::ready))
         .routes(routes!(health::metrics))

@@ -74,8 +74,12 @@ pub fn configure(
                 &topology.gateways
             };
             command.args(["--endpoint-url", &entry.join(",")]);
-            command.args(["probe", "--interval", PROBE_INTERVAL, "--bind"]);
-            command.arg(bind.unwrap_or_default());
+            command.args(["probe", "--interval", PROBE_INTERVAL, "--name"]);
+            command.arg(format!(
+                "{}-{name}",
+                gethostname::gethostname().to_string_lossy()
+            ));
+            command.arg("--bind").arg(bind.unwrap_or_default());
         }
         other => unreachable!("{other} is not a faafo member"),
     }

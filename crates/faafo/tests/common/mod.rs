@@ -170,20 +170,27 @@ pub fn spawn_cluster(
     cluster
 }
 
-/// Runs `faafo ARGS` to its end; returns its stdout, failing the test on a non-zero exit.
-pub async fn run_faafo(args: &[&str]) -> String {
+/// Runs `faafo ARGS` to its end: its exit status, stdout and stderr.
+pub async fn faafo_output(args: &[&str]) -> (ExitStatus, String, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_faafo"))
         .args(args)
         .env_remove("FAAFO_ENDPOINT_URL")
         .output()
         .await
         .expect("faafo runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "faafo {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+    (
         output.status,
-        String::from_utf8_lossy(&output.stderr)
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `faafo ARGS` to its end; returns its stdout, failing the test on a non-zero exit.
+pub async fn run_faafo(args: &[&str]) -> String {
+    let (status, stdout, stderr) = faafo_output(args).await;
+    assert!(
+        status.success(),
+        "faafo {args:?} failed: {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     stdout
 }
