@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::autoscale::Range;
 use crate::members::Kind;
 use crate::supervisor::Supervisor;
 
@@ -41,6 +42,11 @@ pub enum Request {
         /// Leave it stopped, as a host that died stays down until someone repairs it.
         #[serde(default)]
         stay_down: bool,
+    },
+    /// Workers follow the queue within `range`; `None` turns that off.
+    Autoscale {
+        range: Option<Range>,
+        scale_down_after_ms: u64,
     },
     Down,
 }

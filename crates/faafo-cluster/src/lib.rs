@@ -8,6 +8,7 @@
 //! `control.rs` is the socket protocol. The binary prints what [`ClusterCommand::run`]
 //! returns.
 
+pub mod autoscale;
 mod control;
 pub mod members;
 pub mod server_user;
@@ -75,6 +76,18 @@ pub enum ClusterCommand {
         duration: Duration,
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         interval: Duration,
+        #[command(flatten)]
+        location: Location,
+    },
+    /// Have the workers follow the queue: `autoscale worker=1..6`, or `autoscale off`.
+    /// `cluster status` shows the target and why.
+    Autoscale {
+        /// worker=MIN..MAX, or off.
+        #[arg(value_parser = parse_autoscale)]
+        rule: AutoscaleRule,
+        /// Seconds with no task waiting before workers are stopped.
+        #[arg(long, default_value_t = autoscale::DEFAULT_SCALE_DOWN_AFTER.as_secs_f64(), value_parser = positive_seconds)]
+        scale_down_after: f64,
         #[command(flatten)]
         location: Location,
     },
@@ -163,6 +176,13 @@ pub struct ClusterUpArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "FAAFO_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Have the workers follow the queue: worker=MIN..MAX (one per task waiting or
+    /// running, within the range). --workers is then only the starting count.
+    #[arg(long, value_parser = parse_autoscale_range)]
+    pub autoscale: Option<autoscale::Range>,
+    /// With --autoscale: seconds with no task waiting before workers are stopped.
+    #[arg(long, default_value_t = autoscale::DEFAULT_SCALE_DOWN_AFTER.as_secs_f64(), value_parser = positive_seconds, requires = "autoscale")]
+    pub scale_down_after: f64,
 }
 
 /// What a cluster command has to show.
@@ -217,6 +237,20 @@ impl ClusterCommand {
                 Request::Kill {
                     target: Some(targeted.target),
                     stay_down,
+                },
+            ),
+            ClusterCommand::Autoscale {
+                rule,
+                scale_down_after,
+                location,
+            } => (
+                location,
+                Request::Autoscale {
+                    range: match rule {
+                        AutoscaleRule::Off => None,
+                        AutoscaleRule::Workers(range) => Some(range),
+                    },
+                    scale_down_after_ms: (scale_down_after * 1e3) as u64,
                 },
             ),
             ClusterCommand::Down(location) => (location, Request::Down),
@@ -378,7 +412,12 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
         ),
         (Kind::Api, args.apis),
         (Kind::Gateway, args.gateways),
-        (Kind::Worker, args.workers),
+        (
+            Kind::Worker,
+            args.autoscale.map_or(args.workers, |range| {
+                args.workers.clamp(range.min, range.max)
+            }),
+        ),
         (Kind::Probe, 1),
     ];
     let started = tokio::select! {
@@ -390,6 +429,13 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
         let _ = std::fs::remove_file(&socket);
         return Err(error);
     }
+    if args.autoscale.is_some() {
+        supervisor.set_autoscale(
+            args.autoscale,
+            Duration::from_secs_f64(args.scale_down_after),
+        );
+    }
+    tokio::spawn(std::sync::Arc::clone(&supervisor).autoscale());
     if let Err(error) = banner(&supervisor, &data_dir, &args) {
         // Nobody reads our output; the cluster runs all the same.
         tracing::warn!(%error, "cannot print the banner");
@@ -562,6 +608,34 @@ async fn chaos(location: &Location, duration: Duration, interval: Duration) -> a
     }
     println!("chaos: {kills} kill(s), {skipped} skipped while a member was restarting");
     Ok(())
+}
+
+/// What `cluster autoscale` sets.
+#[derive(Debug, Clone, Copy)]
+pub enum AutoscaleRule {
+    Off,
+    Workers(autoscale::Range),
+}
+
+fn parse_autoscale_range(text: &str) -> Result<autoscale::Range, String> {
+    autoscale::parse_range(text, MAX_PER_ROLE)
+}
+
+/// `worker=MIN..MAX`, or `off`.
+fn parse_autoscale(text: &str) -> Result<AutoscaleRule, String> {
+    match text {
+        "off" => Ok(AutoscaleRule::Off),
+        rule => parse_autoscale_range(rule).map(AutoscaleRule::Workers),
+    }
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e7 => Ok(seconds),
+        _ => Err(format!(
+            "expected a positive number of seconds, got {text:?}"
+        )),
+    }
 }
 
 fn parse_scale(text: &str) -> Result<(NodeRole, u32), String> {

@@ -25,6 +25,7 @@ use faafo_core::NodeRole;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::autoscale::{self, Autoscaler, Range};
 use crate::control::{MemberStatus, Replies, Reply, Request, progress};
 use crate::members::{Health, Kind, Programs, Tls, Topology, etcd, faafo, postgres, swift};
 use crate::process_tree;
@@ -159,6 +160,8 @@ pub struct Supervisor {
     changing: tokio::sync::Mutex<()>,
     /// Cancelled by `down` (or a signal): the supervisor stops everything and exits.
     pub down: CancellationToken,
+    /// Set when the workers follow the queue.
+    autoscaler: Mutex<Option<Autoscaler>>,
 }
 
 /// The address members listening on `host` are reached at: loopback for every interface.
@@ -193,6 +196,7 @@ impl Supervisor {
             http_long,
             changing: tokio::sync::Mutex::new(()),
             down: CancellationToken::new(),
+            autoscaler: Mutex::new(None),
         }))
     }
 
@@ -928,9 +932,18 @@ impl Supervisor {
     /// Carries out one control request, reporting through `replies`.
     pub async fn handle(self: Arc<Self>, request: Request, replies: Replies) {
         let outcome = match request {
-            Request::Status => Ok(Reply::Status {
-                members: self.status().await,
-            }),
+            Request::Status => {
+                if let Some(line) = self.autoscale_line() {
+                    progress(&replies, line);
+                }
+                Ok(Reply::Status {
+                    members: self.status().await,
+                })
+            }
+            Request::Autoscale {
+                range,
+                scale_down_after_ms,
+            } => Ok(self.set_autoscale(range, Duration::from_millis(scale_down_after_ms))),
             Request::Kill { target, stay_down } => self.kill(target.as_deref(), stay_down).await,
             Request::Down => {
                 self.down.cancel();
@@ -1289,7 +1302,102 @@ impl Supervisor {
         }
     }
 
+    /// Has the workers follow the queue within `range`, or stops that (`None`).
+    pub fn set_autoscale(&self, range: Option<Range>, scale_down_after: Duration) -> Reply {
+        let mut autoscaler = self.autoscaler.lock().unwrap_or_else(|p| p.into_inner());
+        *autoscaler = range.map(|range| Autoscaler::new(range, scale_down_after));
+        let message = match range {
+            Some(Range { min, max }) => format!(
+                "workers now follow the queue: {min} to {max}, scaled down after {:.0} s idle",
+                scale_down_after.as_secs_f64()
+            ),
+            None => "autoscaling is off: the workers stay as many as they are".to_owned(),
+        };
+        tracing::info!("{message}");
+        Reply::Done { message }
+    }
+
+    fn autoscale_line(&self) -> Option<String> {
+        let current = self.of_kind(Kind::Worker).len() as u32;
+        let autoscaler = self.autoscaler.lock().unwrap_or_else(|p| p.into_inner());
+        autoscaler.as_ref().map(|a| a.describe(current))
+    }
+
+    /// Every [`autoscale::INTERVAL`], sets the number of workers from the queue, while
+    /// autoscaling is on; until `down`.
+    pub async fn autoscale(self: Arc<Self>) {
+        let (replies, _ignored) = tokio::sync::mpsc::unbounded_channel();
+        loop {
+            tokio::select! {
+                _ = self.down.cancelled() => return,
+                _ = tokio::time::sleep(autoscale::INTERVAL) => {}
+            }
+            if self
+                .autoscaler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+            {
+                continue;
+            }
+            let Some(queue) = self.read_queue().await else {
+                continue;
+            };
+            // A restart or scale in progress goes first; the next reading decides again.
+            let Ok(_change) = self.changing.try_lock() else {
+                continue;
+            };
+            let current = self.of_kind(Kind::Worker).len() as u32;
+            let decision = {
+                let mut autoscaler = self.autoscaler.lock().unwrap_or_else(|p| p.into_inner());
+                match autoscaler.as_mut() {
+                    Some(autoscaler) => autoscaler.decide(&queue, current, Instant::now()),
+                    None => continue,
+                }
+            };
+            if decision.target != current {
+                tracing::info!(from = current, to = decision.target, reason = %decision.reason, "autoscaling workers");
+                if let Err(error) = self
+                    .scale_to(&[(NodeRole::Worker, decision.target)], &replies)
+                    .await
+                {
+                    tracing::warn!(%error, "autoscaling workers");
+                }
+            }
+        }
+    }
+
+    /// The queue, from the first API instance that answers.
+    async fn read_queue(&self) -> Option<faafo_core::node::QueueView> {
+        for url in self.api_urls() {
+            let answer = self.http.get(format!("{url}/v1/nodes")).send().await;
+            if let Ok(answer) = answer
+                && answer.status().is_success()
+                && let Ok(status) = answer.json::<faafo_core::node::ClusterStatus>().await
+            {
+                return Some(status.queue);
+            }
+        }
+        None
+    }
+
     async fn scale(
+        self: &Arc<Self>,
+        counts: &[(NodeRole, u32)],
+        replies: &Replies,
+    ) -> Result<Reply, String> {
+        if counts.iter().any(|(role, _)| *role == NodeRole::Worker)
+            && let Some(line) = self.autoscale_line()
+        {
+            return Err(format!(
+                "the workers follow the queue ({line}); change the range with \
+                 `faafo cluster autoscale worker=MIN..MAX`, or turn it off with `faafo cluster autoscale off`"
+            ));
+        }
+        self.scale_to(counts, replies).await
+    }
+
+    async fn scale_to(
         self: &Arc<Self>,
         counts: &[(NodeRole, u32)],
         replies: &Replies,

@@ -257,3 +257,104 @@ async fn scale_stop_start_and_status() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no cluster is running"));
 }
+
+/// Seed 001's "the system would do this itself": a burst of 200 tasks with the workers
+/// autoscaled 1..6 brings them to 6 within seconds and back to 1 once the queue has
+/// been idle; every task is done. The same burst with one worker, for comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn autoscaled_workers_follow_a_burst_up_and_back_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = spawn_cluster(
+        dir.path(),
+        1,
+        1,
+        1,
+        &["--autoscale", "worker=1..6", "--scale-down-after", "3"],
+    );
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let client = Client::new(cluster.url(), RetryPolicy::default()).unwrap();
+    let workers = || async {
+        let status = run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await;
+        let members: serde_json::Value = serde_json::from_str(&status).unwrap();
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "worker" && m["state"] == "running")
+            .count()
+    };
+    assert_eq!(workers().await, 1);
+
+    let (started, created) = burst(&client).await;
+    let scaled_up = wait_for("6 workers", Duration::from_secs(10), || async {
+        (workers().await == 6).then(|| started.elapsed())
+    })
+    .await;
+    let autoscaled = all_done(&client, created, started).await;
+    let idle = Instant::now();
+    // Stopped workers finish their tasks first, then leave the supervisor's list.
+    wait_for("back to 1 worker", Duration::from_secs(30), || async {
+        let status = run_faafo(&["cluster", "status", "--data-dir", data]).await;
+        (status.contains("autoscaling workers 1..6: 1 now, target 1") && workers().await == 1)
+            .then_some(())
+    })
+    .await;
+    let scaled_down = idle.elapsed();
+
+    // Manual scaling is refused while the queue decides; off, one worker does it all.
+    let refused = common::faafo_output(&["cluster", "scale", "worker=3", "--data-dir", data]).await;
+    assert!(
+        !refused.0.success() && refused.2.contains("follow the queue"),
+        "{refused:?}"
+    );
+    run_faafo(&["cluster", "autoscale", "off", "--data-dir", data]).await;
+    let (started, created) = burst(&client).await;
+    let single = all_done(&client, created, started).await;
+    assert_eq!(workers().await, 1);
+    println!(
+        "200 tasks: 6 workers {:.1} s after the burst began; drained in {:.1} s autoscaled \
+         (1..6) against {:.1} s with 1 worker; back to 1 worker {:.1} s after the queue emptied \
+         (scale-down delay 3 s)",
+        scaled_up.as_secs_f64(),
+        autoscaled.as_secs_f64(),
+        single.as_secs_f64(),
+        scaled_down.as_secs_f64()
+    );
+}
+
+/// A render of some tens of milliseconds: long enough for a backlog to build.
+fn burst_task() -> faafo_core::wire::CreateFractal {
+    faafo_core::wire::CreateFractal {
+        uuid: Some(uuid::Uuid::new_v4()),
+        width: 256,
+        height: 256,
+        iterations: 1500,
+        xa: -1.0,
+        xb: 1.0,
+        ya: -1.0,
+        yb: 1.0,
+        cx: Some(-0.8),
+        cy: Some(0.156),
+    }
+}
+
+/// 200 creates at once; when they began and what they made.
+async fn burst(client: &Client) -> (Instant, Vec<uuid::Uuid>) {
+    let requests: Vec<_> = (0..200).map(|_| burst_task()).collect();
+    let started = Instant::now();
+    let created = futures::future::join_all(requests.iter().map(|request| client.create(request)))
+        .await
+        .into_iter()
+        .map(|view| view.expect("every create succeeds").uuid)
+        .collect();
+    (started, created)
+}
+
+/// Waits until every fractal in `created` is done; the time since `started`.
+async fn all_done(client: &Client, created: Vec<uuid::Uuid>, started: Instant) -> Duration {
+    for uuid in created {
+        wait_for_state(client, uuid, FractalState::Done, Duration::from_secs(180)).await;
+    }
+    started.elapsed()
+}
