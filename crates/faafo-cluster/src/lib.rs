@@ -74,6 +74,7 @@ pub enum ClusterCommand {
         /// How long to go on: 60s, 2m, 500ms.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         duration: Duration,
+        /// Time between two kills: 2s, 500ms.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         interval: Duration,
         #[command(flatten)]
@@ -114,10 +115,13 @@ pub struct Targeted {
 
 #[derive(Debug, Args)]
 pub struct ClusterUpArgs {
+    /// Gateways to run (0: clients talk to the API instances).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=MAX_PER_ROLE as i64))]
     pub gateways: u32,
+    /// API instances to run.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=MAX_PER_ROLE as i64))]
     pub apis: u32,
+    /// Workers to run (with --autoscale, only the starting count).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=MAX_PER_ROLE as i64))]
     pub workers: u32,
     /// Run PostgreSQL under Patroni with this many members (3 advised), plus three etcd

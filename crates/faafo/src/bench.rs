@@ -37,12 +37,16 @@ pub struct RenderBenchArgs {
 
 #[derive(Debug, Args)]
 pub struct E2eArgs {
+    /// Fractals to create and wait for.
     #[arg(long, default_value_t = 20)]
     tasks: u32,
+    /// Width of each, in pixels.
     #[arg(long, default_value_t = 512)]
     width: u32,
+    /// Height of each, in pixels.
     #[arg(long, default_value_t = 512)]
     height: u32,
+    /// Iterations of each.
     #[arg(long, default_value_t = 256)]
     iterations: u32,
     /// Workers (default: one per core).

@@ -20,17 +20,18 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT_HEADING,
         env = "FAAFO_ENDPOINT_URL",
         default_value = "http://127.0.0.1:8080"
     )]
     pub endpoint_url: String,
 
     /// Print JSON instead of tables.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = CLIENT_HEADING)]
     pub json: bool,
 
     /// Give up on a request after trying every endpoint for this many seconds.
-    #[arg(long, global = true, env = "FAAFO_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds)]
+    #[arg(long, global = true, env = "FAAFO_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds, help_heading = CLIENT_HEADING)]
     pub timeout: f64,
 
     /// Trust the certificates in this PEM file (a CA, or a server's own certificate)
@@ -41,12 +42,43 @@ pub struct Cli {
 
     /// The API key this client sends (`Authorization: Bearer`): the service counts its
     /// creates and queued work by it rather than by address.
-    #[arg(long, global = true, env = "FAAFO_API_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "FAAFO_API_KEY", hide_env_values = true, help_heading = CLIENT_HEADING)]
     pub api_key: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The global flags only a client uses, and the subcommands that use each: a
+/// configuration file of another role may not set them, and `--print-config` leaves
+/// them out.
+pub const CLIENT_FLAGS: [(&str, &[&str]); 4] = [
+    (
+        "endpoint_url",
+        &[
+            "create", "list", "show", "get", "delete", "status", "probe", "worker",
+        ],
+    ),
+    (
+        "timeout",
+        &[
+            "create", "list", "show", "get", "delete", "status", "probe", "worker",
+        ],
+    ),
+    (
+        "json",
+        &[
+            "create", "list", "show", "get", "delete", "status", "probe", "cluster",
+        ],
+    ),
+    (
+        "api_key",
+        &["create", "list", "show", "get", "delete", "status", "probe"],
+    ),
+];
+
+/// Where `--help` lists the flags of the client commands.
+const CLIENT_HEADING: &str = "Client options (create, list, show, get, delete, status, probe; worker: --endpoint-url, --timeout)";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -55,16 +87,23 @@ pub enum Command {
     /// List every fractal.
     List,
     /// Show one fractal's parameters and state.
-    Show { uuid: Uuid },
+    Show {
+        /// The fractal's uuid.
+        uuid: Uuid,
+    },
     /// Download a fractal's PNG and verify its checksum.
     Get {
+        /// The fractal's uuid.
         uuid: Uuid,
         /// Where to write it (default UUID.png; - for stdout).
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
     /// Delete a fractal and its image, cancelling its render.
-    Delete { uuid: Uuid },
+    Delete {
+        /// The fractal's uuid.
+        uuid: Uuid,
+    },
     /// Run the whole service on this machine: the API and workers in one process, on an
     /// embedded database and image directory. Nothing to set up.
     Up(UpArgs),
@@ -90,8 +129,23 @@ pub enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// `--config` and `--print-config`, read by `config_file` before the role starts.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Read settings from this TOML file: its keys are the long flag names
+    /// (max-width = 2000). Flags and FAAFO_* variables override it.
+    #[arg(long, env = "FAAFO_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration, saying where each setting comes from (secrets
+    /// hidden), and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Where to listen.
     #[arg(long, env = "FAAFO_BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
@@ -109,6 +163,9 @@ pub struct UpArgs {
 
 #[derive(Debug, Args)]
 pub struct ApiArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Where to listen (port 0 picks a free port; the address is printed first).
     #[arg(long, env = "FAAFO_BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
     #[command(flatten)]
@@ -166,10 +223,13 @@ pub struct ApiTuning {
     /// milliseconds (below the idle timeout of any proxy between workers and the API).
     #[arg(long, env = "FAAFO_MAX_LEASE_WAIT_MS", default_value_t = 30_000)]
     pub max_lease_wait_ms: u64,
+    /// Widest fractal a client may ask for, in pixels.
     #[arg(long, env = "FAAFO_MAX_WIDTH", default_value_t = Limits::default().max_width)]
     pub max_width: u32,
+    /// Tallest fractal a client may ask for, in pixels.
     #[arg(long, env = "FAAFO_MAX_HEIGHT", default_value_t = Limits::default().max_height)]
     pub max_height: u32,
+    /// Most iterations a client may ask for.
     #[arg(long, env = "FAAFO_MAX_ITERATIONS", default_value_t = Limits::default().max_iterations)]
     pub max_iterations: u32,
     /// Upper bound of width * height * iterations.
@@ -245,6 +305,9 @@ pub struct TlsArgs {
 
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Where to listen (port 0 picks a free port; the address is printed first).
     #[arg(long, env = "FAAFO_GATEWAY_BIND", default_value = "127.0.0.1:9100")]
     pub bind: SocketAddr,
     #[command(flatten)]
@@ -278,6 +341,8 @@ pub struct GatewayArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// The secret the API expects from workers.
     #[arg(long, env = "FAAFO_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: String,
@@ -367,5 +432,31 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// Every flag of every command says what it does in `--help`.
+    #[test]
+    fn every_flag_has_a_sentence() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<super::Cli as clap::CommandFactory>::command(),
+            "faafo",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "flags without help: {missing:#?}");
     }
 }

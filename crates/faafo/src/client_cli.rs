@@ -47,21 +47,28 @@ pub fn client(
 /// the random range (`--min-width`..`--max-width`).
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// Width in pixels (instead of a random one in --min-width..--max-width).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub width: Option<u32>,
+    /// Height in pixels (instead of a random one in --min-height..--max-height).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub height: Option<u32>,
+    /// Iterations (instead of a random number in --min-iterations..--max-iterations).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub iterations: Option<u32>,
     /// How many fractals to create.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub tasks: Option<u32>,
+    /// Left edge of the window in the complex plane (instead of a random one).
     #[arg(long, allow_negative_numbers = true)]
     pub xa: Option<f64>,
+    /// Right edge of the window.
     #[arg(long, allow_negative_numbers = true)]
     pub xb: Option<f64>,
+    /// Bottom edge of the window.
     #[arg(long, allow_negative_numbers = true)]
     pub ya: Option<f64>,
+    /// Top edge of the window.
     #[arg(long, allow_negative_numbers = true)]
     pub yb: Option<f64>,
     /// The real part of the Julia constant c (with --cy). Without them the server picks
@@ -71,36 +78,52 @@ pub struct CreateArgs {
     /// The imaginary part of c (with --cx).
     #[arg(long, allow_negative_numbers = true, requires = "cx")]
     pub cy: Option<f64>,
+    /// Smallest random width.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_width: u32,
+    /// Largest random width.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_width: u32,
+    /// Smallest random height.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_height: u32,
+    /// Largest random height.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_height: u32,
+    /// Fewest random iterations.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_iterations: u32,
+    /// Most random iterations.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_iterations: u32,
+    /// Fewest fractals when --tasks is not given (a random count).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_tasks: u32,
+    /// Most fractals when --tasks is not given.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tasks: u32,
+    /// Smallest random left edge.
     #[arg(long, default_value_t = -4.0, allow_negative_numbers = true)]
     pub min_xa: f64,
+    /// Largest random left edge.
     #[arg(long, default_value_t = -1.0, allow_negative_numbers = true)]
     pub max_xa: f64,
+    /// Smallest random right edge.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub min_xb: f64,
+    /// Largest random right edge.
     #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
     pub max_xb: f64,
+    /// Smallest random bottom edge.
     #[arg(long, default_value_t = -3.0, allow_negative_numbers = true)]
     pub min_ya: f64,
+    /// Largest random bottom edge.
     #[arg(long, default_value_t = -0.5, allow_negative_numbers = true)]
     pub max_ya: f64,
+    /// Smallest random top edge.
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub min_yb: f64,
+    /// Largest random top edge.
     #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     pub max_yb: f64,
     /// Show progress until every fractal is done or failed, then print them.

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod client_cli;
+mod config_file;
 mod probe;
 mod queue_bench;
 mod render_bench;
@@ -11,10 +12,8 @@ mod roles;
 mod tables;
 mod tls;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = config_file::parse();
     init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -31,6 +31,8 @@ use crate::client_cli::Output;
 
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArgs,
     /// Seconds between the starts of two probes.
     #[arg(long, default_value_t = 30.0, value_parser = crate::cli::positive_seconds)]
     pub interval: f64,

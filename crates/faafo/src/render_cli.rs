@@ -12,23 +12,31 @@ use faafo_render::{Engine, JuliaParams};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
+    /// Width in pixels.
     #[arg(long, default_value_t = 1024)]
     pub width: u32,
+    /// Height in pixels.
     #[arg(long, default_value_t = 768)]
     pub height: u32,
+    /// Iterations per pixel at most.
     #[arg(long, default_value_t = 256)]
     pub iterations: u32,
+    /// Left edge of the window in the complex plane.
     #[arg(long, default_value_t = -2.0, allow_negative_numbers = true)]
     pub xa: f64,
+    /// Right edge of the window.
     #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
     pub xb: f64,
+    /// Bottom edge of the window.
     #[arg(long, default_value_t = -1.5, allow_negative_numbers = true)]
     pub ya: f64,
+    /// Top edge of the window.
     #[arg(long, default_value_t = 1.5, allow_negative_numbers = true)]
     pub yb: f64,
     /// Real part of c (with --cy); by default c is chosen by the original's rule.
     #[arg(long, allow_negative_numbers = true, requires = "cy")]
     pub cx: Option<f64>,
+    /// Imaginary part of c (with --cx).
     #[arg(long, allow_negative_numbers = true, requires = "cx")]
     pub cy: Option<f64>,
     /// Seed of the choice of c when --cx/--cy are not given.
@@ -37,6 +45,7 @@ pub struct RenderArgs {
     /// Where to write the PNG (- for stdout).
     #[arg(short, long, default_value = "fractal.png")]
     pub output: PathBuf,
+    /// The kernel: auto (the fastest this CPU has), scalar (the reference) or simd.
     #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
     pub engine: EngineChoice,
     /// Threads to render with (default: every core).

@@ -300,3 +300,180 @@ async fn create_wait_survives_an_api_killed_mid_run_without_duplicates() {
         verify_image(&survivor, fractal).await;
     }
 }
+
+/// Settings from a TOML file under the flags and the environment; `--print-config` says
+/// where each comes from and hides secrets; a wrong file is refused with its name and key.
+#[test]
+fn a_configuration_file_sits_under_flags_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("api.toml");
+    std::fs::write(
+        &config,
+        "max-width = 2000\nmax-height = 1500\nlease-ms = 4000\nworker-token = \"file-secret-123\"\n\
+         trusted-proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\npoll-only = true\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_faafo"))
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("FAAFO_WORKER_TOKEN")
+            .output()
+            .expect("faafo runs")
+    };
+    let printed = succeeded(&run(
+        &[
+            "api",
+            "--config",
+            config.to_str().unwrap(),
+            "--database-url",
+            "sqlite:///tmp/unused.db",
+            "--object-store",
+            "file:///tmp/unused",
+            "--lease-ms",
+            "7000",
+            "--print-config",
+        ],
+        &[("FAAFO_MAX_HEIGHT", "300")],
+    ));
+    let line = |key: &str| {
+        printed
+            .lines()
+            .find(|line| line.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{printed}"))
+            .to_owned()
+    };
+    assert!(
+        line("max-width").contains("2000")
+            && line("max-width").contains("from the configuration file")
+    );
+    assert!(
+        line("max-height").contains("300") && line("max-height").contains("from the environment")
+    );
+    assert!(
+        line("lease-ms").contains("7000") && line("lease-ms").contains("from the command line")
+    );
+    assert!(line("max-attempts").contains("from the default"));
+    assert!(line("trusted-proxies").contains(r#"["10.0.0.0/8", "127.0.0.1"]"#));
+    assert!(line("poll-only").contains("true"));
+    assert!(line("worker-token").contains("(hidden)"));
+    assert!(!printed.contains("file-secret-123"), "{printed}");
+    // A server's settings, not a client's.
+    assert!(
+        !printed.contains("endpoint-url") && !printed.contains("json ="),
+        "{printed}"
+    );
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "max-widht = 3\n").unwrap();
+    let refused = run(&["api", "--config", typo.to_str().unwrap()], &[]);
+    assert_eq!(refused.status.code(), Some(2));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("typo.toml")
+            && message.contains("`max-widht` is not a setting of faafo api"),
+        "{message}"
+    );
+
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(&wrong, "max-width = \"lots\"\n").unwrap();
+    let refused = run(
+        &[
+            "api",
+            "--config",
+            wrong.to_str().unwrap(),
+            "--database-url",
+            "x",
+            "--object-store",
+            "y",
+            "--worker-token",
+            "t",
+        ],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("--max-width") && message.contains("wrong.toml"),
+        "{message}"
+    );
+}
+
+/// An API and a worker that take everything from their files serve a fractal, and the
+/// API applies the file's limits.
+#[tokio::test]
+async fn roles_run_from_their_configuration_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let api_config = dir.path().join("api.toml");
+    std::fs::write(
+        &api_config,
+        format!(
+            "bind = \"127.0.0.1:0\"\ndatabase-url = \"sqlite://{}\"\nobject-store = \"file://{}\"\n\
+             worker-token = \"{TOKEN}\"\nmax-width = 100\n",
+            dir.path().join("faafo.db").display(),
+            dir.path().join("images").display()
+        ),
+    )
+    .unwrap();
+    let api = Process::spawn_server(
+        dir.path(),
+        "api",
+        &["api", "--config", api_config.to_str().unwrap()],
+    );
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(
+        &worker_config,
+        format!(
+            "endpoint-url = \"{}\"\nworker-token = \"{TOKEN}\"\nname = \"from-file\"\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let _worker = Process::spawn(
+        dir.path(),
+        "worker",
+        &["worker", "--config", worker_config.to_str().unwrap()],
+    );
+
+    let too_wide = faafo(
+        api.url(),
+        &[
+            "create",
+            "--width",
+            "200",
+            "--height",
+            "50",
+            "--iterations",
+            "10",
+            "--tasks",
+            "1",
+        ],
+    );
+    assert!(!too_wide.status.success());
+    assert!(stderr(&too_wide).contains("100"), "{}", stderr(&too_wide));
+
+    let client = client(api.url());
+    let view = client.create(&small_fractal_of(80, 60)).await.unwrap();
+    let done = wait_for_state(
+        &client,
+        view.uuid,
+        FractalState::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        done.generated_by
+            .as_deref()
+            .unwrap_or_default()
+            .contains("from-file"),
+        "{done:?}"
+    );
+}
+
+fn small_fractal_of(width: u32, height: u32) -> faafo_core::wire::CreateFractal {
+    faafo_core::wire::CreateFractal {
+        width,
+        height,
+        ..small_fractal()
+    }
+}
