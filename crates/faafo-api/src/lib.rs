@@ -22,6 +22,8 @@ use faafo_store::Store;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod reload;
+
 pub use clients::{ClientPolicy, IpNet};
 pub use error::ApiError;
 pub use images::{Images, ImagesError, Rendition};
@@ -79,7 +81,10 @@ impl ApiConfig {
 pub(crate) struct AppState {
     store: Arc<dyn Store>,
     images: Images,
-    config: ApiConfig,
+    /// Swapped whole by a reload ([`reload`]); read with [`AppState::config`].
+    config: std::sync::RwLock<Arc<ApiConfig>>,
+    /// Worker tokens a reload replaced, each accepted until its instant.
+    retired_tokens: std::sync::Mutex<Vec<(faafo_core::WorkerToken, std::time::Instant)>>,
     metrics: Metrics,
     work: WorkSignal,
     /// Whether the object store answered its last probe (and why not), kept fresh in the
@@ -90,6 +95,13 @@ pub(crate) struct AppState {
     shutdown: CancellationToken,
     /// Creates per client, when `config.clients.create_rate` limits them.
     create_rate: Option<clients::RateLimiter>,
+}
+
+impl AppState {
+    /// The settings now in force.
+    fn config(&self) -> Arc<ApiConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled; then drains: `/readyz`
@@ -106,11 +118,28 @@ where
     // Plain TCP, or TLS (the binary's `TlsListener`).
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
+    let (_unchanging, updates) = tokio::sync::watch::channel(Ok(config.clone()));
+    serve_reloading(listener, store, images, config, updates, shutdown).await
+}
+
+/// [`serve`], applying each configuration `updates` brings (see [`reload`]).
+pub async fn serve_reloading<L>(
+    listener: L,
+    store: Arc<dyn Store>,
+    images: Images,
+    config: ApiConfig,
+    updates: tokio::sync::watch::Receiver<reload::Reread>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     let config_rate = config.clients.create_rate;
     let state = Arc::new(AppState {
         store,
         images,
-        config,
+        config: std::sync::RwLock::new(Arc::new(config)),
+        retired_tokens: std::sync::Mutex::new(Vec::new()),
         metrics: Metrics::new(),
         work: WorkSignal::default(),
         // Opening the object store wrote to it: it answered a moment ago.
@@ -124,11 +153,12 @@ where
     if let Some(hints) = state.store.work_hints() {
         background.spawn(queue::forward_store_hints(Arc::clone(&state), hints));
     }
-    if let Some(address) = state.config.advertise_url.clone() {
+    background.spawn(reload::follow(Arc::clone(&state), updates));
+    if let Some(address) = state.config().advertise_url.clone() {
         background.spawn(membership::announce(Arc::clone(&state), address));
     }
     let app = routes::router(Arc::clone(&state));
-    let drain_delay = state.config.drain_delay;
+    let drain_delay = state.config().drain_delay;
     let drained = async move {
         shutdown.cancelled().await;
         tracing::info!(?drain_delay, "draining");

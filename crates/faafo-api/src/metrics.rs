@@ -29,6 +29,8 @@ pub struct Metrics {
     oldest_queued_seconds: prometheus::Gauge,
     /// Creates refused by a client limit, by limit.
     limited: IntCounterVec,
+    /// Configuration reloads, by outcome.
+    reloads: IntCounterVec,
     /// Every request answered, for the membership heartbeat's load figure.
     served: std::sync::atomic::AtomicU64,
 }
@@ -92,8 +94,17 @@ impl Metrics {
             &["limit"],
         )
         .expect("static metric definition");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Configuration reloads (SIGHUP), by outcome: applied, or failed (nothing changed)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads.clone()),
             Box::new(request_seconds.clone()),
             Box::new(render_seconds.clone()),
             Box::new(leases_granted.clone()),
@@ -112,6 +123,9 @@ impl Metrics {
         for limit in ["create_rate", "max_queued_work"] {
             limited.with_label_values(&[limit]);
         }
+        for outcome in ["applied", "failed"] {
+            reloads.with_label_values(&[outcome]);
+        }
         Metrics {
             registry,
             requests,
@@ -124,8 +138,15 @@ impl Metrics {
             queue_depth,
             oldest_queued_seconds,
             limited,
+            reloads,
             served: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// A configuration reload, applied or failed.
+    pub fn record_reload(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "failed" };
+        self.reloads.with_label_values(&[outcome]).inc();
     }
 
     /// A create refused by the client limit `limit`.

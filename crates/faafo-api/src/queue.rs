@@ -42,12 +42,12 @@ pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<Notify>) {
 /// Returns expired leases to the queue (or fails tasks out of attempts) every
 /// `sweep_interval`, until shutdown. Lease expiry produces no event, so this polls.
 pub async fn sweep_expired_leases(state: Arc<AppState>) {
-    let mut interval = tokio::time::interval(state.config.sweep_interval);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Read each time: a reload may change it.
+        let interval = state.config().sweep_interval;
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            _ = interval.tick() => {}
+            _ = tokio::time::sleep(interval) => {}
         }
         match state.store.expire_leases().await {
             Ok(expired) => {

@@ -140,6 +140,10 @@ pub struct ConfigArgs {
     /// hidden), and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// What to log: a level (error, warn, info, debug, trace) or RUST_LOG-style
+    /// directives (info,faafo_api=debug). Default: RUST_LOG, else info.
+    #[arg(long, env = "FAAFO_LOG_LEVEL")]
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -349,6 +353,21 @@ pub struct WorkerArgs {
     /// Recorded as `generated_by` (default: host name and process id).
     #[arg(long, env = "FAAFO_WORKER_NAME")]
     pub name: Option<String>,
+}
+
+impl Cli {
+    /// The `--log-level` of a long-running role.
+    pub fn log_level(&self) -> Option<&str> {
+        let config = match &self.command {
+            Command::Api(args) => &args.config,
+            Command::Gateway(args) => &args.config,
+            Command::Worker(args) => &args.config,
+            Command::Up(args) => &args.config,
+            Command::Probe(args) => &args.config,
+            _ => return None,
+        };
+        config.log_level.as_deref()
+    }
 }
 
 impl Cli {

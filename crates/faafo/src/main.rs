@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod client_cli;
 mod config_file;
+mod logging;
 mod probe;
 mod queue_bench;
 mod render_bench;
@@ -14,7 +15,7 @@ mod tls;
 
 fn main() -> std::process::ExitCode {
     let cli = config_file::parse();
-    init_logging();
+    logging::init(cli.log_level());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -33,19 +34,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr, `info` and up unless `RUST_LOG` says otherwise. The certificate
-/// verifier's own log is left out: a refused certificate is reported once, as an error of
-/// the call, with what to do about it.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,rustls_platform_verifier=off")
-    });
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .init();
 }

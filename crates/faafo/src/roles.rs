@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::cli::{ApiArgs, GatewayArgs, UpArgs, WorkerArgs};
 
 pub async fn api(args: ApiArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
+    let fixed = args_view(&args);
     let wakeups = if args.poll_only {
         Wakeups::PollOnly
     } else {
@@ -37,14 +38,89 @@ pub async fn api(args: ApiArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
     config.advertise_url = Some(advertised_url(bound, tls.is_some(), args.advertise_url)?);
     config.drain_delay = std::time::Duration::from_millis(args.drain_delay_ms);
     announce(bound, tls.is_some(), "faafo api")?;
+    let (reread, updates) = tokio::sync::watch::channel(Ok(config.clone()));
+    tokio::spawn(reload_on_hangup(fixed, reread, shutdown.clone()));
     let served = match tls {
         Some(tls) => {
             let listener = crate::tls::TlsListener::new(listener, tls)?;
-            faafo_api::serve(listener, store, images, config, shutdown).await
+            faafo_api::serve_reloading(listener, store, images, config, updates, shutdown).await
         }
-        None => faafo_api::serve(listener, store, images, config, shutdown).await,
+        None => {
+            faafo_api::serve_reloading(listener, store, images, config, updates, shutdown).await
+        }
     };
     served.context("serving HTTP")
+}
+
+/// The settings of `faafo api` that only a restart changes, as text to compare.
+fn args_view(args: &ApiArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("bind", args.bind.to_string()),
+        ("tls-cert", format!("{:?}", args.tls.tls_cert)),
+        ("tls-key", format!("{:?}", args.tls.tls_key)),
+        ("database-url", args.database_url.clone()),
+        ("object-store", args.object_store.clone()),
+        ("patroni", args.patroni.join(",")),
+        ("poll-only", args.poll_only.to_string()),
+        ("advertise-url", format!("{:?}", args.advertise_url)),
+        ("drain-delay-ms", args.drain_delay_ms.to_string()),
+    ]
+}
+
+/// On SIGHUP, reads the command line and its configuration file again and sends the
+/// API's new settings, or why there are none, to `reread`; names the settings that only
+/// a restart changes, and sets the new log level.
+async fn reload_on_hangup(
+    fixed: Vec<(&'static str, String)>,
+    reread: tokio::sync::watch::Sender<faafo_api::reload::Reread>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the configuration cannot be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = hangups.recv() => if got.is_none() { return },
+        }
+        tracing::info!("SIGHUP: reading the configuration again");
+        let parsed = crate::config_file::parse_from(std::env::args_os().collect());
+        let update = match parsed {
+            Ok(crate::config_file::Parsed::Run(cli)) => match cli.command {
+                crate::cli::Command::Api(args) => {
+                    let now = args_view(&args);
+                    let restart: Vec<&str> = fixed
+                        .iter()
+                        .zip(&now)
+                        .filter(|(before, after)| before.1 != after.1)
+                        .map(|(before, _)| before.0)
+                        .collect();
+                    if !restart.is_empty() {
+                        tracing::warn!(settings = %restart.join(", "), "changed, but only a restart applies them");
+                    }
+                    if let Err(error) = crate::logging::set_level(args.config.log_level.as_deref())
+                    {
+                        tracing::warn!(%error, "the log level was not changed");
+                    }
+                    Ok(args.tuning.config(WorkerToken::new(args.worker_token)))
+                }
+                _ => Err("the command line no longer names faafo api".to_owned()),
+            },
+            Ok(crate::config_file::Parsed::Printed) => {
+                Err("--print-config is on the command line".to_owned())
+            }
+            Err(crate::config_file::Failure::Config(error)) => Err(format!("{error:#}")),
+            Err(crate::config_file::Failure::Clap(error)) => {
+                Err(error.render().to_string().trim().to_owned())
+            }
+        };
+        if reread.send(update).is_err() {
+            // The API has stopped.
+            return;
+        }
+    }
 }
 
 /// The server's TLS configuration, when --tls-cert and --tls-key are given.

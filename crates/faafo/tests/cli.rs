@@ -477,3 +477,115 @@ fn small_fractal_of(width: u32, height: u32) -> faafo_core::wire::CreateFractal 
         ..small_fractal()
     }
 }
+
+/// SIGHUP reloads `faafo api`'s configuration file: limits, the log level and the worker
+/// token change at once (the old token still accepted during the rotation), settings that
+/// need a restart are named, and a broken file changes nothing and is counted.
+#[tokio::test]
+async fn sighup_reloads_what_can_change_and_a_broken_file_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("api.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "bind = \"127.0.0.1:0\"\ndatabase-url = \"sqlite://{}\"\nobject-store = \"file://{}\"\n{extra}",
+                dir.path().join("faafo.db").display(),
+                dir.path().join("images").display()
+            ),
+        )
+        .unwrap()
+    };
+    write("worker-token = \"token-a\"\nmax-width = 100\nlog-level = \"info\"\n");
+    let api = Process::spawn_server(
+        dir.path(),
+        "api",
+        &["api", "--config", config.to_str().unwrap()],
+    );
+    let http = reqwest::Client::new();
+    let create = |width: u32| {
+        let request = serde_json::json!({"width": width, "height": 10, "iterations": 5,
+            "xa": -1.0, "xb": 1.0, "ya": -1.0, "yb": 1.0});
+        let (http, url) = (http.clone(), format!("{}/v1/fractal", api.url()));
+        async move {
+            http.post(url)
+                .json(&request)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let lease_with = |token: &'static str| {
+        let (http, url) = (http.clone(), format!("{}/v1/worker/lease", api.url()));
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&serde_json::json!({"worker": "w", "wait_ms": 0}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let reloads = |outcome: &'static str| {
+        let (http, url) = (http.clone(), format!("{}/metrics", api.url()));
+        async move {
+            let page = http.get(url).send().await.unwrap().text().await.unwrap();
+            let name = format!("faafo_config_reloads_total{{outcome=\"{outcome}\"}} ");
+            page.lines()
+                .find_map(|line| line.strip_prefix(&name)?.parse::<f64>().ok())
+                .unwrap_or(-1.0)
+        }
+    };
+    let hangup = || {
+        // SAFETY: a signal to our own child's pid.
+        assert_eq!(unsafe { libc::kill(api.pid(), libc::SIGHUP) }, 0);
+    };
+    assert_eq!(create(200).await, 422);
+
+    write(
+        "worker-token = \"token-b\"\nmax-width = 300\nlog-level = \"debug\"\ndrain-delay-ms = 5\n",
+    );
+    hangup();
+    wait_for("the reload applied", Duration::from_secs(10), || async {
+        (reloads("applied").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(create(200).await, 201, "the new limit");
+    // 200 with a task or 204 without: either way the token was taken.
+    assert!(
+        [200, 204].contains(&lease_with("token-b").await),
+        "the new token"
+    );
+    assert!(
+        [200, 204].contains(&lease_with("token-a").await),
+        "the old token, during the rotation"
+    );
+    assert_eq!(lease_with("token-c").await, 401);
+    let log = api.log_text();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(log.contains("worker token rotated"), "{log}");
+    assert!(
+        log.contains("max_width: 100") && log.contains("max_width: 300"),
+        "{log}"
+    );
+    assert!(
+        log.contains("drain-delay-ms") && log.contains("only a restart"),
+        "{log}"
+    );
+    assert!(log.contains("DEBUG"), "debug lines after the reload: {log}");
+
+    write("worker-token = \"token-b\"\nmax-width = \"lots\"\n");
+    hangup();
+    wait_for(
+        "the failed reload counted",
+        Duration::from_secs(10),
+        || async { (reloads("failed").await == 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(create(250).await, 201, "the limit before the broken file");
+    assert!(api.log_text().contains("configuration not reloaded"));
+}

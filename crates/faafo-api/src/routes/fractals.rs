@@ -101,7 +101,8 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let policy = &state.config.clients;
+    let config = state.config();
+    let policy = &config.clients;
     let client = policy.identify(&headers, peer)?;
     if let Some(limiter) = &state.create_rate
         && let Err(wait) = limiter.take(&client)
@@ -120,14 +121,14 @@ pub async fn create(
     let uuid = request.uuid.unwrap_or_else(Uuid::new_v4);
     // The seed comes from the uuid, so a retried create chooses the same `c`.
     let seed = uuid.as_u64_pair().1;
-    let spec = FractalSpec::parse(&request, &state.config.limits, seed)
+    let spec = FractalSpec::parse(&request, &config.limits, seed)
         .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
     let outcome = state
         .store
         .create(NewFractal {
             uuid,
             spec,
-            max_attempts: state.config.max_attempts,
+            max_attempts: config.max_attempts,
             client,
             max_queued_work: policy.max_queued_work,
         })

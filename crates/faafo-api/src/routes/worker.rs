@@ -33,16 +33,10 @@ pub(crate) fn authorize_member(state: &AppState, headers: &HeaderMap) -> Result<
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    let expected = state.config.worker_token.expose().as_bytes();
     match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), expected) => Ok(()),
+        Some(token) if crate::reload::accepts(state, token.as_bytes()) => Ok(()),
         _ => Err(ApiError::Unauthorized),
     }
-}
-
-/// Compares without stopping at the first difference, so timing does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Gives the caller one task, waiting up to `wait_ms` for one to appear. Answers 204 when
@@ -75,7 +69,8 @@ pub async fn lease(
     }
     let wait_ms = u64::try_from(request.wait_ms)
         .map_err(|_| ApiError::invalid("wait_ms", "wait_ms must be 0 or more"))?;
-    let deadline = Instant::now() + Duration::from_millis(wait_ms).min(state.config.max_lease_wait);
+    let deadline =
+        Instant::now() + Duration::from_millis(wait_ms).min(state.config().max_lease_wait);
     let _waiting = GaugeGuard::enter(&state.metrics.lease_waiters);
     loop {
         // Register for the wake-up before looking, so work created in between is not missed.
@@ -89,18 +84,18 @@ pub async fn lease(
         }
         if let Some(lease) = state
             .store
-            .claim(&request.worker, state.config.lease)
+            .claim(&request.worker, state.config().lease)
             .await?
         {
             state.metrics.leases_granted.inc();
             tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %request.worker, attempt = lease.fractal.attempts, "lease granted");
-            return Ok(Json(grant(&lease, state.config.lease)).into_response());
+            return Ok(Json(grant(&lease, state.config().lease)).into_response());
         }
         let now = Instant::now();
         if now >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        let nap = (deadline - now).min(state.config.poll_interval);
+        let nap = (deadline - now).min(state.config().poll_interval);
         tokio::select! {
             _ = notified => {}
             _ = tokio::time::sleep(nap) => {}
@@ -170,10 +165,10 @@ pub async fn heartbeat(
     let held: LeaseHeld = json::read_json(body).await?;
     state
         .store
-        .renew(uuid, LeaseToken(held.lease_token), state.config.lease)
+        .renew(uuid, LeaseToken(held.lease_token), state.config().lease)
         .await?;
     Ok(Json(
-        json!({ "lease_ms": state.config.lease.as_millis() as u64 }),
+        json!({ "lease_ms": state.config().lease.as_millis() as u64 }),
     ))
 }
 
@@ -270,7 +265,7 @@ async fn receive_png(
     state.store.check_lease(uuid, token).await?;
     let expected = expected(&fractal)?;
 
-    let png = json::read_body(body, state.config.max_upload_bytes).await?;
+    let png = json::read_body(body, state.config().max_upload_bytes).await?;
     let checksum = hex::encode(Sha256::digest(&png));
     if checksum != claimed_checksum {
         return Err(ApiError::invalid(
