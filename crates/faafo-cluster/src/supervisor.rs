@@ -602,8 +602,14 @@ impl Supervisor {
                 command
                     .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
                     .env_remove("FAAFO_ADVERTISE_URL");
-                // Only what this cluster was given: not what its own environment holds.
-                for variable in ["FAAFO_TLS_CERT", "FAAFO_TLS_KEY", "FAAFO_CA_CERT"] {
+                // Only what this cluster was given: not what its own environment holds
+                // (a FAAFO_CONFIG meant for one role would stop the others).
+                for variable in [
+                    "FAAFO_TLS_CERT",
+                    "FAAFO_TLS_KEY",
+                    "FAAFO_CA_CERT",
+                    "FAAFO_CONFIG",
+                ] {
                     command.env_remove(variable);
                 }
                 if let Some(tls) = &settings.tls {
