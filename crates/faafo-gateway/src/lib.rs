@@ -66,6 +66,16 @@ impl Default for GatewayConfig {
     }
 }
 
+/// What a reload (SIGHUP) may change in a running gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewaySettings {
+    pub backends: Vec<String>,
+    pub check_interval: Duration,
+}
+
+/// Settings read again, or why there are none.
+pub type Reread = Result<GatewaySettings, String>;
+
 /// Serves the gateway on `listener` until `shutdown`, then finishes the requests in flight.
 pub async fn serve<L>(
     listener: L,
@@ -77,11 +87,31 @@ where
     // Plain TCP, or TLS (the binary's `TlsListener`).
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
+    let first = GatewaySettings {
+        backends: backends.clone(),
+        check_interval: config.check_interval,
+    };
+    let (_unchanging, updates) = tokio::sync::watch::channel(Ok(first));
+    serve_reloading(listener, backends, config, updates, shutdown).await
+}
+
+/// [`serve`], applying each set of settings `updates` brings.
+pub async fn serve_reloading<L>(
+    listener: L,
+    backends: Vec<String>,
+    config: GatewayConfig,
+    updates: tokio::sync::watch::Receiver<Reread>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     let gateway =
         Arc::new(proxy::Gateway::new(config, shutdown.clone()).map_err(std::io::Error::other)?);
-    for url in backends {
-        gateway.add_backend(&url).map_err(std::io::Error::other)?;
-    }
+    gateway
+        .configure_backends(&backends)
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(follow_reloads(Arc::clone(&gateway), updates));
     if let (Some(address), Some(token)) = (
         gateway.config.advertise_url.clone(),
         gateway.config.member_token.clone(),
@@ -100,4 +130,30 @@ where
     .await;
     gateway.stop_checks();
     result
+}
+
+/// Applies each set of settings sent on `updates` until shutdown.
+async fn follow_reloads(
+    gateway: Arc<proxy::Gateway>,
+    mut updates: tokio::sync::watch::Receiver<Reread>,
+) {
+    loop {
+        tokio::select! {
+            _ = gateway.shutdown.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+        let reread = updates.borrow_and_update().clone();
+        let applied =
+            reread.and_then(|settings| gateway.reload(&settings).map_err(|e| e.to_string()));
+        match applied {
+            Ok(changes) => {
+                gateway.metrics.record_reload(true);
+                tracing::info!(changes = %changes.join("; "), "configuration reloaded");
+            }
+            Err(error) => {
+                gateway.metrics.record_reload(false);
+                tracing::error!(%error, "configuration not reloaded: nothing changed");
+            }
+        }
+    }
 }

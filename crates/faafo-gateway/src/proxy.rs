@@ -29,6 +29,10 @@ pub enum GatewayError {
 #[derive(Debug)]
 pub struct Gateway {
     pub(crate) config: GatewayConfig,
+    /// `config.check_interval`, or what a reload set, in milliseconds.
+    check_interval_ms: std::sync::atomic::AtomicU64,
+    /// The backends the configuration names (not those discovery added).
+    configured: std::sync::Mutex<Vec<String>>,
     backends: RwLock<Vec<Arc<Backend>>>,
     pub(crate) http: reqwest::Client,
     next: AtomicUsize,
@@ -62,6 +66,10 @@ impl Gateway {
         }
         let http = http.build()?;
         Ok(Gateway {
+            check_interval_ms: std::sync::atomic::AtomicU64::new(
+                config.check_interval.as_millis() as u64
+            ),
+            configured: std::sync::Mutex::new(Vec::new()),
             config,
             backends: RwLock::new(Vec::new()),
             http,
@@ -113,6 +121,63 @@ impl Gateway {
             keep
         });
         before != backends.len()
+    }
+
+    /// How often backends are checked now.
+    pub(crate) fn check_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.check_interval_ms.load(Ordering::Relaxed))
+    }
+
+    /// Starts with the configured backends.
+    pub fn configure_backends(self: &Arc<Self>, urls: &[String]) -> Result<(), GatewayError> {
+        for url in urls {
+            self.add_backend(url)?;
+        }
+        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = urls
+            .iter()
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .collect();
+        Ok(())
+    }
+
+    /// Applies settings read again: backends the configuration added or dropped, and the
+    /// check interval. Says what changed; a wrong backend URL changes nothing.
+    pub fn reload(
+        self: &Arc<Self>,
+        settings: &crate::GatewaySettings,
+    ) -> Result<Vec<String>, GatewayError> {
+        let wanted: Vec<String> = settings
+            .backends
+            .iter()
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .collect();
+        for url in &wanted {
+            let valid = reqwest::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !valid {
+                return Err(GatewayError::InvalidBackend(url.clone()));
+            }
+        }
+        let mut changes = Vec::new();
+        let before = std::mem::replace(
+            &mut *self.configured.lock().unwrap_or_else(|p| p.into_inner()),
+            wanted.clone(),
+        );
+        for url in wanted.iter().filter(|u| !before.contains(u)) {
+            self.add_backend(url)?;
+            changes.push(format!("backend {url} added"));
+        }
+        for url in before.iter().filter(|u| !wanted.contains(u)) {
+            if self.remove_backend(url) {
+                changes.push(format!("backend {url} removed"));
+            }
+        }
+        let interval = settings.check_interval.as_millis() as u64;
+        let old = self.check_interval_ms.swap(interval, Ordering::Relaxed);
+        if old != interval {
+            changes.push(format!("check interval {old} ms -> {interval} ms"));
+        }
+        Ok(changes)
     }
 
     pub fn stop_checks(&self) {
@@ -323,13 +388,19 @@ fn relay(response: reqwest::Response) -> Response {
 /// Checks `/readyz` of one backend until it is removed or the gateway stops.
 async fn check_health(gateway: Arc<Gateway>, backend: Arc<Backend>) {
     let config = &gateway.config;
-    let mut interval = tokio::time::interval(config.check_interval);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
+        // The first check at once; then at the interval in force (a reload may change it).
+        let pause = if first {
+            std::time::Duration::ZERO
+        } else {
+            gateway.check_interval()
+        };
+        first = false;
         tokio::select! {
             _ = backend.removed.cancelled() => return,
             _ = gateway.shutdown.cancelled() => return,
-            _ = interval.tick() => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         let answer = gateway
             .http

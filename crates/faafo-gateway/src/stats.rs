@@ -21,6 +21,7 @@ pub struct Metrics {
     pub requests: IntCounter,
     pub retries: IntCounter,
     pub unavailable: IntCounter,
+    reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -44,8 +45,20 @@ impl Metrics {
         let unavailable =
             IntCounter::new("unavailable_total", "Requests no backend could serve (503)")
                 .expect("static metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Configuration reloads (SIGHUP), by outcome: applied, or failed (nothing changed)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
+        for outcome in ["applied", "failed"] {
+            reloads.with_label_values(&[outcome]);
+        }
         for collector in [
-            Box::new(responses.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(responses.clone()),
             Box::new(backend_up.clone()),
             Box::new(requests.clone()),
             Box::new(retries.clone()),
@@ -60,7 +73,14 @@ impl Metrics {
             requests,
             retries,
             unavailable,
+            reloads,
         }
+    }
+
+    /// A configuration reload, applied or failed.
+    pub fn record_reload(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "failed" };
+        self.reloads.with_label_values(&[outcome]).inc();
     }
 
     pub fn count(&self, backend: &str, status: StatusCode) {
@@ -122,7 +142,7 @@ pub async fn page(State(gateway): State<Arc<Gateway>>) -> Html<String> {
          connection, up after {} good ones). Refreshes every 2 s.</p><table><tr><th>Backend</th><th>State</th><th>In flight</th>\
          <th>Requests</th><th>Errors</th><th>Mean latency (ms)</th><th>Checks ok / failed</th><th>Last error</th></tr>{rows}</table>\
          <p><a href=\"/__stats.json\">JSON</a> · <a href=\"/metrics\">metrics</a></p></body></html>",
-        gateway.config.check_interval.as_millis(),
+        gateway.check_interval().as_millis(),
         gateway.config.fall,
         gateway.config.rise,
     ))

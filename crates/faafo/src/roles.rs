@@ -39,7 +39,15 @@ pub async fn api(args: ApiArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
     config.drain_delay = std::time::Duration::from_millis(args.drain_delay_ms);
     announce(bound, tls.is_some(), "faafo api")?;
     let (reread, updates) = tokio::sync::watch::channel(Ok(config.clone()));
-    tokio::spawn(reload_on_hangup(fixed, reread, shutdown.clone()));
+    let read = |command| match command {
+        crate::cli::Command::Api(args) => Ok((
+            args_view(&args),
+            args.config.log_level.clone(),
+            args.tuning.config(WorkerToken::new(args.worker_token)),
+        )),
+        _ => Err("the command line no longer names faafo api".to_owned()),
+    };
+    tokio::spawn(reload_on_hangup(fixed, read, reread, shutdown.clone()));
     let served = match tls {
         Some(tls) => {
             let listener = crate::tls::TlsListener::new(listener, tls)?;
@@ -67,12 +75,17 @@ fn args_view(args: &ApiArgs) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// On SIGHUP, reads the command line and its configuration file again and sends the
-/// API's new settings, or why there are none, to `reread`; names the settings that only
-/// a restart changes, and sets the new log level.
-async fn reload_on_hangup(
+/// What a reload reads for one role: the settings only a restart changes (to compare),
+/// the log level, and the role's new settings.
+type Reading<T> = (Vec<(&'static str, String)>, Option<String>, T);
+
+/// On SIGHUP, reads the command line and its configuration file again; `read` takes the
+/// role's part of it. The new settings, or why there are none, go to `reread`; settings
+/// only a restart changes are named, and the log level is set.
+async fn reload_on_hangup<T: Send + Sync + 'static>(
     fixed: Vec<(&'static str, String)>,
-    reread: tokio::sync::watch::Sender<faafo_api::reload::Reread>,
+    read: impl Fn(crate::cli::Command) -> Result<Reading<T>, String> + Send + 'static,
+    reread: tokio::sync::watch::Sender<Result<T, String>>,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -86,28 +99,8 @@ async fn reload_on_hangup(
             got = hangups.recv() => if got.is_none() { return },
         }
         tracing::info!("SIGHUP: reading the configuration again");
-        let parsed = crate::config_file::parse_from(std::env::args_os().collect());
-        let update = match parsed {
-            Ok(crate::config_file::Parsed::Run(cli)) => match cli.command {
-                crate::cli::Command::Api(args) => {
-                    let now = args_view(&args);
-                    let restart: Vec<&str> = fixed
-                        .iter()
-                        .zip(&now)
-                        .filter(|(before, after)| before.1 != after.1)
-                        .map(|(before, _)| before.0)
-                        .collect();
-                    if !restart.is_empty() {
-                        tracing::warn!(settings = %restart.join(", "), "changed, but only a restart applies them");
-                    }
-                    if let Err(error) = crate::logging::set_level(args.config.log_level.as_deref())
-                    {
-                        tracing::warn!(%error, "the log level was not changed");
-                    }
-                    Ok(args.tuning.config(WorkerToken::new(args.worker_token)))
-                }
-                _ => Err("the command line no longer names faafo api".to_owned()),
-            },
+        let parsed = match crate::config_file::parse_from(std::env::args_os().collect()) {
+            Ok(crate::config_file::Parsed::Run(cli)) => read(cli.command),
             Ok(crate::config_file::Parsed::Printed) => {
                 Err("--print-config is on the command line".to_owned())
             }
@@ -116,8 +109,23 @@ async fn reload_on_hangup(
                 Err(error.render().to_string().trim().to_owned())
             }
         };
+        let update = parsed.map(|(now, log_level, settings)| {
+            let restart: Vec<&str> = fixed
+                .iter()
+                .zip(&now)
+                .filter(|(before, after)| before.1 != after.1)
+                .map(|(before, _)| before.0)
+                .collect();
+            if !restart.is_empty() {
+                tracing::warn!(settings = %restart.join(", "), "changed, but only a restart applies them");
+            }
+            if let Err(error) = crate::logging::set_level(log_level.as_deref()) {
+                tracing::warn!(%error, "the log level was not changed");
+            }
+            settings
+        });
         if reread.send(update).is_err() {
-            // The API has stopped.
+            // The server has stopped.
             return;
         }
     }
@@ -138,7 +146,29 @@ pub async fn worker(endpoints: &str, ca: Option<&[u8]>, args: WorkerArgs) -> any
     Ok(())
 }
 
+/// The settings of `faafo gateway` that only a restart changes, as text to compare.
+fn gateway_view(args: &GatewayArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("bind", args.bind.to_string()),
+        ("tls-cert", format!("{:?}", args.tls.tls_cert)),
+        ("tls-key", format!("{:?}", args.tls.tls_key)),
+        ("admin-token", format!("{}", args.admin_token.is_some())),
+        ("discover", args.discover.to_string()),
+        ("worker-token", format!("{}", args.worker_token.is_some())),
+        ("advertise-url", format!("{:?}", args.advertise_url)),
+    ]
+}
+
+fn gateway_settings(args: &GatewayArgs) -> faafo_gateway::GatewaySettings {
+    faafo_gateway::GatewaySettings {
+        backends: args.backends.clone(),
+        check_interval: std::time::Duration::from_millis(args.check_interval_ms),
+    }
+}
+
 pub async fn gateway(args: GatewayArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
+    let fixed = gateway_view(&args);
+    let (reread, updates) = tokio::sync::watch::channel(Ok(gateway_settings(&args)));
     let listener = bind(args.bind).await?;
     let tls = server_tls(&args.tls)?;
     let bound = listener.local_addr()?;
@@ -153,12 +183,22 @@ pub async fn gateway(args: GatewayArgs, ca: Option<Vec<u8>>) -> anyhow::Result<(
     };
     announce(bound, tls.is_some(), "faafo gateway")?;
     let shutdown = shutdown_on_signal();
+    let read = |command| match command {
+        crate::cli::Command::Gateway(args) => Ok((
+            gateway_view(&args),
+            args.config.log_level.clone(),
+            gateway_settings(&args),
+        )),
+        _ => Err("the command line no longer names faafo gateway".to_owned()),
+    };
+    tokio::spawn(reload_on_hangup(fixed, read, reread, shutdown.clone()));
+    let backends = args.backends;
     let served = match tls {
         Some(tls) => {
             let listener = crate::tls::TlsListener::new(listener, tls)?;
-            faafo_gateway::serve(listener, args.backends, config, shutdown).await
+            faafo_gateway::serve_reloading(listener, backends, config, updates, shutdown).await
         }
-        None => faafo_gateway::serve(listener, args.backends, config, shutdown).await,
+        None => faafo_gateway::serve_reloading(listener, backends, config, updates, shutdown).await,
     };
     served.context("serving HTTP")
 }
