@@ -11,6 +11,13 @@ pub use fractal::{Fractal, FractalState, LeaseToken};
 pub use node::{NodeBeat, NodeRole};
 pub use spec::{FractalSpec, Limits, SpecError, Window};
 
+/// Now, in milliseconds since the Unix epoch: how records and probe rounds are dated.
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The shared secret workers present to the API. Never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WorkerToken(String);

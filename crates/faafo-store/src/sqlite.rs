@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use faafo_core::fractal::RenderResult;
@@ -231,9 +231,7 @@ fn unavailable(error: rusqlite::Error) -> StoreError {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    faafo_core::unix_millis()
 }
 
 fn fractal_from_row(row: &Row<'_>) -> rusqlite::Result<Fractal> {

@@ -99,13 +99,20 @@ pub fn parse_from(argv: Vec<OsString>) -> Result<Parsed, Failure> {
             if from_file.is_empty() {
                 Failure::Clap(error)
             } else {
+                let file = role_matches
+                    .get_one::<std::path::PathBuf>("config")
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let rendered = error.render().to_string();
+                let what: Vec<&str> = rendered
+                    .trim()
+                    .trim_start_matches("error: ")
+                    .lines()
+                    .filter(|line| !line.starts_with("For more information"))
+                    .collect();
                 Failure::Config(anyhow!(
-                    "{} (with the settings of {})",
-                    error.render().to_string().trim(),
-                    role_matches
-                        .get_one::<std::path::PathBuf>("config")
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default()
+                    "with the settings of {file}: {}",
+                    what.join("\n").trim()
                 ))
             }
         })?;

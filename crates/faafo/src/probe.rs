@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use axum::Router;
@@ -76,6 +76,8 @@ pub struct ProbeReport {
     /// Seconds, per step finished.
     pub steps: Vec<(String, f64)>,
     pub total_seconds: f64,
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub finished_at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_step: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -86,9 +88,7 @@ impl ProbeReport {
     /// The round as the service keeps it.
     fn outcome(&self) -> ProbeOutcome {
         ProbeOutcome {
-            finished_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            finished_at_ms: self.finished_at_ms,
             ok: self.ok,
             total_ms: self.total_seconds * 1e3,
             failed_step: self.failed_step.clone(),
@@ -225,6 +225,7 @@ impl Prober {
             ok: failed_step.is_none(),
             steps,
             total_seconds: started.elapsed().as_secs_f64(),
+            finished_at_ms: faafo_core::unix_millis(),
             failed_step,
             error,
         }
@@ -431,10 +432,7 @@ impl ProbeMetrics {
                     .with_label_values(&["total"])
                     .observe(report.total_seconds);
                 self.success.set(1.0);
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64());
-                self.last_success.set(now);
+                self.last_success.set(report.finished_at_ms as f64 / 1e3);
             }
             Some(step) => {
                 self.probes.with_label_values(&["failed"]).inc();

@@ -530,28 +530,20 @@ async fn sighup_reloads_what_can_change_and_a_broken_file_changes_nothing() {
                 .as_u16()
         }
     };
-    let reloads = |outcome: &'static str| {
-        let (http, url) = (http.clone(), format!("{}/metrics", api.url()));
-        async move {
-            let page = http.get(url).send().await.unwrap().text().await.unwrap();
-            let name = format!("faafo_config_reloads_total{{outcome=\"{outcome}\"}} ");
-            page.lines()
-                .find_map(|line| line.strip_prefix(&name)?.parse::<f64>().ok())
-                .unwrap_or(-1.0)
-        }
-    };
-    let hangup = || {
-        // SAFETY: a signal to our own child's pid.
-        assert_eq!(unsafe { libc::kill(api.pid(), libc::SIGHUP) }, 0);
+    let metrics = format!("{}/metrics", api.url());
+    let reloads = |outcome: &str| {
+        let name = format!("faafo_config_reloads_total{{outcome=\"{outcome}\"}}");
+        let metrics = metrics.clone();
+        async move { scrape(&metrics, &name).await }
     };
     assert_eq!(create(200).await, 422);
 
     write(
         "worker-token = \"token-b\"\nmax-width = 300\nlog-level = \"debug\"\ndrain-delay-ms = 5\n",
     );
-    hangup();
+    api.hangup();
     wait_for("the reload applied", Duration::from_secs(10), || async {
-        (reloads("applied").await == 1.0).then_some(())
+        (reloads("applied").await == Some(1.0)).then_some(())
     })
     .await;
     assert_eq!(create(200).await, 201, "the new limit");
@@ -579,11 +571,11 @@ async fn sighup_reloads_what_can_change_and_a_broken_file_changes_nothing() {
     assert!(log.contains("DEBUG"), "debug lines after the reload: {log}");
 
     write("worker-token = \"token-b\"\nmax-width = \"lots\"\n");
-    hangup();
+    api.hangup();
     wait_for(
         "the failed reload counted",
         Duration::from_secs(10),
-        || async { (reloads("failed").await == 1.0).then_some(()) },
+        || async { (reloads("failed").await == Some(1.0)).then_some(()) },
     )
     .await;
     assert_eq!(create(250).await, 201, "the limit before the broken file");

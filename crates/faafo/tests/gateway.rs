@@ -195,27 +195,24 @@ async fn sighup_changes_the_backends_and_a_broken_file_changes_nothing() {
     );
     wait_until_state(gateway.url(), first.url(), "up").await;
     let metrics = format!("{}/metrics", gateway.url());
-    let reloads = |outcome: &'static str| {
+    let reloads = |outcome: &str| {
+        let name = format!("faafo_gateway_config_reloads_total{{outcome=\"{outcome}\"}}");
         let metrics = metrics.clone();
-        async move { reloads_counted(&metrics, outcome).await }
-    };
-    let hangup = || {
-        // SAFETY: a signal to our own child's pid.
-        assert_eq!(unsafe { libc::kill(gateway.pid(), libc::SIGHUP) }, 0);
+        async move { scrape(&metrics, &name).await }
     };
 
     write(format!(
         "bind = \"127.0.0.1:0\"\nbackend = [\"{}\"]\ncheck-interval-ms = 100\n",
         second.url()
     ));
-    hangup();
+    gateway.hangup();
     wait_until_state(gateway.url(), second.url(), "up").await;
     wait_for("the first backend gone", LONG, || async {
         let states = backend_states(gateway.url()).await;
         (states.len() == 1).then_some(())
     })
     .await;
-    assert_eq!(reloads("applied").await, 1.0);
+    assert_eq!(reloads("applied").await, Some(1.0));
     let log = gateway.log_text();
     assert!(log.contains("check interval 250 ms -> 100 ms"), "{log}");
     client(gateway.url())
@@ -224,20 +221,11 @@ async fn sighup_changes_the_backends_and_a_broken_file_changes_nothing() {
         .expect("served through the new backend");
 
     write("backend = [\"not a url\"]\n".to_owned());
-    hangup();
+    gateway.hangup();
     wait_for("the failed reload counted", LONG, || async {
-        (reloads("failed").await == 1.0).then_some(())
+        (reloads("failed").await == Some(1.0)).then_some(())
     })
     .await;
     let states = backend_states(gateway.url()).await;
     assert_eq!(states, [(second.url().to_owned(), "up".to_owned())]);
-}
-
-/// `faafo_gateway_config_reloads_total{outcome}` on a metrics page.
-async fn reloads_counted(metrics: &str, outcome: &str) -> f64 {
-    let page = reqwest::get(metrics).await.unwrap().text().await.unwrap();
-    let name = format!("faafo_gateway_config_reloads_total{{outcome=\"{outcome}\"}} ");
-    page.lines()
-        .find_map(|line| line.strip_prefix(&name)?.parse::<f64>().ok())
-        .unwrap_or(-1.0)
 }

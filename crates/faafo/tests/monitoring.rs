@@ -64,9 +64,7 @@ async fn the_rules_and_the_dashboard_use_only_metrics_faafo_serves() {
     // Once a probe has gone through the gateway, every series has a sample.
     let probe_page = wait_for("a successful probe", Duration::from_secs(30), || async {
         let page = scrape(probe.url().to_owned()).await?;
-        page.lines()
-            .any(|line| line == "faafo_probe_success 1")
-            .then_some(page)
+        (sample(&page, "faafo_probe_success") == Some(1.0)).then_some(page)
     })
     .await;
     let mut served: BTreeSet<String> = served_names(&probe_page).collect();

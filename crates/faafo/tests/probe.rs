@@ -78,12 +78,6 @@ async fn a_probe_that_cannot_finish_names_the_step_exits_1_and_cleans_up() {
     assert!(stdout.contains("FAILED at create"), "{stdout}");
 }
 
-/// The value of the sample `name` (with its labels) in a Prometheus text page.
-fn sample(page: &str, name: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test]
 async fn a_running_probe_reports_successes_and_the_service_going_away() {
     let dir = tempfile::tempdir().unwrap();

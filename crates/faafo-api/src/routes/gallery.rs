@@ -147,7 +147,8 @@ impl IntoResponse for PageError {
     }
 }
 
-fn render(template: &impl Template) -> Response {
+/// A page, or a plain 500 if its template fails (logged).
+pub(super) fn render(template: &impl Template) -> Response {
     match template.render() {
         Ok(html) => Html(html).into_response(),
         Err(error) => {

@@ -4,17 +4,18 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use askama::Template;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use faafo_core::node::{ClusterStatus, Liveness, ProbeOutcome, ProbeReports};
 use faafo_core::wire::ErrorBody;
 
 use super::authorize_member;
+use super::gallery::render;
 use crate::{ApiError, AppState, json, membership};
 
 /// The span the page shows.
@@ -83,7 +84,7 @@ pub async fn report(
     summary = "The status page: nodes, database, queue and the probes' last hour",
     responses((status = 200, description = "HTML", content_type = "text/html", body = String), (status = 503, description = "The store is unavailable", content_type = "text/html", body = String)))]
 pub async fn page(State(state): State<Arc<AppState>>) -> Response {
-    let now_ms = now_ms();
+    let now_ms = faafo_core::unix_millis();
     let since = now_ms - WINDOW.as_millis() as i64;
     let (cluster, history) = tokio::join!(
         membership::cluster_status(&state),
@@ -97,22 +98,6 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
         }
     };
     render(&StatusPage::new(&cluster, &history, now_ms)).into_response()
-}
-
-fn render(page: &StatusPage) -> Response {
-    match page.render() {
-        Ok(html) => Html(html).into_response(),
-        Err(error) => {
-            tracing::error!(%error, "the status page failed to render");
-            (StatusCode::INTERNAL_SERVER_ERROR, "page rendering failed").into_response()
-        }
-    }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Green, yellow or red, with the sentence that says why.

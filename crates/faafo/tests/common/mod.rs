@@ -97,9 +97,18 @@ impl Process {
     }
 
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// SIGHUP: read the configuration again.
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         // SAFETY: sending a signal to our own child's pid has no memory-safety effect.
-        let result = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        assert_eq!(result, 0, "SIGTERM to {}", self.name);
+        let result = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(result, 0, "signal {signal} to {}", self.name);
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
@@ -193,6 +202,18 @@ pub async fn run_faafo(args: &[&str]) -> String {
         "faafo {args:?} failed: {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     stdout
+}
+
+/// The value of the sample `name` (with its labels, as printed) on a Prometheus page.
+pub fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The sample `name` of the metrics page at `url`; `None` when absent or unreachable.
+pub async fn scrape(url: &str, name: &str) -> Option<f64> {
+    let page = reqwest::get(url).await.ok()?.text().await.ok()?;
+    sample(&page, name)
 }
 
 /// `faafo api` on port 0 over the database and images in `dir`.
