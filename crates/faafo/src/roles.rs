@@ -379,12 +379,29 @@ fn generated_token() -> WorkerToken {
 }
 
 /// Opens the store a `--database-url` names: `sqlite://PATH` or `postgres://...`.
+/// How long an API waits at start for PostgreSQL to take writes before it gives up
+/// (and its supervisor starts it again).
+const STORE_WAIT_AT_START: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub async fn open_store(url: &str, options: PostgresOptions) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PostgresStore::connect_with(url, options)
-            .await
-            .context("connecting to PostgreSQL")?;
-        return Ok(Arc::new(store));
+        // A failover in progress (a leader still promoting answers "does not allow
+        // writes") passes in seconds: wait it out rather than exit at start.
+        let deadline = std::time::Instant::now() + STORE_WAIT_AT_START;
+        let mut pause = std::time::Duration::from_millis(250);
+        loop {
+            match PostgresStore::connect_with(url, options.clone()).await {
+                Ok(store) => return Ok(Arc::new(store)),
+                Err(error @ faafo_store::StoreError::Unavailable(_))
+                    if std::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::warn!(error = %format!("{:#}", anyhow::Error::from(error)), "PostgreSQL not ready; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(error) => return Err(error).context("connecting to PostgreSQL"),
+            }
+        }
     }
     if !options.patroni.is_empty() {
         bail!("--patroni needs a postgres:// --database-url");

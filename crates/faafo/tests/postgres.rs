@@ -245,3 +245,33 @@ async fn a_multi_host_url_finds_the_writable_server_and_follows_a_new_primary() 
     let (status, _, _) = status_of(&format!("{}/readyz", api.url())).await;
     assert_eq!(status, 200);
 }
+
+/// An API started while its PostgreSQL is down (a failover in progress, a database
+/// restarting) waits for it instead of exiting, then serves.
+#[tokio::test]
+async fn an_api_started_before_its_database_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = PostgresServer::start();
+    let database = server.create_database().await;
+    server.stop();
+    let log = dir.path().join("api.log");
+    let resumer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("PostgreSQL not ready; trying again")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the API never said it waits"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server.resume();
+        server
+    });
+    let api = spawn_api_on(dir.path(), "api", &database, &[]);
+    let _server = resumer.join().unwrap();
+    let view = client(api.url()).create(&small_fractal()).await.unwrap();
+    assert_eq!(view.state, FractalState::Queued);
+}
