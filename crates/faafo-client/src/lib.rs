@@ -110,13 +110,14 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Client {
     /// The endpoints given at construction: always kept, whatever discovery says.
-    seeds: Vec<String>,
+    seeds: RwLock<Vec<String>>,
     /// The seeds and, with discovery, the endpoints the deployment listed last.
     endpoints: RwLock<Vec<String>>,
     current: AtomicUsize,
     http: reqwest::Client,
     policy: RetryPolicy,
-    worker_token: Option<WorkerToken>,
+    /// Replaced when a worker's configuration is reloaded (a token rotation).
+    worker_token: RwLock<Option<WorkerToken>>,
     /// Names this client to the API (`Authorization: Bearer`), for its limits and fair share.
     api_key: Option<String>,
     /// When discovery last ran; `None` while discovery is off.
@@ -136,12 +137,12 @@ impl Client {
         })?;
         let start = rand::random_range(0..endpoints.len());
         Ok(Client {
-            seeds: endpoints.clone(),
+            seeds: RwLock::new(endpoints.clone()),
             endpoints: RwLock::new(endpoints),
             current: AtomicUsize::new(start),
             http,
             policy,
-            worker_token: None,
+            worker_token: RwLock::new(None),
             api_key: None,
             discovered_at: None,
             retries: AtomicU64::new(0),
@@ -160,7 +161,7 @@ impl Client {
     /// system's roots, for `https://` endpoints.
     pub fn with_root_certificates(mut self, pem: &[u8]) -> Result<Client, ClientError> {
         let invalid = |reason: String| ClientError::InvalidEndpoint {
-            url: self.seeds.join(","),
+            url: self.seeds().join(","),
             reason,
         };
         let roots = reqwest::Certificate::from_pem_bundle(pem)
@@ -170,9 +171,36 @@ impl Client {
     }
 
     /// Sends `token` with the worker protocol's calls.
-    pub fn with_worker_token(mut self, token: WorkerToken) -> Client {
-        self.worker_token = Some(token);
+    pub fn with_worker_token(self, token: WorkerToken) -> Client {
+        self.set_worker_token(token);
         self
+    }
+
+    /// From now on, sends `token` with the worker protocol's calls (a rotation: calls
+    /// already sent finish with the old one).
+    pub fn set_worker_token(&self, token: WorkerToken) {
+        *self.worker_token.write().unwrap_or_else(|p| p.into_inner()) = Some(token);
+    }
+
+    /// From now on, calls go to the comma-separated `endpoints` (and, with discovery,
+    /// those the deployment lists); a call under way finishes where it is.
+    pub fn set_endpoints(&self, endpoints: &str) -> Result<(), ClientError> {
+        let endpoints = parse_endpoints(endpoints)?;
+        let current = self.current_endpoint();
+        *self.seeds.write().unwrap_or_else(|p| p.into_inner()) = endpoints.clone();
+        let position = endpoints
+            .iter()
+            .position(|url| *url == current)
+            .unwrap_or(0);
+        let mut known = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
+        self.current.store(position, Ordering::Relaxed);
+        *known = endpoints;
+        Ok(())
+    }
+
+    /// The endpoints given at construction, or at the latest [`Client::set_endpoints`].
+    fn seeds(&self) -> Vec<String> {
+        self.seeds.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Sends `key` with every call but the worker protocol's: the service counts this
@@ -220,7 +248,7 @@ impl Client {
         } else {
             &found.gateways
         };
-        let mut next = self.seeds.clone();
+        let mut next = self.seeds();
         for url in preferred {
             let url = url.trim_end_matches('/');
             if parse_endpoints(url).is_ok() && !next.iter().any(|known| known == url) {
@@ -588,7 +616,12 @@ impl Client {
             .http
             .request(method.clone(), format!("{endpoint}{path}"))
             .timeout(timeout.unwrap_or(self.policy.request_timeout));
-        if let Some(token) = &self.worker_token {
+        let worker_token = self
+            .worker_token
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(token) = worker_token {
             request = request.bearer_auth(token.expose());
         } else if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);

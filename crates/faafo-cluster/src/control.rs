@@ -48,6 +48,8 @@ pub enum Request {
         range: Option<Range>,
         scale_down_after_ms: u64,
     },
+    /// Check the members' configuration file again and have the members re-read it.
+    Reload,
     Down,
 }
 

@@ -10,6 +10,7 @@
 
 pub mod autoscale;
 mod control;
+mod member_config;
 pub mod members;
 pub mod server_user;
 mod supervisor;
@@ -92,6 +93,10 @@ pub enum ClusterCommand {
         #[command(flatten)]
         location: Location,
     },
+    /// Check the members' configuration file (`cluster up --config`) again and have the
+    /// members of each role whose settings changed re-read it, without a restart. An
+    /// invalid file changes nothing and the command fails saying why.
+    Reload(Location),
     /// Stop every member and the supervisor.
     Down(Location),
 }
@@ -187,6 +192,11 @@ pub struct ClusterUpArgs {
     /// With --autoscale: seconds with no task waiting before workers are stopped.
     #[arg(long, default_value_t = autoscale::DEFAULT_SCALE_DOWN_AFTER.as_secs_f64(), value_parser = positive_seconds, requires = "autoscale")]
     pub scale_down_after: f64,
+    /// The members' settings: a TOML file with [api], [gateway] and [worker] tables,
+    /// each holding what that role's --config file would (max-width = 2000, log-level =
+    /// "debug"). `faafo cluster reload` (or SIGHUP) applies a changed file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// What a cluster command has to show.
@@ -257,6 +267,7 @@ impl ClusterCommand {
                     scale_down_after_ms: (scale_down_after * 1e3) as u64,
                 },
             ),
+            ClusterCommand::Reload(location) => (location, Request::Reload),
             ClusterCommand::Down(location) => (location, Request::Down),
         };
         let reply = control::call(&socket_path(&location.data_dir)?, &request, on_progress).await?;
@@ -394,8 +405,22 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
         data_tier,
         swift,
         tls,
+        member_config: args
+            .config
+            .as_deref()
+            .map(|path| {
+                path.canonicalize()
+                    .with_context(|| format!("--config {}", path.display()))
+            })
+            .transpose()?,
     };
     let supervisor = Supervisor::new(settings)?;
+    if args.config.is_some() {
+        supervisor
+            .write_member_config()
+            .await
+            .map_err(|message| anyhow::anyhow!("{message}"))?;
+    }
     let control = tokio::spawn(control::serve(listener, std::sync::Arc::clone(&supervisor)));
     let shutdown = shutdown_on_signal();
     let counts = [
@@ -440,6 +465,7 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
         );
     }
     tokio::spawn(std::sync::Arc::clone(&supervisor).autoscale());
+    tokio::spawn(reload_on_hangup(std::sync::Arc::clone(&supervisor)));
     if let Err(error) = banner(&supervisor, &data_dir, &args) {
         // Nobody reads our output; the cluster runs all the same.
         tracing::warn!(%error, "cannot print the banner");
@@ -454,6 +480,21 @@ async fn up(args: ClusterUpArgs, ca_cert: Option<PathBuf>) -> anyhow::Result<()>
     let _ = std::fs::remove_file(&socket);
     say(format_args!("stopped"));
     Ok(())
+}
+
+/// SIGHUP to the supervisor does what `faafo cluster reload` does.
+async fn reload_on_hangup(supervisor: std::sync::Arc<Supervisor>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload with `faafo cluster reload`");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match supervisor.reload_now().await {
+            Ok(message) => say(format_args!("SIGHUP: {message}")),
+            Err(message) => say(format_args!("SIGHUP: {message}")),
+        }
+    }
 }
 
 /// `root` and every process descended from it, from `/proc`.

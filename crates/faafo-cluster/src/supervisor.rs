@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::autoscale::{self, Autoscaler, Range};
 use crate::control::{MemberStatus, Replies, Reply, Request, progress};
 use crate::members::{Health, Kind, Programs, Tls, Topology, etcd, faafo, postgres, swift};
-use crate::process_tree;
+use crate::{member_config, process_tree};
 
 /// A process that exits sooner than this after starting failed to start: the next start
 /// waits longer each time (like supervisord's `startsecs`).
@@ -74,6 +74,8 @@ pub struct Settings {
     pub swift: Option<SwiftTier>,
     /// HTTPS between gateways, APIs and workers, and TLS to PostgreSQL.
     pub tls: Option<Tls>,
+    /// The members' configuration file (`cluster up --config`), absolute.
+    pub member_config: Option<PathBuf>,
 }
 
 /// What running Swift needs.
@@ -587,39 +589,188 @@ impl Supervisor {
                 return self.swift_commands(member, &topology);
             }
             kind => {
-                let mut command = tokio::process::Command::new(&settings.exe);
                 let bind = self
                     .address(member, 0)
                     .map(|_| SocketAddr::new(settings.host, member.ports[0]).to_string());
-                faafo::configure(
-                    &mut command,
+                let config = self.role_config(kind);
+                self.faafo_command(
                     kind,
                     &member.name,
+                    member.index,
                     bind.as_deref(),
-                    &topology,
-                    &self.backing(&topology, member.index),
-                );
-                command
-                    .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
-                    .env_remove("FAAFO_ADVERTISE_URL");
-                // Only what this cluster was given: not what its own environment holds
-                // (a FAAFO_CONFIG meant for one role would stop the others).
-                for variable in [
-                    "FAAFO_TLS_CERT",
-                    "FAAFO_TLS_KEY",
-                    "FAAFO_CA_CERT",
-                    "FAAFO_CONFIG",
-                ] {
-                    command.env_remove(variable);
-                }
-                if let Some(tls) = &settings.tls {
-                    let serves = matches!(kind, Kind::Gateway | Kind::Api);
-                    command.envs(tls.environment(serves));
-                }
-                command
+                    config.as_deref(),
+                )
             }
         };
         Ok(vec![command])
+    }
+
+    /// This binary set up as a faafo member of `kind`, with `config` as its `--config`.
+    fn faafo_command(
+        &self,
+        kind: Kind,
+        name: &str,
+        index: u32,
+        bind: Option<&str>,
+        config: Option<&Path>,
+    ) -> tokio::process::Command {
+        let settings = &self.settings;
+        let topology = self.topology();
+        let mut command = tokio::process::Command::new(&settings.exe);
+        faafo::configure(
+            &mut command,
+            kind,
+            name,
+            bind,
+            &topology,
+            &self.backing(&topology, index),
+        );
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        command
+            .env("FAAFO_WORKER_TOKEN", &settings.worker_token)
+            .env_remove("FAAFO_ADVERTISE_URL");
+        // Only what this cluster was given: not what its own environment holds
+        // (a FAAFO_CONFIG meant for one role would stop the others).
+        for variable in [
+            "FAAFO_TLS_CERT",
+            "FAAFO_TLS_KEY",
+            "FAAFO_CA_CERT",
+            "FAAFO_CONFIG",
+        ] {
+            command.env_remove(variable);
+        }
+        if let Some(tls) = &settings.tls {
+            let serves = matches!(kind, Kind::Gateway | Kind::Api);
+            command.envs(tls.environment(serves));
+        }
+        command
+    }
+
+    /// The configuration file members of `kind` are started with, when the cluster has
+    /// a members' configuration.
+    fn role_config(&self, kind: Kind) -> Option<PathBuf> {
+        self.settings.member_config.as_ref()?;
+        let table = member_config::table_of(kind)?;
+        Some(
+            self.settings
+                .dir
+                .join("config")
+                .join(format!("{table}.toml")),
+        )
+    }
+
+    /// Reads the members' configuration file and checks each role's table the way its
+    /// members will read it (this binary with their flags and `--print-config`); only when
+    /// every table is valid are the role files replaced. Returns the roles whose file
+    /// changed.
+    pub async fn write_member_config(&self) -> Result<Vec<Kind>, String> {
+        let Some(source) = &self.settings.member_config else {
+            return Err(
+                "this cluster was started without --config: it has no members' configuration to \
+                 reload"
+                    .into(),
+            );
+        };
+        let roles = member_config::split(source).map_err(|e| format!("{e:#}"))?;
+        let dir = self.settings.dir.join("config");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut changed = Vec::new();
+        for (kind, text) in &roles {
+            let path = self.role_config(*kind).expect("a role of the file");
+            if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            let candidate = path.with_extension("toml.new");
+            postgres::write_private(&candidate, text).map_err(|e| format!("{e:#}"))?;
+            let table = member_config::table_of(*kind).expect("a role of the file");
+            let checked = self.check_role_config(*kind, &candidate).await;
+            if let Err(error) = checked {
+                let _ = std::fs::remove_file(&candidate);
+                for (kind, _) in &changed {
+                    let _ = std::fs::remove_file(
+                        self.role_config(*kind)
+                            .expect("a role")
+                            .with_extension("toml.new"),
+                    );
+                }
+                return Err(format!(
+                    "the [{table}] settings of {} are not valid, nothing changed: {error}",
+                    source.display()
+                ));
+            }
+            changed.push((*kind, candidate));
+        }
+        for (kind, candidate) in &changed {
+            let path = self.role_config(*kind).expect("a role of the file");
+            std::fs::rename(candidate, &path)
+                .map_err(|e| format!("replacing {}: {e}", path.display()))?;
+        }
+        Ok(changed.into_iter().map(|(kind, _)| kind).collect())
+    }
+
+    /// Whether a member of `kind` started with `config` would take it.
+    async fn check_role_config(&self, kind: Kind, config: &Path) -> Result<(), String> {
+        let bind = SocketAddr::new(self.settings.host, 0).to_string();
+        let mut command =
+            self.faafo_command(kind, &format!("{kind}-check"), 1, Some(&bind), Some(config));
+        command
+            .arg("--print-config")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(20), command.output())
+            .await
+            .map_err(|_| "checking it took over 20 s".to_owned())?
+            .map_err(|e| format!("cannot run {}: {e}", self.settings.exe.display()))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            // What the member would say, less the candidate file's own name.
+            let said = String::from_utf8_lossy(&output.stderr);
+            let said = said.trim().trim_start_matches("faafo: ");
+            Err(said
+                .replace(&format!("with the settings of {}: ", config.display()), "")
+                .to_owned())
+        }
+    }
+
+    /// A reload that waits for any topology change under way, saying what it did.
+    pub async fn reload_now(&self) -> Result<String, String> {
+        let _change = self.changing.lock().await;
+        match self.reload().await? {
+            Reply::Done { message } => Ok(message),
+            other => Ok(format!("{other:?}")),
+        }
+    }
+
+    /// `cluster reload`: the members' configuration file read and checked again, then
+    /// every running member of a role whose settings changed re-reads them (SIGHUP).
+    async fn reload(&self) -> Result<Reply, String> {
+        let changed = self.write_member_config().await?;
+        if changed.is_empty() {
+            return Ok(Reply::Done {
+                message: "the configuration is unchanged: no member was told".into(),
+            });
+        }
+        let mut told = Vec::new();
+        for member in self.members() {
+            if !changed.contains(&member.kind) || member.phase() != Phase::Running {
+                continue;
+            }
+            let pid = member.record().pid;
+            if let Some(pid) = pid {
+                signal(pid, libc::SIGHUP);
+                told.push(member);
+            }
+        }
+        Ok(Reply::Done {
+            message: format!(
+                "checked and reloaded: {} (each one's log says what changed; stopped members \
+                 take it when they start)",
+                names(&told)
+            ),
+        })
     }
 
     /// A Swift member's programs, after (re)writing the cluster's configuration files
@@ -972,6 +1123,10 @@ impl Supervisor {
             Request::Scale { counts } => {
                 let _change = self.changing.lock().await;
                 self.scale(&counts, &replies).await
+            }
+            Request::Reload => {
+                let _change = self.changing.lock().await;
+                self.reload().await
             }
         };
         let _ = replies.send(outcome.unwrap_or_else(|message| Reply::Failed { message }));

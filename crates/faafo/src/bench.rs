@@ -77,7 +77,7 @@ async fn e2e(args: E2eArgs) -> anyhow::Result<()> {
     let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let backing = crate::roles::Backing::embedded(data.path()).await?;
     let service =
-        LocalService::start(bind, None, backing, workers, config, shutdown.clone()).await?;
+        LocalService::start(bind, None, backing, workers, config, None, shutdown.clone()).await?;
     let client = Client::new(
         &format!("http://{}", service.listener_address),
         RetryPolicy::default(),

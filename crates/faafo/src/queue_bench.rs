@@ -95,6 +95,7 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
             Backing { store, images },
             0,
             ApiConfig::new(WorkerToken::new(TOKEN)),
+            None,
             shutdown.clone(),
         )
         .await?;

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::{ApiArgs, GatewayArgs, UpArgs, WorkerArgs};
+use crate::cli::{ApiArgs, Cli, Command, GatewayArgs, UpArgs, WorkerArgs};
 
 pub async fn api(args: ApiArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
     let fixed = args_view(&args);
@@ -39,8 +39,8 @@ pub async fn api(args: ApiArgs, ca: Option<Vec<u8>>) -> anyhow::Result<()> {
     config.drain_delay = std::time::Duration::from_millis(args.drain_delay_ms);
     announce(bound, tls.is_some(), "faafo api")?;
     let (reread, updates) = tokio::sync::watch::channel(Ok(config.clone()));
-    let read = |command| match command {
-        crate::cli::Command::Api(args) => Ok((
+    let read = |cli: Cli| match cli.command {
+        Command::Api(args) => Ok((
             args_view(&args),
             args.config.log_level.clone(),
             args.tuning.config(WorkerToken::new(args.worker_token)),
@@ -84,7 +84,7 @@ type Reading<T> = (Vec<(&'static str, String)>, Option<String>, T);
 /// only a restart changes are named, and the log level is set.
 async fn reload_on_hangup<T: Send + Sync + 'static>(
     fixed: Vec<(&'static str, String)>,
-    read: impl Fn(crate::cli::Command) -> Result<Reading<T>, String> + Send + 'static,
+    read: impl Fn(Cli) -> Result<Reading<T>, String> + Send + 'static,
     reread: tokio::sync::watch::Sender<Result<T, String>>,
     shutdown: CancellationToken,
 ) {
@@ -100,7 +100,7 @@ async fn reload_on_hangup<T: Send + Sync + 'static>(
         }
         tracing::info!("SIGHUP: reading the configuration again");
         let parsed = match crate::config_file::parse_from(std::env::args_os().collect()) {
-            Ok(crate::config_file::Parsed::Run(cli)) => read(cli.command),
+            Ok(crate::config_file::Parsed::Run(cli)) => read(*cli),
             Ok(crate::config_file::Parsed::Printed) => {
                 Err("--print-config is on the command line".to_owned())
             }
@@ -140,10 +140,86 @@ fn server_tls(args: &crate::cli::TlsArgs) -> anyhow::Result<Option<Arc<rustls::S
 }
 
 pub async fn worker(endpoints: &str, ca: Option<&[u8]>, args: WorkerArgs) -> anyhow::Result<()> {
-    let client = worker_client(endpoints, WorkerToken::new(args.worker_token), ca)?;
+    let token = WorkerToken::new(args.worker_token.clone());
+    let client = worker_client(endpoints, token.clone(), ca)?;
+    let shutdown = shutdown_on_signal();
+    let started = WorkerSettings {
+        endpoints: endpoints.to_owned(),
+        token,
+    };
+    let (reread, updates) = tokio::sync::watch::channel(Ok(started.clone()));
+    let read = |cli: Cli| match cli.command {
+        Command::Worker(args) => Ok((
+            worker_view(&args),
+            args.config.log_level.clone(),
+            WorkerSettings {
+                endpoints: cli.endpoint_url,
+                token: WorkerToken::new(args.worker_token),
+            },
+        )),
+        _ => Err("the command line no longer names faafo worker".to_owned()),
+    };
+    tokio::spawn(reload_on_hangup(
+        worker_view(&args),
+        read,
+        reread,
+        shutdown.clone(),
+    ));
+    tokio::spawn(follow_worker_reloads(Arc::clone(&client), started, updates));
     let config = WorkerConfig::new(args.name.unwrap_or_else(faafo_worker::default_name));
-    faafo_worker::run(client, config, shutdown_on_signal()).await;
+    faafo_worker::run(client, config, shutdown).await;
     Ok(())
+}
+
+/// What a reload may change in a running worker.
+#[derive(Clone)]
+struct WorkerSettings {
+    endpoints: String,
+    token: WorkerToken,
+}
+
+/// The settings of `faafo worker` that only a restart changes, as text to compare.
+fn worker_view(args: &WorkerArgs) -> Vec<(&'static str, String)> {
+    vec![("name", format!("{:?}", args.name))]
+}
+
+/// Points the worker's client at the endpoints and token each reload brings.
+async fn follow_worker_reloads(
+    client: Arc<Client>,
+    mut current: WorkerSettings,
+    mut updates: tokio::sync::watch::Receiver<Result<WorkerSettings, String>>,
+) {
+    while updates.changed().await.is_ok() {
+        let reread = updates.borrow_and_update().clone();
+        let new = match reread {
+            Ok(new) => new,
+            Err(error) => {
+                tracing::error!(%error, "configuration not reloaded: nothing changed");
+                continue;
+            }
+        };
+        let mut changes = Vec::new();
+        if new.endpoints != current.endpoints {
+            if let Err(error) = client.set_endpoints(&new.endpoints) {
+                tracing::error!(%error, "configuration not reloaded: nothing changed");
+                continue;
+            }
+            changes.push(format!(
+                "endpoint-url {} -> {}",
+                current.endpoints, new.endpoints
+            ));
+        }
+        if new.token.expose() != current.token.expose() {
+            client.set_worker_token(new.token.clone());
+            changes.push("worker token replaced".to_owned());
+        }
+        if changes.is_empty() {
+            tracing::info!("configuration reloaded: nothing changed");
+        } else {
+            tracing::info!(changes = %changes.join("; "), "configuration reloaded");
+        }
+        current = new;
+    }
 }
 
 /// The settings of `faafo gateway` that only a restart changes, as text to compare.
@@ -183,8 +259,8 @@ pub async fn gateway(args: GatewayArgs, ca: Option<Vec<u8>>) -> anyhow::Result<(
     };
     announce(bound, tls.is_some(), "faafo gateway")?;
     let shutdown = shutdown_on_signal();
-    let read = |command| match command {
-        crate::cli::Command::Gateway(args) => Ok((
+    let read = |cli: Cli| match cli.command {
+        Command::Gateway(args) => Ok((
             gateway_view(&args),
             args.config.log_level.clone(),
             gateway_settings(&args),
@@ -211,12 +287,31 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let backing = Backing::embedded(&args.data_dir).await?;
     let tls = server_tls(&args.tls)?;
     let https = tls.is_some();
+    // The workers live in this process: a reload keeps their token.
+    let token = generated_token();
+    let config = args.tuning.config(token.clone());
+    let (reread, updates) = tokio::sync::watch::channel(Ok(config.clone()));
+    let read = move |cli: Cli| match cli.command {
+        Command::Up(args) => Ok((
+            up_view(&args),
+            args.config.log_level.clone(),
+            args.tuning.config(token.clone()),
+        )),
+        _ => Err("the command line no longer names faafo up".to_owned()),
+    };
+    tokio::spawn(reload_on_hangup(
+        up_view(&args),
+        read,
+        reread,
+        shutdown.clone(),
+    ));
     let service = LocalService::start(
         args.bind,
         tls,
         backing,
         workers,
-        args.tuning.config(generated_token()),
+        config,
+        Some(updates),
         shutdown,
     )
     .await?;
@@ -226,6 +321,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.data_dir.display()
     );
     service.wait().await
+}
+
+/// The settings of `faafo up` that only a restart changes, as text to compare.
+fn up_view(args: &UpArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("bind", args.bind.to_string()),
+        ("data-dir", args.data_dir.display().to_string()),
+        ("workers", format!("{:?}", args.workers)),
+        ("tls-cert", format!("{:?}", args.tls.tls_cert)),
+        ("tls-key", format!("{:?}", args.tls.tls_key)),
+    ]
 }
 
 /// Where a local service keeps its state.
@@ -274,6 +380,7 @@ impl LocalService {
         backing: Backing,
         workers: usize,
         config: ApiConfig,
+        reloads: Option<tokio::sync::watch::Receiver<faafo_api::reload::Reread>>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<LocalService> {
         let Backing { store, images } = backing;
@@ -283,13 +390,16 @@ impl LocalService {
         let mut config = config;
         config.advertise_url = Some(advertised_url(listener_address, tls.is_some(), None)?);
         let api_shutdown = CancellationToken::new();
+        // Without reloads, the sender goes at once and the settings stay as started.
+        let updates = reloads.unwrap_or_else(|| tokio::sync::watch::channel(Ok(config.clone())).1);
         let (api, workers_url) = match tls {
             None => {
-                let api = tokio::spawn(faafo_api::serve(
+                let api = tokio::spawn(faafo_api::serve_reloading(
                     listener,
                     store,
                     images,
                     config,
+                    updates,
                     api_shutdown.clone(),
                 ));
                 (api, format!("http://{listener_address}"))
@@ -303,11 +413,12 @@ impl LocalService {
                     first: crate::tls::TlsListener::new(listener, tls)?,
                     second: loopback,
                 };
-                let api = tokio::spawn(faafo_api::serve(
+                let api = tokio::spawn(faafo_api::serve_reloading(
                     listener,
                     store,
                     images,
                     config,
+                    updates,
                     api_shutdown.clone(),
                 ));
                 (api, workers_url)

@@ -581,3 +581,145 @@ async fn sighup_reloads_what_can_change_and_a_broken_file_changes_nothing() {
     assert_eq!(create(250).await, 201, "the limit before the broken file");
     assert!(api.log_text().contains("configuration not reloaded"));
 }
+
+/// SIGHUP reloads `faafo worker`: a rotated worker token and new endpoints apply to the
+/// running worker (it renders for an API that knows only the new token), and a broken
+/// file changes nothing.
+#[tokio::test]
+async fn sighup_gives_a_worker_new_endpoints_and_a_new_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let api_with = |name: &str, token: &str| {
+        Process::spawn_server(
+            dir.path(),
+            name,
+            &[
+                "api",
+                "--bind",
+                "127.0.0.1:0",
+                "--database-url",
+                &format!(
+                    "sqlite://{}",
+                    dir.path().join(format!("{name}.db")).display()
+                ),
+                "--object-store",
+                &format!("file://{}", dir.path().join(name).display()),
+                "--worker-token",
+                token,
+                // A worker's lease request held here ends within a second, so that a
+                // worker sent elsewhere moves at once.
+                "--max-lease-wait-ms",
+                "1000",
+            ],
+        )
+    };
+    let old_api = api_with("old-api", "token-a");
+    let new_api = api_with("new-api", "token-b");
+    let config = dir.path().join("worker.toml");
+    let write = |endpoint: &str, token: &str| {
+        std::fs::write(
+            &config,
+            format!("endpoint-url = \"{endpoint}\"\nworker-token = \"{token}\"\nname = \"w1\"\n"),
+        )
+        .unwrap()
+    };
+    write(old_api.url(), "token-a");
+    let worker = Process::spawn(
+        dir.path(),
+        "worker",
+        &["worker", "--config", config.to_str().unwrap()],
+    );
+    let made = |api: &Process| {
+        let client = client(api.url());
+        async move {
+            let view = client.create(&small_fractal()).await.unwrap();
+            wait_for_state(
+                &client,
+                view.uuid,
+                FractalState::Done,
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    };
+    assert_eq!(made(&old_api).await.generated_by.as_deref(), Some("w1"));
+
+    write(new_api.url(), "token-b");
+    worker.hangup();
+    wait_for("the worker's reload", Duration::from_secs(10), || async {
+        let log = worker.log_text();
+        (log.contains("configuration reloaded") && log.contains("worker token replaced"))
+            .then_some(())
+    })
+    .await;
+    assert!(worker.log_text().contains(new_api.url()));
+    let done = made(&new_api).await;
+    assert_eq!(done.generated_by.as_deref(), Some("w1"));
+    verify_image(&client(new_api.url()), &done).await;
+
+    std::fs::write(&config, "worker-token = [\"not\", \"text\"]\n").unwrap();
+    worker.hangup();
+    wait_for("the failed reload", Duration::from_secs(10), || async {
+        worker
+            .log_text()
+            .contains("configuration not reloaded")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        made(&new_api).await.generated_by.as_deref(),
+        Some("w1"),
+        "the worker goes on as before"
+    );
+}
+
+/// SIGHUP reloads `faafo up` too: its API takes the new limits and its own workers go on
+/// rendering; the worker count is named as needing a restart.
+#[tokio::test]
+async fn sighup_reloads_faafo_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("up.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "bind = \"127.0.0.1:0\"\ndata-dir = \"{}\"\n{extra}",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap()
+    };
+    write("workers = 1\nmax-width = 100\n");
+    let up = Process::spawn_server(
+        dir.path(),
+        "up",
+        &["up", "--config", config.to_str().unwrap()],
+    );
+    let client = client(up.url());
+    let wide = small_fractal_of(200, 20);
+    match client.create(&wide).await {
+        Err(error) => assert_eq!(error.status().map(|s| s.as_u16()), Some(422)),
+        Ok(view) => panic!("created past the limit: {view:?}"),
+    }
+    write("workers = 3\nmax-width = 300\n");
+    up.hangup();
+    wait_for("the reload", Duration::from_secs(10), || async {
+        up.log_text()
+            .contains("configuration reloaded")
+            .then_some(())
+    })
+    .await;
+    let log = up.log_text();
+    assert!(
+        log.contains("workers") && log.contains("only a restart"),
+        "{log}"
+    );
+    let view = client.create(&wide).await.unwrap();
+    let done = wait_for_state(
+        &client,
+        view.uuid,
+        FractalState::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    verify_image(&client, &done).await;
+}

@@ -7,7 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::load::{LoadRun, assert_all_rendered_once, tiny_fractal};
-use common::{run_faafo, spawn_cluster, wait_for, wait_for_state};
+use common::{
+    client, faafo_output, run_faafo, small_fractal, spawn_cluster, verify_image, wait_for,
+    wait_for_state,
+};
 use faafo_client::{Client, RetryPolicy};
 use faafo_core::FractalState;
 
@@ -357,4 +360,104 @@ async fn all_done(client: &Client, created: Vec<uuid::Uuid>, started: Instant) -
         wait_for_state(client, uuid, FractalState::Done, Duration::from_secs(180)).await;
     }
     started.elapsed()
+}
+
+/// `cluster up --config FILE` gives each role its table; `cluster reload` checks a changed
+/// file and has the members re-read it: the APIs take a new limit without a restart, and
+/// an invalid file changes nothing and makes `cluster reload` fail saying why.
+#[tokio::test]
+async fn cluster_reload_applies_the_members_settings_and_refuses_a_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, "[api]\nmax-width = 100\n").unwrap();
+    let cluster = spawn_cluster(dir.path(), 1, 2, 1, &["--config", config.to_str().unwrap()]);
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let client = client(cluster.url());
+    let wide = faafo_core::wire::CreateFractal {
+        width: 200,
+        height: 20,
+        ..small_fractal()
+    };
+    let status_of_create = || async {
+        match client.create(&wide).await {
+            Ok(view) => (201, Some(view)),
+            Err(error) => (error.status().map_or(0, |s| s.as_u16()), None),
+        }
+    };
+    assert_eq!(
+        status_of_create().await.0,
+        422,
+        "[api] max-width = 100 applies"
+    );
+    let pids_before = member_pids(data).await;
+
+    std::fs::write(
+        &config,
+        "[api]\nmax-width = 300\n[worker]\nlog-level = \"debug\"\n",
+    )
+    .unwrap();
+    let said = run_faafo(&["cluster", "reload", "--data-dir", data]).await;
+    assert!(
+        said.contains("api-1") && said.contains("api-2") && said.contains("worker-1"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("gateway-1"),
+        "the gateways' settings did not change: {said}"
+    );
+    // Each API applies it as it reads the file: until then, a create may meet the old limit.
+    let view = wait_for(
+        "both APIs on the new limit",
+        Duration::from_secs(10),
+        || async {
+            let mut made = None;
+            for _ in 0..4 {
+                made = Some(status_of_create().await.1?);
+            }
+            made
+        },
+    )
+    .await;
+    let done = wait_for_state(
+        &client,
+        view.uuid,
+        FractalState::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    verify_image(&client, &done).await;
+    assert_eq!(
+        member_pids(data).await,
+        pids_before,
+        "nothing was restarted"
+    );
+
+    std::fs::write(&config, "[api]\nmax-width = \"lots\"\n").unwrap();
+    let (status, _, stderr) = faafo_output(&["cluster", "reload", "--data-dir", data]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("[api]") && stderr.contains("lots") && stderr.contains("nothing changed"),
+        "{stderr}"
+    );
+    std::fs::write(&config, "[probe]\ninterval = 5\n").unwrap();
+    let (status, _, stderr) = faafo_output(&["cluster", "reload", "--data-dir", data]).await;
+    assert!(!status.success());
+    assert!(stderr.contains("[api], [gateway] and [worker]"), "{stderr}");
+    assert_eq!(
+        status_of_create().await.0,
+        201,
+        "the limit before the broken files"
+    );
+    assert_eq!(member_pids(data).await, pids_before);
+}
+
+/// Each member's name and pid, from `cluster status --json`.
+async fn member_pids(data: &str) -> Vec<(String, Option<u64>)> {
+    let status = run_faafo(&["--json", "cluster", "status", "--data-dir", data]).await;
+    let members: Vec<serde_json::Value> = serde_json::from_str(&status).unwrap();
+    members
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_owned(), m["pid"].as_u64()))
+        .collect()
 }
