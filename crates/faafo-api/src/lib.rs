@@ -56,6 +56,9 @@ pub struct ApiConfig {
     pub drain_delay: Duration,
     /// Who clients are (API keys, trusted proxies) and their limits.
     pub clients: ClientPolicy,
+    /// Storage servers (Swift's object servers, or anything answering
+    /// `GET /healthcheck`) the status page checks and shows: `http://host:port`.
+    pub storage_nodes: Vec<String>,
 }
 
 impl ApiConfig {
@@ -72,6 +75,7 @@ impl ApiConfig {
             advertise_url: None,
             drain_delay: Duration::ZERO,
             clients: ClientPolicy::default(),
+            storage_nodes: Vec::new(),
         }
     }
 }

@@ -94,6 +94,11 @@ fn apply(state: &AppState, mut new: ApiConfig) -> Vec<String> {
         format!("{:?}", old.clients.trusted_proxies),
         format!("{:?}", new.clients.trusted_proxies),
     );
+    changed(
+        "storage-nodes",
+        old.storage_nodes.join(","),
+        new.storage_nodes.join(","),
+    );
     if old.clients.create_rate != new.clients.create_rate {
         changes.push(format!(
             "create-rate needs a restart (stays {:?})",

@@ -844,6 +844,17 @@ impl Supervisor {
             backing.object_store = swift::object_store_url(swift::BUCKET, *proxy);
             backing.s3_credentials = true;
         }
+        // The status page shows the storage nodes, checked at their object servers.
+        if !topology.swift_nodes.is_empty() {
+            let nodes: Vec<String> = topology
+                .swift_nodes
+                .iter()
+                .map(|node| format!("http://{}", node.object))
+                .collect();
+            backing
+                .api_args
+                .push(format!("--storage-nodes={}", nodes.join(",")));
+        }
         backing
     }
 

@@ -159,6 +159,10 @@ pub struct UpArgs {
     /// Render workers to run (default: one per core).
     #[arg(long, env = "FAAFO_WORKERS")]
     pub workers: Option<usize>,
+    /// Seconds between two rounds of the built-in probe, which makes, fetches and checks
+    /// a small fractal as a user would and shows the outcome on /status (0: no probe).
+    #[arg(long, env = "FAAFO_PROBE_INTERVAL", default_value_t = 60.0, value_parser = non_negative)]
+    pub probe_interval: f64,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -266,6 +270,10 @@ pub struct ApiTuning {
         default_value = "127.0.0.0/8,::1"
     )]
     pub trusted_proxies: Vec<faafo_api::IpNet>,
+    /// Storage servers the status page checks and shows (Swift's object servers, or
+    /// anything answering GET /healthcheck): http://host:port, comma-separated.
+    #[arg(long, env = "FAAFO_STORAGE_NODES", value_delimiter = ',')]
+    pub storage_nodes: Vec<String>,
 }
 
 impl ApiTuning {
@@ -292,6 +300,11 @@ impl ApiTuning {
             create_rate: positive(self.create_rate),
             max_queued_work: positive(self.max_queued_work),
         };
+        config.storage_nodes = self
+            .storage_nodes
+            .iter()
+            .map(|url| url.trim().trim_end_matches('/').to_owned())
+            .collect();
         config
     }
 }

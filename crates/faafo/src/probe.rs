@@ -43,14 +43,14 @@ pub struct ProbeArgs {
     #[arg(long, conflicts_with = "once")]
     pub bind: Option<SocketAddr>,
     /// Seconds one probe may take from its create to its image before it counts as failed.
-    #[arg(long, default_value_t = 60.0, value_parser = crate::cli::positive_seconds)]
+    #[arg(long, default_value_t = DEFAULT_DEADLINE_S, value_parser = crate::cli::positive_seconds)]
     pub deadline: f64,
     /// Width and height of the probe's fractal: small, so that probing costs the service
     /// little.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, default_value_t = DEFAULT_SIZE, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub size: u32,
     /// Iterations of the probe's fractal.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(long, default_value_t = DEFAULT_ITERATIONS, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub iterations: u32,
     /// With the deployment's worker token, the probe reports each round to the service,
     /// whose status page (/status) plots the last hour. Rounds it could not report (the
@@ -61,6 +61,11 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub name: Option<String>,
 }
+
+/// A probe's defaults: a round may take a minute; its fractal is small and quick.
+const DEFAULT_DEADLINE_S: f64 = 60.0;
+const DEFAULT_SIZE: u32 = 64;
+const DEFAULT_ITERATIONS: u32 = 64;
 
 /// Rounds kept for a report while the service cannot take them (an hour at 10 s).
 const UNREPORTED_MAX: usize = 360;
@@ -156,8 +161,40 @@ pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Re
         }
         None => None,
     };
-    let mut unreported: Vec<ProbeOutcome> = Vec::new();
     let interval = Duration::from_secs_f64(args.interval);
+    keep_probing(&prober, &name, interval, reporting, &metrics, &shutdown).await;
+    if let Some(server) = server {
+        server.await.context("the metrics server")??;
+    }
+    Ok(())
+}
+
+/// The probe `faafo up` runs in its own process: a round every `interval` through the
+/// service's own listener, reported to it with the workers' token, so that its status page
+/// has the users' view. Runs until `shutdown`.
+pub async fn in_process(client: Client, interval: Duration, shutdown: CancellationToken) {
+    let prober = Prober {
+        client,
+        deadline: Duration::from_secs_f64(DEFAULT_DEADLINE_S),
+        size: DEFAULT_SIZE,
+        iterations: DEFAULT_ITERATIONS,
+    };
+    let name = format!("{}-up-probe", faafo_worker::host_name());
+    let metrics = ProbeMetrics::new();
+    keep_probing(&prober, &name, interval, true, &metrics, &shutdown).await;
+}
+
+/// A round every `interval` until `shutdown`: each goes to the log and to `metrics`, and
+/// with `reporting` to the service (rounds it could not take go with the next report).
+async fn keep_probing(
+    prober: &Prober,
+    name: &str,
+    interval: Duration,
+    reporting: bool,
+    metrics: &ProbeMetrics,
+    shutdown: &CancellationToken,
+) {
+    let mut unreported: Vec<ProbeOutcome> = Vec::new();
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -181,7 +218,7 @@ pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Re
                 unreported.remove(0);
             }
             let reports = ProbeReports {
-                probe: name.clone(),
+                probe: name.to_owned(),
                 outcomes: unreported.clone(),
             };
             match prober.client.report_probes(&reports).await {
@@ -192,10 +229,6 @@ pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Re
             }
         }
     }
-    if let Some(server) = server {
-        server.await.context("the metrics server")??;
-    }
-    Ok(())
 }
 
 struct Prober {

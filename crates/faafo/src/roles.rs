@@ -291,11 +291,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let token = generated_token();
     let config = args.tuning.config(token.clone());
     let (reread, updates) = tokio::sync::watch::channel(Ok(config.clone()));
+    let reread_token = token.clone();
     let read = move |cli: Cli| match cli.command {
         Command::Up(args) => Ok((
             up_view(&args),
             args.config.log_level.clone(),
-            args.tuning.config(token.clone()),
+            args.tuning.config(reread_token.clone()),
         )),
         _ => Err("the command line no longer names faafo up".to_owned()),
     };
@@ -315,6 +316,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         shutdown,
     )
     .await?;
+    if args.probe_interval > 0.0 {
+        let client = Client::new(&service.workers_url, RetryPolicy::default())
+            .context("the probe's client")?
+            .with_worker_token(token);
+        tokio::spawn(crate::probe::in_process(
+            client,
+            std::time::Duration::from_secs_f64(args.probe_interval),
+            service.shutdown.clone(),
+        ));
+    }
     announce(service.listener_address, https, "faafo is up")?;
     println!(
         "data in {}, {workers} worker(s); Ctrl-C stops",
@@ -329,6 +340,7 @@ fn up_view(args: &UpArgs) -> Vec<(&'static str, String)> {
         ("bind", args.bind.to_string()),
         ("data-dir", args.data_dir.display().to_string()),
         ("workers", format!("{:?}", args.workers)),
+        ("probe-interval", args.probe_interval.to_string()),
         ("tls-cert", format!("{:?}", args.tls.tls_cert)),
         ("tls-key", format!("{:?}", args.tls.tls_key)),
     ]
@@ -365,6 +377,8 @@ impl Backing {
 #[derive(Debug)]
 pub struct LocalService {
     pub listener_address: SocketAddr,
+    /// Where this process's own workers (and probe) reach the API: plain HTTP on loopback.
+    pub workers_url: String,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
     api_shutdown: CancellationToken,
     workers: TaskTracker,
@@ -439,6 +453,7 @@ impl LocalService {
         tracker.close();
         Ok(LocalService {
             listener_address,
+            workers_url,
             api,
             api_shutdown,
             workers: tracker,

@@ -143,3 +143,51 @@ async fn a_running_probe_reports_successes_and_the_service_going_away() {
     .await;
     assert_eq!(sample(&down, "faafo_probe_success"), Some(0.0), "{down}");
 }
+
+/// `faafo up` runs a probe of its own: its status page shows the users' view (rounds that
+/// made, fetched and verified their fractal), and the probe's fractals are deleted.
+#[tokio::test]
+async fn faafo_up_probes_itself_and_its_status_page_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = Process::spawn_server(
+        dir.path(),
+        "up",
+        &[
+            "up",
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--probe-interval",
+            "0.2",
+        ],
+    );
+    let page = wait_for(
+        "two probe rounds on /status",
+        Duration::from_secs(30),
+        || async {
+            let page = reqwest::get(format!("{}/status", up.url()))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (page.contains("Latest round: ok")
+                && page.contains("100.00% of")
+                && !page.contains("of 1 rounds"))
+            .then_some(page)
+        },
+    )
+    .await;
+    assert!(page.contains("verdict-green"), "{page}");
+    assert!(page.contains("fractals are made"), "{page}");
+    assert!(page.contains("-up-probe"), "the probe is named: {page}");
+    // Every round deletes its fractal: at most the one of a round under way is there.
+    assert!(
+        fractals_left(up.url()).await <= 1,
+        "the probe deletes its fractals"
+    );
+}

@@ -172,9 +172,19 @@ async fn cluster_serves_every_image_while_any_one_storage_node_is_dead() {
     // Paced: 2 cores run 4 storage nodes (32 processes), 2 proxies and faafo here.
     let load = LoadRun::start_paced(cluster.url(), Duration::from_millis(100));
     load.wait_for_creates(20).await;
+    let gateway = cluster.url().split(',').next().unwrap().to_owned();
+    assert_eq!(storage_on_the_status_page(&gateway).await, (4, 0));
     for node in 1..=4 {
         let name = format!("swift-{node}");
         run_faafo(&["cluster", "kill", "--stay-down", &name, "--data-dir", data]).await;
+        if node == 1 {
+            wait_for(
+                "the status page to show one storage node down",
+                Duration::from_secs(30),
+                || async { (storage_on_the_status_page(&gateway).await == (3, 1)).then_some(()) },
+            )
+            .await;
+        }
         // Every image made so far reads back intact, and new ones are made.
         let phase = Instant::now();
         let verified = verify_done_images(&load.client, &load.load.created()).await;
@@ -227,4 +237,31 @@ async fn cluster_serves_every_image_while_any_one_storage_node_is_dead() {
         created.len()
     );
     drop(cluster);
+}
+
+/// The storage nodes `/status` shows up and down, and that its verdict is not green with
+/// one down.
+async fn storage_on_the_status_page(gateway: &str) -> (usize, usize) {
+    let page = reqwest::get(format!("{gateway}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let storage = page
+        .split("id=\"storage\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</table>").next())
+        .unwrap_or_else(|| panic!("no storage table: {page}"));
+    let (up, down) = (
+        storage.matches("pill-green").count(),
+        storage.matches("pill-red").count(),
+    );
+    if down > 0 {
+        assert!(
+            !page.contains("verdict-green"),
+            "green with a node down: {page}"
+        );
+    }
+    (up, down)
 }

@@ -86,9 +86,11 @@ pub async fn report(
 pub async fn page(State(state): State<Arc<AppState>>) -> Response {
     let now_ms = faafo_core::unix_millis();
     let since = now_ms - WINDOW.as_millis() as i64;
-    let (cluster, history) = tokio::join!(
+    let config = state.config();
+    let (cluster, history, storage) = tokio::join!(
         membership::cluster_status(&state),
-        state.store.probe_history(since)
+        state.store.probe_history(since),
+        storage_rows(&config.storage_nodes)
     );
     let (cluster, history) = match (cluster, history.map_err(ApiError::from)) {
         (Ok(cluster), Ok(history)) => (cluster, history),
@@ -97,7 +99,43 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
             return (error.status(), render(&page)).into_response();
         }
     };
-    render(&StatusPage::new(&cluster, &history, now_ms)).into_response()
+    render(&StatusPage::new(&cluster, &history, storage, now_ms)).into_response()
+}
+
+/// How long the page waits for a storage node's health check.
+const STORAGE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Each storage node's `GET /healthcheck`, all at once.
+async fn storage_rows(nodes: &[String]) -> Vec<StorageRow> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let http = reqwest::Client::builder()
+        .timeout(STORAGE_CHECK_TIMEOUT)
+        .build()
+        .unwrap_or_default();
+    futures::future::join_all(nodes.iter().map(|node| {
+        let http = http.clone();
+        async move {
+            let answer = http.get(format!("{node}/healthcheck")).send().await;
+            let (up, detail) = match answer {
+                Ok(answer) if answer.status().is_success() => (true, "healthcheck OK".to_owned()),
+                Ok(answer) => (false, format!("healthcheck answered {}", answer.status())),
+                Err(error) if error.is_timeout() => (
+                    false,
+                    format!("no answer within {} s", STORAGE_CHECK_TIMEOUT.as_secs()),
+                ),
+                Err(_) => (false, "unreachable".to_owned()),
+            };
+            StorageRow {
+                address: node.clone(),
+                state: if up { "UP" } else { "DOWN" },
+                colour: if up { "green" } else { "red" },
+                detail,
+            }
+        }
+    }))
+    .await
 }
 
 /// Green, yellow or red, with the sentence that says why.
@@ -116,6 +154,13 @@ struct NodeRow {
     last_seen: String,
 }
 
+struct StorageRow {
+    address: String,
+    state: &'static str,
+    colour: &'static str,
+    detail: String,
+}
+
 struct DatabaseRow {
     name: String,
     role: String,
@@ -131,6 +176,7 @@ struct StatusPage {
     verdict: Verdict,
     nodes: Vec<NodeRow>,
     database: Vec<DatabaseRow>,
+    storage: Vec<StorageRow>,
     queue: Vec<(&'static str, String)>,
     probe_summary: Vec<String>,
     plot: String,
@@ -145,13 +191,19 @@ impl StatusPage {
             },
             nodes: Vec::new(),
             database: Vec::new(),
+            storage: Vec::new(),
             queue: Vec::new(),
             probe_summary: Vec::new(),
             plot: String::new(),
         }
     }
 
-    fn new(cluster: &ClusterStatus, history: &[(String, ProbeOutcome)], now_ms: i64) -> StatusPage {
+    fn new(
+        cluster: &ClusterStatus,
+        history: &[(String, ProbeOutcome)],
+        storage: Vec<StorageRow>,
+        now_ms: i64,
+    ) -> StatusPage {
         let probes = ProbeStats::of(history, now_ms);
         let nodes: Vec<NodeRow> = cluster
             .nodes
@@ -206,7 +258,8 @@ impl StatusPage {
         ];
         // A node that left said goodbye (stopped or scaled down): shown, not counted as down.
         let down = nodes.iter().filter(|n| n.state == "DOWN").count();
-        let database_unhealthy = database.iter().filter(|m| m.colour != "green").count();
+        let data_nodes_unhealthy = database.iter().filter(|m| m.colour != "green").count()
+            + storage.iter().filter(|n| n.colour != "green").count();
         let has_leader = cluster.database.is_empty()
             || cluster
                 .database
@@ -215,7 +268,7 @@ impl StatusPage {
         let verdict = verdict(
             &probes,
             down,
-            database_unhealthy,
+            data_nodes_unhealthy,
             has_leader,
             queue.oldest_queued_age_s,
         );
@@ -223,6 +276,7 @@ impl StatusPage {
             verdict,
             nodes,
             database,
+            storage,
             queue: queue_rows,
             probe_summary: probes.summary(now_ms),
             plot: plot(history, now_ms),
@@ -271,7 +325,7 @@ impl ProbeStats {
 
     fn summary(&self, now_ms: i64) -> Vec<String> {
         let Some((probe, latest)) = &self.latest else {
-            return vec!["No probe has reported in the last hour: run `faafo probe --worker-token ...` (faafo cluster up runs one).".into()];
+            return vec!["No probe has reported in the last hour: run `faafo probe --worker-token ...` (faafo up and faafo cluster up run one).".into()];
         };
         let ago = (now_ms - latest.finished_at_ms).max(0) as f64 / 1e3;
         let mut lines = vec![if latest.ok {
