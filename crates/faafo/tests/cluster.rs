@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::load::{LoadRun, assert_all_rendered_once, tiny_fractal};
 use common::{
-    client, faafo_output, run_faafo, small_fractal, spawn_cluster, verify_image, wait_for,
+    client, done_and_intact, faafo_output, run_faafo, small_fractal, spawn_cluster, wait_for,
     wait_for_state,
 };
 use faafo_client::{Client, RetryPolicy};
@@ -419,14 +419,7 @@ async fn cluster_reload_applies_the_members_settings_and_refuses_a_broken_file()
         },
     )
     .await;
-    let done = wait_for_state(
-        &client,
-        view.uuid,
-        FractalState::Done,
-        Duration::from_secs(30),
-    )
-    .await;
-    verify_image(&client, &done).await;
+    done_and_intact(&client, view.uuid).await;
     assert_eq!(
         member_pids(data).await,
         pids_before,

@@ -329,6 +329,19 @@ pub async fn wait_for_state(
     .await
 }
 
+/// Waits until the fractal is done, then checks its image against its record.
+pub async fn done_and_intact(client: &Client, uuid: Uuid) -> FractalView {
+    let done = wait_for_state(
+        client,
+        uuid,
+        faafo_core::FractalState::Done,
+        Duration::from_secs(30),
+    )
+    .await;
+    verify_image(client, &done).await;
+    done
+}
+
 /// A render that takes seconds even on every core with the SIMD kernel: every pixel of
 /// the window stays in the filled Julia set of c = -1, so it runs all its iterations
 /// (600 x 600 x `iterations`).
