@@ -27,7 +27,8 @@ impl WorkSignal {
     }
 }
 
-/// Passes the store's cross-process wake-ups (PostgreSQL NOTIFY) on to waiting lease
+/// Passes the store's cross-process wake-ups (PostgreSQL's NOTIFY, SQLite's commit
+/// watcher) on to waiting lease
 /// requests in this process. A notification stands for one new task, so it wakes one
 /// waiter; more tasks than wake-ups are found by polling.
 pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<Notify>) {

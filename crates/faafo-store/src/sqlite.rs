@@ -142,6 +142,61 @@ const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, 
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Woken when another connection (another API process) commits.
+    hints: Arc<tokio::sync::Notify>,
+    /// Stops the commit watcher when the last clone goes.
+    _watcher: Arc<CommitWatcher>,
+}
+
+/// How often the commit watcher looks at the database's change counter: a worker parked
+/// on one API process hears of work created through another within about this long (a
+/// look is a read of SQLite's shared memory, a few microseconds).
+const COMMIT_WATCH_INTERVAL: Duration = Duration::from_millis(2);
+
+/// A thread with a connection of its own that reads `PRAGMA data_version`, which changes
+/// when any other connection, in any process, commits, and passes that on as a hint.
+#[derive(Debug)]
+struct CommitWatcher {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CommitWatcher {
+    fn start(path: &Path, hints: Arc<tokio::sync::Notify>) -> rusqlite::Result<CommitWatcher> {
+        use std::sync::atomic::Ordering;
+        let connection = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(Duration::from_secs(1))?;
+        let version = |connection: &Connection| {
+            connection.query_row("PRAGMA data_version", [], |row| row.get::<_, i64>(0))
+        };
+        let mut seen = version(&connection)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("sqlite-commits".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(COMMIT_WATCH_INTERVAL);
+                    // A failed read (the file locked for a moment) is tried again next time.
+                    if let Ok(now) = version(&connection)
+                        && now != seen
+                    {
+                        seen = now;
+                        hints.notify_waiters();
+                    }
+                }
+            })
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(CommitWatcher { stop })
+    }
+}
+
+impl Drop for CommitWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl SqliteStore {
@@ -149,13 +204,22 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let opened = path.clone();
-        let connection = tokio::task::spawn_blocking(move || open_and_migrate_when_free(&opened))
-            .await
-            .map_err(|e| StoreError::Unavailable(Box::new(e)))?
-            .map_err(unavailable)?;
+        let hints = Arc::new(tokio::sync::Notify::new());
+        let watched = Arc::clone(&hints);
+        let (connection, watcher) = tokio::task::spawn_blocking(move || {
+            let connection = open_and_migrate_when_free(&opened)?;
+            // After the migration, so that the watcher opens a database in WAL mode.
+            let watcher = CommitWatcher::start(&opened, watched)?;
+            Ok::<_, rusqlite::Error>((connection, watcher))
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+        .map_err(unavailable)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             path,
+            hints,
+            _watcher: Arc::new(watcher),
         })
     }
 
@@ -337,6 +401,10 @@ fn fenced_write(
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn work_hints(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(Arc::clone(&self.hints))
+    }
+
     async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
         self.run(move |connection| {
             let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;

@@ -577,3 +577,25 @@ async fn many_stores_opening_a_new_sqlite_file_at_once_all_succeed() {
         }
     }
 }
+
+/// A store hears of work another store on the same SQLite file (another API process)
+/// created: its commit watcher turns the other connection's commit into a hint.
+#[tokio::test]
+async fn a_sqlite_store_hears_of_work_created_through_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("faafo.db");
+    let creator = SqliteStore::open(&path).await.unwrap();
+    let waiter = SqliteStore::open(&path).await.unwrap();
+    let hints = waiter.work_hints().expect("SQLite stores give hints");
+    for _ in 0..3 {
+        let hinted = hints.notified();
+        tokio::pin!(hinted);
+        hinted.as_mut().enable();
+        let uuid = create(&creator, 3).await;
+        tokio::time::timeout(Duration::from_secs(10), hinted)
+            .await
+            .expect("a hint within 10 s of the other store's create");
+        let lease = waiter.claim("w", Duration::from_secs(10)).await.unwrap();
+        assert_eq!(lease.map(|l| l.fractal.uuid), Some(uuid));
+    }
+}

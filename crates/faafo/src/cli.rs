@@ -159,9 +159,10 @@ pub struct UpArgs {
     /// Render workers to run (default: one per core).
     #[arg(long, env = "FAAFO_WORKERS")]
     pub workers: Option<usize>,
-    /// Seconds between two rounds of the built-in probe, which makes, fetches and checks
-    /// a small fractal as a user would and shows the outcome on /status (0: no probe).
-    #[arg(long, env = "FAAFO_PROBE_INTERVAL", default_value_t = 60.0, value_parser = non_negative)]
+    /// Run a probe in this process: every this many seconds it makes, fetches and checks
+    /// a small fractal as a user would (and deletes it), and /status shows the outcome.
+    /// Off by default (0), since its fractal shows in the gallery while it lives.
+    #[arg(long, env = "FAAFO_PROBE_INTERVAL", default_value_t = 0.0, value_parser = non_negative)]
     pub probe_interval: f64,
     #[command(flatten)]
     pub tls: TlsArgs,

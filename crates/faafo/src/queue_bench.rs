@@ -42,6 +42,11 @@ pub struct QueueBenchArgs {
     /// exists, so the figures measure the queue rather than the disk's file creation.
     #[arg(long)]
     scratch_dir: Option<std::path::PathBuf>,
+    /// API instances on the one store: with 2, tasks are created through the first and
+    /// the workers wait on the second, so every pickup is a wake-up that crosses API
+    /// processes (as behind `faafo cluster`'s gateways).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    instances: u8,
 }
 
 const TOKEN: &str = "queue-bench";
@@ -70,37 +75,43 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
     println!(
         "  workers  tasks/s (create -> lease -> upload -> done)   pickup p50 / p99 (idle workers, create sent -> lease received)"
     );
+    if args.instances > 1 {
+        println!("  tasks created through one API instance, workers waiting on another");
+    }
     for &workers in &args.workers {
         let scratch = tempfile::tempdir_in(&scratch_root)?;
-        let store = match &args.database_url {
-            Some(url) => open_store(url, PostgresOptions::new(Wakeups::ListenNotify)).await?,
-            None => {
-                open_store(
-                    &format!("sqlite://{}", scratch.path().join("faafo.db").display()),
-                    PostgresOptions::new(Wakeups::ListenNotify),
-                )
-                .await?
-            }
+        let url = match &args.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", scratch.path().join("faafo.db").display()),
         };
-        let images = Images::open(&format!(
-            "file://{}",
-            scratch.path().join("images").display()
-        ))
-        .await?;
         let shutdown = CancellationToken::new();
-        let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-        let service = LocalService::start(
-            bind,
-            None,
-            Backing { store, images },
-            0,
-            ApiConfig::new(WorkerToken::new(TOKEN)),
-            None,
-            shutdown.clone(),
-        )
-        .await?;
-        let endpoint = format!("http://{}", service.listener_address);
-        let bench = Bench::start(&endpoint, workers)?;
+        let mut services = Vec::new();
+        for _ in 0..args.instances {
+            // Each instance with a store of its own, as separate processes would have.
+            let store = open_store(&url, PostgresOptions::new(Wakeups::ListenNotify)).await?;
+            let images = Images::open(&format!(
+                "file://{}",
+                scratch.path().join("images").display()
+            ))
+            .await?;
+            let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+            services.push(
+                LocalService::start(
+                    bind,
+                    None,
+                    Backing { store, images },
+                    0,
+                    ApiConfig::new(WorkerToken::new(TOKEN)),
+                    None,
+                    shutdown.clone(),
+                )
+                .await?,
+            );
+        }
+        let endpoint = |service: &LocalService| format!("http://{}", service.listener_address);
+        let creates = endpoint(&services[0]);
+        let leases = endpoint(services.last().expect("one instance at least"));
+        let bench = Bench::start(&creates, &leases, workers)?;
 
         let throughput = bench.throughput(args.tasks).await?;
         let (p50, p99) = bench.pickup_latency(args.latency_samples).await?;
@@ -111,13 +122,16 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
         );
         bench.stop().await;
         shutdown.cancel();
-        service.wait().await?;
+        for service in services {
+            service.wait().await?;
+        }
     }
     Ok(())
 }
 
 /// Bench workers: lease, render the tiny PNG, upload, report.
 struct Bench {
+    /// Creates tasks.
     client: Arc<Client>,
     leases: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Uuid, Instant)>>,
     done: Arc<AtomicU64>,
@@ -126,10 +140,10 @@ struct Bench {
 }
 
 impl Bench {
-    fn start(endpoint: &str, workers: usize) -> anyhow::Result<Bench> {
-        let client = Arc::new(
-            Client::new(endpoint, RetryPolicy::default())?
-                .with_worker_token(WorkerToken::new(TOKEN)),
+    fn start(creates: &str, leases: &str, workers: usize) -> anyhow::Result<Bench> {
+        let client = Arc::new(Client::new(creates, RetryPolicy::default())?);
+        let worker_client = Arc::new(
+            Client::new(leases, RetryPolicy::default())?.with_worker_token(WorkerToken::new(TOKEN)),
         );
         let (sender, leases) = mpsc::unbounded_channel();
         let done = Arc::new(AtomicU64::new(0));
@@ -137,7 +151,7 @@ impl Bench {
         let workers = (0..workers)
             .map(|index| {
                 let (client, sender, done, stop) = (
-                    Arc::clone(&client),
+                    Arc::clone(&worker_client),
                     sender.clone(),
                     Arc::clone(&done),
                     Arc::clone(&stop),

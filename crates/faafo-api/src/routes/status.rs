@@ -325,7 +325,7 @@ impl ProbeStats {
 
     fn summary(&self, now_ms: i64) -> Vec<String> {
         let Some((probe, latest)) = &self.latest else {
-            return vec!["No probe has reported in the last hour: run `faafo probe --worker-token ...` (faafo up and faafo cluster up run one).".into()];
+            return vec!["No probe has reported in the last hour: run `faafo probe --worker-token ...` (or `faafo up --probe-interval 60`; faafo cluster up runs one).".into()];
         };
         let ago = (now_ms - latest.finished_at_ms).max(0) as f64 / 1e3;
         let mut lines = vec![if latest.ok {
