@@ -35,7 +35,8 @@ pub struct QueueBenchArgs {
     /// Worker counts to measure, comma-separated.
     #[arg(long, default_value = "1,4", value_delimiter = ',')]
     workers: Vec<usize>,
-    /// Tasks created one at a time, with idle workers, for the pickup latency.
+    /// Tasks created one at a time, every worker parked in a lease request, for the
+    /// pickup latency.
     #[arg(long, default_value_t = 300)]
     latency_samples: u32,
     /// Where the images (and the default SQLite file) go. Default: /dev/shm when it
@@ -133,6 +134,9 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
 struct Bench {
     /// Creates tasks.
     client: Arc<Client>,
+    /// The API instance the workers wait on, and how many there are.
+    lease_endpoint: String,
+    worker_count: usize,
     leases: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Uuid, Instant)>>,
     done: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -140,15 +144,16 @@ struct Bench {
 }
 
 impl Bench {
-    fn start(creates: &str, leases: &str, workers: usize) -> anyhow::Result<Bench> {
+    fn start(creates: &str, lease_endpoint: &str, worker_count: usize) -> anyhow::Result<Bench> {
         let client = Arc::new(Client::new(creates, RetryPolicy::default())?);
         let worker_client = Arc::new(
-            Client::new(leases, RetryPolicy::default())?.with_worker_token(WorkerToken::new(TOKEN)),
+            Client::new(lease_endpoint, RetryPolicy::default())?
+                .with_worker_token(WorkerToken::new(TOKEN)),
         );
         let (sender, leases) = mpsc::unbounded_channel();
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..workers)
+        let workers = (0..worker_count)
             .map(|index| {
                 let (client, sender, done, stop) = (
                     Arc::clone(&worker_client),
@@ -173,6 +178,8 @@ impl Bench {
             .collect();
         Ok(Bench {
             client,
+            lease_endpoint: lease_endpoint.to_owned(),
+            worker_count,
             leases: tokio::sync::Mutex::new(leases),
             done,
             stop,
@@ -218,6 +225,7 @@ impl Bench {
         let mut early: HashMap<Uuid, Instant> = HashMap::new();
         let mut latencies = Vec::with_capacity(samples as usize);
         for _ in 0..samples {
+            self.all_workers_parked().await?;
             let task = tiny_task();
             let uuid = task.uuid.expect("tiny tasks carry a uuid");
             let sent = Instant::now();
@@ -240,6 +248,29 @@ impl Bench {
         latencies.sort();
         let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
         Ok((percentile(0.50), percentile(0.99)))
+    }
+
+    /// Waits until every worker is parked in a lease request, so that a pickup measures
+    /// a wake-up rather than a worker coming back from its previous task.
+    async fn all_workers_parked(&self) -> anyhow::Result<()> {
+        let metrics = format!("{}/metrics", self.lease_endpoint);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let page = reqwest::get(&metrics).await?.text().await?;
+            let waiting = page.lines().find_map(|line| {
+                line.strip_prefix("faafo_lease_requests_waiting ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            });
+            if waiting.is_some_and(|n| n >= self.worker_count as f64) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the workers were not all waiting for work within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     async fn stop(self) {
