@@ -57,6 +57,18 @@ impl ApiError {
         }
     }
 
+    /// A name a member gives itself (a worker's, a probe's): 1 to 200 characters.
+    pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+        if (1..=200).contains(&name.chars().count()) {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(
+                field,
+                format!("{field} name must be 1 to 200 characters"),
+            ))
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,

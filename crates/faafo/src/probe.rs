@@ -162,7 +162,15 @@ pub async fn run(client: Client, args: ProbeArgs, output: &Output) -> anyhow::Re
         None => None,
     };
     let interval = Duration::from_secs_f64(args.interval);
-    keep_probing(&prober, &name, interval, reporting, &metrics, &shutdown).await;
+    keep_probing(
+        &prober,
+        &name,
+        interval,
+        reporting,
+        Some(&metrics),
+        &shutdown,
+    )
+    .await;
     if let Some(server) = server {
         server.await.context("the metrics server")??;
     }
@@ -180,18 +188,19 @@ pub async fn in_process(client: Client, interval: Duration, shutdown: Cancellati
         iterations: DEFAULT_ITERATIONS,
     };
     let name = format!("{}-up-probe", faafo_worker::host_name());
-    let metrics = ProbeMetrics::new();
-    keep_probing(&prober, &name, interval, true, &metrics, &shutdown).await;
+    // Its rounds go to the status page; it serves no metrics of its own.
+    keep_probing(&prober, &name, interval, true, None, &shutdown).await;
 }
 
-/// A round every `interval` until `shutdown`: each goes to the log and to `metrics`, and
+/// A round every `interval` until `shutdown`: each goes to the log and to `metrics` (when
+/// served), and
 /// with `reporting` to the service (rounds it could not take go with the next report).
 async fn keep_probing(
     prober: &Prober,
     name: &str,
     interval: Duration,
     reporting: bool,
-    metrics: &ProbeMetrics,
+    metrics: Option<&ProbeMetrics>,
     shutdown: &CancellationToken,
 ) {
     let mut unreported: Vec<ProbeOutcome> = Vec::new();
@@ -206,7 +215,9 @@ async fn keep_probing(
             _ = shutdown.cancelled() => break,
             report = prober.probe() => report,
         };
-        metrics.record(&report);
+        if let Some(metrics) = metrics {
+            metrics.record(&report);
+        }
         if report.ok {
             tracing::info!("{}", report.summary());
         } else {

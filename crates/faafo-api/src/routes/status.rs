@@ -42,12 +42,7 @@ pub async fn report(
 ) -> Result<StatusCode, ApiError> {
     authorize_member(&state, &headers)?;
     let reports: ProbeReports = json::read_json(body).await?;
-    if !(1..=200).contains(&reports.probe.chars().count()) {
-        return Err(ApiError::invalid(
-            "probe",
-            "probe name must be 1 to 200 characters",
-        ));
-    }
+    ApiError::check_name("probe", &reports.probe)?;
     if reports.outcomes.len() > 1000 {
         return Err(ApiError::invalid(
             "outcomes",
@@ -110,29 +105,30 @@ async fn storage_rows(nodes: &[String]) -> Vec<StorageRow> {
     if nodes.is_empty() {
         return Vec::new();
     }
-    let http = reqwest::Client::builder()
-        .timeout(STORAGE_CHECK_TIMEOUT)
-        .build()
-        .unwrap_or_default();
-    futures::future::join_all(nodes.iter().map(|node| {
-        let http = http.clone();
-        async move {
-            let answer = http.get(format!("{node}/healthcheck")).send().await;
-            let (up, detail) = match answer {
-                Ok(answer) if answer.status().is_success() => (true, "healthcheck OK".to_owned()),
-                Ok(answer) => (false, format!("healthcheck answered {}", answer.status())),
-                Err(error) if error.is_timeout() => (
-                    false,
-                    format!("no answer within {} s", STORAGE_CHECK_TIMEOUT.as_secs()),
-                ),
-                Err(_) => (false, "unreachable".to_owned()),
-            };
-            StorageRow {
-                address: node.clone(),
-                state: if up { "UP" } else { "DOWN" },
-                colour: if up { "green" } else { "red" },
-                detail,
-            }
+    // One client for every page drawn: building one loads the TLS roots.
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = HTTP.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(STORAGE_CHECK_TIMEOUT)
+            .build()
+            .unwrap_or_default()
+    });
+    futures::future::join_all(nodes.iter().map(|node| async move {
+        let answer = http.get(format!("{node}/healthcheck")).send().await;
+        let (up, detail) = match answer {
+            Ok(answer) if answer.status().is_success() => (true, "healthcheck OK".to_owned()),
+            Ok(answer) => (false, format!("healthcheck answered {}", answer.status())),
+            Err(error) if error.is_timeout() => (
+                false,
+                format!("no answer within {} s", STORAGE_CHECK_TIMEOUT.as_secs()),
+            ),
+            Err(_) => (false, "unreachable".to_owned()),
+        };
+        StorageRow {
+            address: node.clone(),
+            state: if up { "UP" } else { "DOWN" },
+            colour: if up { "green" } else { "red" },
+            detail,
         }
     }))
     .await

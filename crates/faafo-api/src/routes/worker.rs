@@ -61,12 +61,7 @@ pub async fn lease(
 ) -> Result<Response, ApiError> {
     authorize_member(&state, &headers)?;
     let request: LeaseRequest = json::read_json(body).await?;
-    if !(1..=200).contains(&request.worker.chars().count()) {
-        return Err(ApiError::invalid(
-            "worker",
-            "worker name must be 1 to 200 characters",
-        ));
-    }
+    ApiError::check_name("worker", &request.worker)?;
     let wait_ms = u64::try_from(request.wait_ms)
         .map_err(|_| ApiError::invalid("wait_ms", "wait_ms must be 0 or more"))?;
     let deadline =
