@@ -29,6 +29,11 @@ pub const PALETTE: [u8; 96] = {
 /// Pixels rendered between two writes to the encoder.
 const BAND_PIXELS: usize = 1 << 20;
 
+/// Images with at most this much work (pixels × iterations, an upper bound) are rendered
+/// on the calling thread: handing them to the pool costs more than they do (a tiny task
+/// spent a tenth of its time waking pool threads and waiting for them).
+const SERIAL_WORK: u64 = 1 << 18;
+
 /// A finished PNG and its identity.
 #[derive(Debug, Clone)]
 pub struct RenderedPng {
@@ -89,6 +94,19 @@ pub fn render_png_to<W: Write + Send>(
     cancel: &AtomicBool,
     out: W,
 ) -> Result<RenderStats, RenderError> {
+    let parallel =
+        u64::from(params.width) * u64::from(params.height) * u64::from(params.iterations)
+            > SERIAL_WORK;
+    encode(params, engine, cancel, out, parallel)
+}
+
+fn encode<W: Write + Send>(
+    params: &JuliaParams,
+    engine: Engine,
+    cancel: &AtomicBool,
+    out: W,
+    parallel: bool,
+) -> Result<RenderStats, RenderError> {
     let started = Instant::now();
     let kernel = engine.kernel()?;
     let mut encoder = png::Encoder::new(out, params.width, params.height);
@@ -107,7 +125,9 @@ pub fn render_png_to<W: Write + Send>(
         let started = Instant::now();
         let rows = rows_per_band.min(params.height - first_row) as usize;
         buffer.resize(rows * width, 0);
-        let work = render_band(params, kernel, &columns, first_row, buffer, cancel)?;
+        let work = render_band(
+            params, kernel, &columns, first_row, buffer, cancel, parallel,
+        )?;
         Ok((work, started.elapsed()))
     };
 
@@ -121,7 +141,8 @@ pub fn render_png_to<W: Write + Send>(
     while row < params.height {
         let following = row + rows_per_band;
         // Encode this band on this thread while the pool renders the next one.
-        let (encoded, rendered) = rayon::join(
+        let (encoded, rendered) = join(
+            parallel,
             || {
                 let started = Instant::now();
                 stream.write_all(&current).map(|()| started.elapsed())
@@ -150,7 +171,21 @@ pub fn render_png_to<W: Write + Send>(
     Ok(stats)
 }
 
-/// Renders the rows of one band in parallel.
+/// Runs both closures, on the pool side by side when `parallel`, else one after the other
+/// on this thread.
+fn join<A: Send, B: Send>(
+    parallel: bool,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if parallel {
+        rayon::join(a, b)
+    } else {
+        (a(), b())
+    }
+}
+
+/// Renders the rows of one band, in parallel when `parallel`.
 fn render_band(
     params: &JuliaParams,
     kernel: Kernel,
@@ -158,18 +193,23 @@ fn render_band(
     first_row: u32,
     band: &mut [u8],
     cancel: &AtomicBool,
+    parallel: bool,
 ) -> Result<u64, RenderError> {
-    let work = band
-        .par_chunks_mut(columns.len())
-        .enumerate()
-        .map(|(offset, line)| {
-            // Row by row, so a small image with many iterations still stops promptly.
-            if cancel.load(Ordering::Relaxed) {
-                return 0;
-            }
-            render_row(params, kernel, columns, first_row + offset as u32, line)
-        })
-        .sum();
+    let row = |(offset, line): (usize, &mut [u8])| {
+        // Row by row, so a small image with many iterations still stops promptly.
+        if cancel.load(Ordering::Relaxed) {
+            return 0;
+        }
+        render_row(params, kernel, columns, first_row + offset as u32, line)
+    };
+    let work = if parallel {
+        band.par_chunks_mut(columns.len())
+            .enumerate()
+            .map(row)
+            .sum()
+    } else {
+        band.chunks_mut(columns.len()).enumerate().map(row).sum()
+    };
     if cancel.load(Ordering::Relaxed) {
         return Err(RenderError::Cancelled);
     }
@@ -246,6 +286,17 @@ mod tests {
         let mut pixels = vec![0; decoded.output_buffer_size().unwrap()];
         decoded.next_frame(&mut pixels).unwrap();
         assert_eq!(pixels, indices);
+    }
+
+    #[test]
+    fn serial_and_parallel_renders_are_the_same_bytes() {
+        let never = AtomicBool::new(false);
+        let render = |parallel| {
+            let mut bytes = Vec::new();
+            encode(&params(), Engine::Auto, &never, &mut bytes, parallel).unwrap();
+            bytes
+        };
+        assert_eq!(render(false), render(true));
     }
 
     #[test]

@@ -158,8 +158,8 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     async fn renew(&self, uuid: Uuid, token: LeaseToken, lease: Duration)
     -> Result<(), StoreError>;
 
-    /// Fails unless `token` still holds the lease on `uuid`.
-    async fn check_lease(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError>;
+    /// The fractal `token` holds the lease on; fails unless it still does.
+    async fn leased(&self, uuid: Uuid, token: LeaseToken) -> Result<Fractal, StoreError>;
 
     /// Marks a leased task done with its result.
     async fn complete(

@@ -829,15 +829,15 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn check_lease(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
+    async fn leased(&self, uuid: Uuid, token: LeaseToken) -> Result<Fractal, StoreError> {
         self.run(move |client| {
             Box::pin(async move {
                 let statement = client
-                    .prepare_cached("SELECT 1 FROM fractals WHERE uuid = $1 AND lease_token = $2 AND state = 'running'")
+                    .prepare_cached(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1 AND lease_token = $2 AND state = 'running'"))
                     .await
                     .map_err(unavailable)?;
                 match client.query_opt(&statement, &[&uuid, &token.0]).await.map_err(unavailable)? {
-                    Some(_) => Ok(()),
+                    Some(row) => fractal_from_row(&row),
                     None => Err(lease_refusal(client, uuid).await),
                 }
             })

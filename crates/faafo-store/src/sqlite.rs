@@ -545,16 +545,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn check_lease(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
+    async fn leased(&self, uuid: Uuid, token: LeaseToken) -> Result<Fractal, StoreError> {
         self.run(move |connection| {
-            let held: Option<i64> = connection
-                .prepare_cached("SELECT 1 FROM fractals WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'")
-                .and_then(|mut s| s.query_row([uuid.to_string(), token.to_string()], |row| row.get(0)).optional())
+            let held = connection
+                .prepare_cached(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = ?1 AND lease_token = ?2 AND state = 'running'"))
+                .and_then(|mut s| s.query_row([uuid.to_string(), token.to_string()], fractal_from_row).optional())
                 .map_err(unavailable)?;
-            match held {
-                Some(_) => Ok(()),
-                None => Err(lease_refusal(connection, uuid)),
-            }
+            held.ok_or_else(|| lease_refusal(connection, uuid))
         })
         .await
     }

@@ -224,7 +224,8 @@ async fn complete_records_the_result_and_only_the_holder_may(t: TestStore) {
         t.store.renew(uuid, stranger, LEASE).await,
         Err(StoreError::LeaseLost { .. })
     ));
-    t.store.check_lease(uuid, lease.token).await.unwrap();
+    let held = t.store.leased(uuid, lease.token).await.unwrap();
+    assert_eq!((held.uuid, held.state), (uuid, FractalState::Running));
     t.store.renew(uuid, lease.token, LEASE).await.unwrap();
     let done = t.store.complete(uuid, lease.token, result()).await.unwrap();
     assert_eq!(done.state, FractalState::Done);

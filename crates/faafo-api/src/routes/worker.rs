@@ -252,12 +252,7 @@ async fn receive_png(
         ApiError::bad_request(format!("{} is not a UUID", upload_headers::LEASE_TOKEN))
     })?;
     let claimed_checksum = header_text(headers, upload_headers::CHECKSUM)?.to_ascii_lowercase();
-    let fractal = state
-        .store
-        .get(uuid)
-        .await?
-        .ok_or(StoreError::NotFound(uuid))?;
-    state.store.check_lease(uuid, token).await?;
+    let fractal = state.store.leased(uuid, token).await?;
     let expected = expected(&fractal)?;
 
     let png = json::read_body(body, state.config().max_upload_bytes).await?;
@@ -354,7 +349,7 @@ pub async fn upload_preview(
         .await
         .map_err(store_unavailable)?;
     // Deleted meanwhile: do not leave the preview behind.
-    if let Err(StoreError::NotFound(_)) = state.store.check_lease(uuid, received.token).await {
+    if let Err(StoreError::NotFound(_)) = state.store.leased(uuid, received.token).await {
         let _ = state.images.delete(uuid).await;
     }
     Ok(StatusCode::NO_CONTENT)
