@@ -6,6 +6,7 @@
 
 mod clients;
 mod error;
+mod finished;
 mod images;
 mod json;
 mod membership;
@@ -99,6 +100,8 @@ pub(crate) struct AppState {
     shutdown: CancellationToken,
     /// Creates per client, when `config.clients.create_rate` limits them.
     create_rate: Option<clients::RateLimiter>,
+    /// Done and failed fractals' JSON, served without asking the store.
+    finished: finished::FinishedFractals,
 }
 
 impl AppState {
@@ -140,6 +143,7 @@ where
 {
     let config_rate = config.clients.create_rate;
     let state = Arc::new(AppState {
+        finished: finished::FinishedFractals::new(store.deletions()),
         store,
         images,
         config: std::sync::RwLock::new(Arc::new(config)),

@@ -25,7 +25,7 @@ struct TestApp {
     worker: Client,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 impl TestApp {
@@ -34,7 +34,15 @@ impl TestApp {
     }
 
     async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> TestApp {
-        let dir = tempfile::tempdir().unwrap();
+        Self::serve(Arc::new(tempfile::tempdir().unwrap()), configure).await
+    }
+
+    /// Another instance on the same database and images, as a second process would be.
+    async fn beside(&self) -> TestApp {
+        Self::serve(Arc::clone(&self._dir), |_| {}).await
+    }
+
+    async fn serve(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut ApiConfig)) -> TestApp {
         let store = Arc::new(
             SqliteStore::open(dir.path().join("faafo.db"))
                 .await
@@ -117,7 +125,7 @@ impl TestApp {
     }
 
     /// Shuts the server down; the data stays until the returned directory is dropped.
-    async fn stop(self) -> tempfile::TempDir {
+    async fn stop(self) -> Arc<tempfile::TempDir> {
         self.shutdown.cancel();
         self.server.await.unwrap().unwrap();
         self._dir
@@ -423,6 +431,86 @@ async fn worker_calls_need_the_token() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_fractal_has_an_etag_and_an_unchanged_one_answers_304() {
+    let app = TestApp::start().await;
+    let created = app.create(spec()).await;
+    let path = app.url(&format!("/v1/fractal/{}", created.uuid));
+    let etag_of =
+        |response: &reqwest::Response| response.headers()["etag"].to_str().unwrap().to_owned();
+    let conditional = |etag: String| app.http.get(&path).header("if-none-match", etag).send();
+
+    let queued = app.http.get(&path).send().await.unwrap();
+    let queued_tag = etag_of(&queued);
+    assert!(
+        queued_tag.starts_with('"') && queued_tag.ends_with('"'),
+        "{queued_tag}"
+    );
+    let unchanged = conditional(queued_tag.clone()).await.unwrap();
+    assert_eq!(unchanged.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(etag_of(&unchanged), queued_tag);
+    assert!(unchanged.bytes().await.unwrap().is_empty());
+
+    // Done, it is another version: the old tag gets the whole new body.
+    app.run_one().await;
+    let done = conditional(queued_tag.clone()).await.unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    let done_tag = etag_of(&done);
+    assert_ne!(done_tag, queued_tag);
+    let view: FractalView = done.json().await.unwrap();
+    assert_eq!(view.state, faafo_core::FractalState::Done);
+    // Served again (from memory now), the same tag; a list of tags, weak or strong, matches.
+    let again = app.http.get(&path).send().await.unwrap();
+    assert_eq!(etag_of(&again), done_tag);
+    assert_eq!(again.json::<FractalView>().await.unwrap(), view);
+    let listed = conditional(format!("\"other\", W/{done_tag}"))
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), StatusCode::NOT_MODIFIED);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_done_fractal_deleted_through_another_instance_is_gone_from_this_one() {
+    let app = TestApp::start().await;
+    let other = app.beside().await;
+    let mut uuids = Vec::new();
+    for _ in 0..3 {
+        app.create(spec()).await;
+        uuids.push(app.run_one().await.uuid);
+    }
+    let path = |uuid: Uuid| format!("/v1/fractal/{uuid}");
+    // Read twice, so that the second answer can come from memory.
+    let read_all = |uuids: &[Uuid]| {
+        let uuids = uuids.to_vec();
+        let app = &app;
+        async move {
+            for uuid in uuids {
+                for _ in 0..2 {
+                    assert_eq!(app.get(&path(uuid)).await.0, StatusCode::OK);
+                }
+            }
+        }
+    };
+    read_all(&uuids).await;
+    // Deleted here: gone at once.
+    app.worker.delete(uuids[0]).await.unwrap();
+    assert_eq!(app.get(&path(uuids[0])).await.0, StatusCode::NOT_FOUND);
+    read_all(&uuids[1..]).await;
+    // Deleted through the other instance: gone here as soon as this one hears of it.
+    other.worker.delete(uuids[1]).await.unwrap();
+    wait_for(|| async {
+        (app.get(&path(uuids[1])).await.0 == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    // The others are still served.
+    let (status, body) = app.get(&path(uuids[2])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "done");
+    other.stop().await;
     app.stop().await;
 }
 

@@ -214,6 +214,56 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     fn work_hints(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
     }
+
+    /// The deletions this process has heard of, made through it or any other process, for
+    /// stores that hear of them all; see [`Deletions`].
+    fn deletions(&self) -> Option<std::sync::Arc<Deletions>> {
+        None
+    }
+}
+
+/// A count of the deletions a process has heard of, so that it may keep finished
+/// fractals in memory: a done fractal never changes, it can only go away. A copy read
+/// while the count was `n` is good as long as the count is still `n`.
+///
+/// A store bumps the count after each of its own deletes commits, and when it hears of
+/// one made by another process (SQLite: at its next look at the file, within
+/// milliseconds; PostgreSQL: a NOTIFY). While it cannot hear (its LISTEN connection is
+/// down), [`Deletions::current`] is `None`, and nothing may be served from memory.
+#[derive(Debug)]
+pub struct Deletions {
+    count: std::sync::atomic::AtomicU64,
+    listening: std::sync::atomic::AtomicBool,
+}
+
+impl Deletions {
+    pub(crate) fn new(listening: bool) -> Self {
+        Deletions {
+            count: std::sync::atomic::AtomicU64::new(0),
+            listening: std::sync::atomic::AtomicBool::new(listening),
+        }
+    }
+
+    /// The count now, or `None` when deletions elsewhere might go unheard.
+    pub fn current(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        // The count first: a count read while listening is one nothing was missed before.
+        let count = self.count.load(Ordering::Acquire);
+        self.listening.load(Ordering::Acquire).then_some(count)
+    }
+
+    /// A delete happened, or may have: every copy read before now is suspect.
+    pub(crate) fn heard(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether deletions made elsewhere are being heard; either change also counts as a
+    /// deletion, as some may have been missed around it.
+    pub(crate) fn set_listening(&self, listening: bool) {
+        self.listening
+            .store(listening, std::sync::atomic::Ordering::Release);
+        self.heard();
+    }
 }
 
 /// How long probe rounds are kept.

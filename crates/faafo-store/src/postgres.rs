@@ -27,8 +27,8 @@ use uuid::Uuid;
 use crate::patroni::{self, Leader, PatroniFence};
 use crate::postgres_tls::{self, PostgresTls};
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, PROBE_HISTORY, Page,
-    QueueStats, Store, StoreError, node_record,
+    CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord,
+    PROBE_HISTORY, Page, QueueStats, Store, StoreError, node_record,
 };
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
@@ -119,6 +119,8 @@ const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, 
 
 /// The notification channel that announces new work.
 const CHANNEL: &str = "faafo_work";
+/// Where deletes are announced, so that every process drops its copies (see `Deletions`).
+const DELETIONS_CHANNEL: &str = "faafo_deleted";
 
 /// Longest time one store operation may take before it counts as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,6 +163,8 @@ pub struct PostgresStore {
     target: Arc<Target>,
     wakeups: Wakeups,
     hints: Arc<Notify>,
+    /// Heard through the LISTEN connection, and bumped by this store's own deletes.
+    deletions: Arc<Deletions>,
     stop_listening: CancellationToken,
 }
 
@@ -381,6 +385,7 @@ impl PostgresStore {
             target: Arc::new(Target { route, tls }),
             wakeups: options.wakeups,
             hints: Arc::new(Notify::new()),
+            deletions: Arc::new(Deletions::new(false)),
             stop_listening: CancellationToken::new(),
         };
         store.migrate().await?;
@@ -388,6 +393,7 @@ impl PostgresStore {
             tokio::spawn(listen(
                 Arc::clone(&store.target),
                 Arc::clone(&store.hints),
+                Arc::clone(&store.deletions),
                 store.stop_listening.clone(),
             ));
         }
@@ -495,10 +501,19 @@ fn build_pool(config: tokio_postgres::Config, tls: PostgresTls) -> Result<Pool, 
 }
 
 /// Keeps a LISTEN connection open to the current server (reconnecting after failures
-/// and when the Patroni leader changes) and turns notifications into wake-ups.
-async fn listen(target: Arc<Target>, hints: Arc<Notify>, stop: CancellationToken) {
+/// and when the Patroni leader changes) and turns notifications into wake-ups and
+/// deletions heard. Deletions are heard only while the connection listens.
+async fn listen(
+    target: Arc<Target>,
+    hints: Arc<Notify>,
+    deletions: Arc<Deletions>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
+        if deletions.current().is_some() {
+            deletions.set_listening(false);
+        }
         match target.connect_config() {
             Ok((config, term)) => match config.connect(target.tls.clone()).await {
                 Ok((client, mut connection)) => {
@@ -511,7 +526,9 @@ async fn listen(target: Arc<Target>, hints: Arc<Notify>, stop: CancellationToken
                     tokio::pin!(ended);
                     let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                     let listening = async {
-                        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+                        client
+                            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {DELETIONS_CHANNEL}"))
+                            .await?;
                         Ok::<_, tokio_postgres::Error>(())
                     };
                     tokio::pin!(messages);
@@ -519,6 +536,11 @@ async fn listen(target: Arc<Target>, hints: Arc<Notify>, stop: CancellationToken
                         use futures::StreamExt;
                         while let Some(message) = messages.next().await {
                             match message {
+                                Ok(tokio_postgres::AsyncMessage::Notification(note))
+                                    if note.channel() == DELETIONS_CHANNEL =>
+                                {
+                                    deletions.heard()
+                                }
                                 Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
                                     hints.notify_waiters()
                                 }
@@ -543,6 +565,7 @@ async fn listen(target: Arc<Target>, hints: Arc<Notify>, stop: CancellationToken
                         // Anything created while we were not listening is found by polling; wake
                         // the waiters once so they look now.
                         hints.notify_waiters();
+                        deletions.set_listening(true);
                         tokio::select! {
                             reason = &mut driven => tracing::warn!(%reason, "LISTEN connection lost"),
                             _ = &mut ended => continue,
@@ -771,19 +794,32 @@ impl Store for PostgresStore {
     }
 
     async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
-        self.run(move |client| {
-            Box::pin(async move {
-                let row = client
-                    .query_opt(
-                        &format!("DELETE FROM fractals WHERE uuid = $1 RETURNING {COLUMNS}"),
-                        &[&uuid],
-                    )
-                    .await
-                    .map_err(unavailable)?;
-                row.as_ref().map(fractal_from_row).transpose()
+        // The announcement rides on the delete: one statement, one commit.
+        let announce = if self.wakeups == Wakeups::ListenNotify {
+            format!(", pg_notify('{DELETIONS_CHANNEL}', uuid::text) IS NULL")
+        } else {
+            String::new()
+        };
+        let deleted = self
+            .run(move |client| {
+                Box::pin(async move {
+                    let row = client
+                        .query_opt(
+                            &format!(
+                                "DELETE FROM fractals WHERE uuid = $1 RETURNING {COLUMNS}{announce}"
+                            ),
+                            &[&uuid],
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    row.as_ref().map(fractal_from_row).transpose()
+                })
             })
-        })
-        .await
+            .await?;
+        if deleted.is_some() {
+            self.deletions.heard();
+        }
+        Ok(deleted)
     }
 
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Lease>, StoreError> {
@@ -1140,5 +1176,9 @@ impl Store for PostgresStore {
 
     fn work_hints(&self) -> Option<Arc<Notify>> {
         (self.wakeups == Wakeups::ListenNotify).then(|| Arc::clone(&self.hints))
+    }
+
+    fn deletions(&self) -> Option<Arc<Deletions>> {
+        (self.wakeups == Wakeups::ListenNotify).then(|| Arc::clone(&self.deletions))
     }
 }

@@ -19,8 +19,8 @@ use uuid::Uuid;
 use faafo_core::node::ProbeOutcome;
 
 use crate::{
-    CreateOutcome, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord, PROBE_HISTORY, Page,
-    QueueStats, Store, StoreError, node_record,
+    CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord,
+    PROBE_HISTORY, Page, QueueStats, Store, StoreError, node_record,
 };
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
@@ -119,6 +119,19 @@ CREATE TABLE probe_rounds (
     PRIMARY KEY (finished_at, probe)
 ) WITHOUT ROWID;
 "#,
+    // Counts kept by triggers: fractals (a list's total without a scan of the table), and
+    // deletions where every process can read them (a process keeping done fractals in
+    // memory drops them when the count moves; see `Deletions`).
+    r#"
+CREATE TABLE tallies (fractals INTEGER NOT NULL, deletions INTEGER NOT NULL);
+INSERT INTO tallies (fractals, deletions) SELECT count(*), 0 FROM fractals;
+CREATE TRIGGER fractals_inserted_counted AFTER INSERT ON fractals BEGIN
+    UPDATE tallies SET fractals = fractals + 1;
+END;
+CREATE TRIGGER fractals_deleted_counted AFTER DELETE ON fractals BEGIN
+    UPDATE tallies SET fractals = fractals - 1, deletions = deletions + 1;
+END;
+"#,
 ];
 
 // The fair queue's statements name their indexes: without statistics SQLite would pick
@@ -144,6 +157,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Woken when another connection (another API process) commits.
     hints: Arc<tokio::sync::Notify>,
+    /// Bumped by this store's deletes, and by the watcher when the file's count moves.
+    deletions: Arc<Deletions>,
     /// Stops the commit watcher when the last clone goes.
     _watcher: Arc<CommitWatcher>,
 }
@@ -154,14 +169,19 @@ pub struct SqliteStore {
 const COMMIT_WATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A thread with a connection of its own that reads `PRAGMA data_version`, which changes
-/// when any other connection, in any process, commits, and passes that on as a hint.
+/// when any other connection, in any process, commits, and passes that on as a hint; it
+/// then reads the deletion count, so that deletions made elsewhere are heard.
 #[derive(Debug)]
 struct CommitWatcher {
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CommitWatcher {
-    fn start(path: &Path, hints: Arc<tokio::sync::Notify>) -> rusqlite::Result<CommitWatcher> {
+    fn start(
+        path: &Path,
+        hints: Arc<tokio::sync::Notify>,
+        deletions: Arc<Deletions>,
+    ) -> rusqlite::Result<CommitWatcher> {
         use std::sync::atomic::Ordering;
         let connection = Connection::open_with_flags(
             path,
@@ -171,7 +191,13 @@ impl CommitWatcher {
         let version = |connection: &Connection| {
             connection.query_row("PRAGMA data_version", [], |row| row.get::<_, i64>(0))
         };
+        let deletion_count = |connection: &Connection| {
+            connection.query_row("SELECT deletions FROM tallies", [], |row| {
+                row.get::<_, i64>(0)
+            })
+        };
         let mut seen = version(&connection)?;
+        let mut deletions_seen = deletion_count(&connection)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         std::thread::Builder::new()
@@ -185,6 +211,15 @@ impl CommitWatcher {
                     {
                         seen = now;
                         hints.notify_waiters();
+                        match deletion_count(&connection) {
+                            Ok(count) if count == deletions_seen => {}
+                            Ok(count) => {
+                                deletions_seen = count;
+                                deletions.heard();
+                            }
+                            // Unknown: assume the worst.
+                            Err(_) => deletions.heard(),
+                        }
                     }
                 }
             })
@@ -206,10 +241,12 @@ impl SqliteStore {
         let opened = path.clone();
         let hints = Arc::new(tokio::sync::Notify::new());
         let watched = Arc::clone(&hints);
+        let deletions = Arc::new(Deletions::new(true));
+        let counted = Arc::clone(&deletions);
         let (connection, watcher) = tokio::task::spawn_blocking(move || {
             let connection = open_and_migrate_when_free(&opened)?;
             // After the migration, so that the watcher opens a database in WAL mode.
-            let watcher = CommitWatcher::start(&opened, watched)?;
+            let watcher = CommitWatcher::start(&opened, watched, counted)?;
             Ok::<_, rusqlite::Error>((connection, watcher))
         })
         .await
@@ -219,6 +256,7 @@ impl SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             path,
             hints,
+            deletions,
             _watcher: Arc::new(watcher),
         })
     }
@@ -275,6 +313,12 @@ fn open_and_migrate(path: &Path) -> rusqlite::Result<Connection> {
     // Every statement the store runs stays prepared (rusqlite keeps 16 by default, fewer
     // than the store has, and the queue's were prepared again on every call).
     connection.set_prepared_statement_cache_capacity(64);
+    // Plans never depend on bound values: otherwise SQLite compiles a statement with
+    // `LIMIT ?` again on every call (the list spent a fifth of its time re-parsing).
+    connection.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
@@ -405,6 +449,10 @@ impl Store for SqliteStore {
         Some(Arc::clone(&self.hints))
     }
 
+    fn deletions(&self) -> Option<Arc<Deletions>> {
+        Some(Arc::clone(&self.deletions))
+    }
+
     async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
         self.run(move |connection| {
             let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
@@ -469,29 +517,40 @@ impl Store for SqliteStore {
             ListOrder::NewestFirst => "DESC",
         };
         self.run(move |connection| {
-            let tx = connection.transaction().map_err(unavailable)?;
-            let total: i64 = tx
-                .query_row("SELECT count(*) FROM fractals", [], |row| row.get(0))
-                .map_err(unavailable)?;
-            let fractals = tx
+            // One statement, so the total and the page agree without a transaction.
+            let mut total = None;
+            let fractals = connection
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM fractals ORDER BY id {direction} LIMIT ?1 OFFSET ?2"
+                    "SELECT {COLUMNS}, (SELECT fractals FROM tallies) FROM fractals \
+                     ORDER BY id {direction} LIMIT ?1 OFFSET ?2"
                 ))
                 .and_then(|mut statement| {
                     statement
-                        .query_map(params![limit as i64, offset as i64], fractal_from_row)?
+                        .query_map(params![limit as i64, offset as i64], |row| {
+                            total = Some(row.get::<_, i64>(21)?);
+                            fractal_from_row(row)
+                        })?
                         .collect::<rusqlite::Result<Vec<_>>>()
                 })
                 .map_err(unavailable)?;
+            let total = match total {
+                Some(total) => total,
+                // Past the last page: no row carried the total.
+                None => connection
+                    .prepare_cached("SELECT fractals FROM tallies")
+                    .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+                    .map_err(unavailable)?,
+            };
             Ok(Page {
                 fractals,
-                total: total as u64,
+                total: total.max(0) as u64,
             })
         })
         .await
     }
 
     async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
+        let deletions = Arc::clone(&self.deletions);
         self.run(move |connection| {
             let tx = connection
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -502,6 +561,9 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)?;
+            if existing.is_some() {
+                deletions.heard();
+            }
             Ok(existing)
         })
         .await

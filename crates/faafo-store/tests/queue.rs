@@ -546,7 +546,50 @@ async fn probe_rounds_are_kept_once_in_order_for_a_day(t: TestStore) {
     assert_eq!(store.probe_history(now - 1_200).await.unwrap().len(), 1);
 }
 
+/// Waits (up to 10 s) until the deletion count is known and differs from `before`.
+async fn count_moves_from(deletions: &faafo_store::Deletions, before: Option<u64>) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match deletions.current() {
+            Some(now) if Some(now) != before => return now,
+            _ if std::time::Instant::now() > deadline => {
+                panic!("the deletion count stayed at {before:?} for 10 s")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+async fn deletions_through_any_handle_are_heard(t: TestStore) {
+    let other = t.reopen().await;
+    let deletions = t.store.deletions().expect("both stores hear deletions");
+    // PostgreSQL hears once its LISTEN connection is up.
+    let start = count_moves_from(&deletions, None).await;
+    let (mine, theirs, kept) = (
+        create(&*t.store, 1).await,
+        create(&*t.store, 1).await,
+        create(&*t.store, 1).await,
+    );
+    // Creating and finishing work is not a deletion.
+    let lease = t.store.claim("w", LEASE).await.unwrap().unwrap();
+    t.store
+        .complete(lease.fractal.uuid, lease.token, result())
+        .await
+        .unwrap();
+    assert_eq!(deletions.current(), Some(start));
+
+    // This handle's own delete counts before it returns.
+    t.store.delete(mine).await.unwrap().unwrap();
+    let after_mine = deletions.current().expect("still listening");
+    assert_ne!(after_mine, start);
+    // Another handle's, once heard.
+    other.delete(theirs).await.unwrap().unwrap();
+    count_moves_from(&deletions, Some(after_mine)).await;
+    assert!(t.store.get(kept).await.unwrap().is_some());
+}
+
 on_every_store!(
+    deletions_through_any_handle_are_heard,
     probe_rounds_are_kept_once_in_order_for_a_day,
     claims_take_turns_between_clients,
     a_quota_refuses_creates_past_the_clients_unfinished_work,

@@ -14,6 +14,7 @@ use faafo_store::{CreateOutcome, ListOrder, NewFractal};
 use uuid::Uuid;
 
 use super::parse_uuid;
+use crate::finished::FractalJson;
 use crate::{ApiError, AppState, json};
 
 const DEFAULT_PER_PAGE: u64 = 10;
@@ -170,9 +171,14 @@ pub async fn create(
 
 #[utoipa::path(get, path = "/v1/fractal/{uuid}", tag = "fractals",
     summary = "One fractal",
-    params(("uuid" = Uuid, Path, description = "The fractal's uuid")),
+    description = "Answers with an ETag; a request whose If-None-Match names it gets 304 and no body. A finished fractal is served from memory.",
+    params(
+        ("uuid" = Uuid, Path, description = "The fractal's uuid"),
+        ("if-none-match" = Option<String>, Header, description = "ETags the client holds"),
+    ),
     responses(
-        (status = 200, body = FractalView),
+        (status = 200, body = FractalView, headers(("ETag" = String, description = "This version of the fractal"))),
+        (status = 304, description = "The fractal is still the version If-None-Match named", headers(("ETag" = String))),
         (status = 400, description = "Not a uuid", body = ErrorBody),
         (status = 404, description = "No such fractal", body = ErrorBody),
         (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
@@ -180,14 +186,21 @@ pub async fn create(
 pub async fn show(
     State(state): State<Arc<AppState>>,
     Path(uuid): Path<String>,
-) -> Result<Json<FractalView>, ApiError> {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let uuid = parse_uuid(&uuid)?;
+    if let Some(json) = state.finished.get(uuid) {
+        return Ok(json.respond(&headers));
+    }
+    let stamp = state.finished.stamp();
     let fractal = state
         .store
         .get(uuid)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
-    Ok(Json(FractalView::new(&fractal)))
+    let json = FractalJson::of(&fractal);
+    state.finished.keep(stamp, &fractal, &json);
+    Ok(json.respond(&headers))
 }
 
 #[utoipa::path(delete, path = "/v1/fractal/{uuid}", tag = "fractals",
