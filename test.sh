@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 # Chromium checks the web gallery in a real browser; the tests start their own PostgreSQL
 # servers, Patroni members, etcd members and OpenStack Swift clusters (S3 through s3api)
 # from the installed programs; the multi-host tests make hosts of network namespaces
-# (ip, from iproute2) and run PostgreSQL as its own user (setpriv, from util-linux).
+# (ip, from iproute2) and run PostgreSQL as its own user (setpriv, from util-linux);
+# `faafo bench http` drives wrk and compares with haproxy.
 declare -A needs=(
   [python3]=/usr/bin/python3
   [chromium]=/usr/bin/chromium
@@ -23,6 +24,8 @@ declare -A needs=(
   [iproute2]=/sbin/ip
   [util-linux]=/usr/bin/setpriv
   [python3-venv]=/usr/lib/python3.11/ensurepip
+  [wrk]=/usr/bin/wrk
+  [haproxy]=/usr/sbin/haproxy
 )
 missing=()
 for package in "${!needs[@]}"; do

@@ -44,6 +44,35 @@ impl FractalJson {
         }
     }
 
+    /// A page of the list, in [`faafo_core::wire::FractalPage`]'s shape, framed around
+    /// the fractals' JSON as it is.
+    pub fn page(
+        objects: &[FractalJson],
+        num_results: u64,
+        page: u64,
+        total_pages: u64,
+    ) -> Response {
+        use std::io::Write;
+        let size = objects.iter().map(|o| o.body.len() + 1).sum::<usize>() + 96;
+        let mut body = Vec::with_capacity(size);
+        let _ = write!(body, "{{\"num_results\":{num_results},\"objects\":[");
+        for (index, object) in objects.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&object.body);
+        }
+        let _ = write!(body, "],\"page\":{page},\"total_pages\":{total_pages}}}");
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            Body::from(body),
+        )
+            .into_response()
+    }
+
     /// 304 when the client's `If-None-Match` names this version, else 200 and the JSON.
     pub fn respond(self, request: &HeaderMap) -> Response {
         let unchanged = request
@@ -93,9 +122,14 @@ impl FinishedFractals {
 
     /// The kept copy of `uuid`, if one is still good.
     pub fn get(&self, uuid: Uuid) -> Option<FractalJson> {
-        let count = self.deletions.as_ref()?.current()?;
+        self.kept_under(self.stamp(), uuid)
+    }
+
+    /// The copy of `uuid` kept while the deletion count was `stamp`.
+    fn kept_under(&self, stamp: Option<u64>, uuid: Uuid) -> Option<FractalJson> {
+        let stamp = stamp?;
         let kept = self.kept.read().unwrap_or_else(|p| p.into_inner());
-        (kept.count == count)
+        (kept.count == stamp)
             .then(|| kept.fractals.get(&uuid).cloned())
             .flatten()
     }
@@ -105,12 +139,23 @@ impl FinishedFractals {
         self.deletions.as_ref()?.current()
     }
 
-    /// Keeps `fractal`'s JSON if it is finished and was read under `stamp`.
-    pub fn keep(&self, stamp: Option<u64>, fractal: &Fractal, json: &FractalJson) {
-        let Some(stamp) = stamp else { return };
+    /// The JSON of `fractal`, just read from the store under `stamp`: the kept copy when
+    /// one is good (the same record: no deletion since, so its uuid was not reused), else
+    /// made now, and kept if the fractal is finished.
+    pub fn json_of(&self, stamp: Option<u64>, fractal: &Fractal) -> FractalJson {
         if !fractal.state.is_finished() {
-            return;
+            return FractalJson::of(fractal);
         }
+        self.kept_under(stamp, fractal.uuid).unwrap_or_else(|| {
+            let json = FractalJson::of(fractal);
+            self.keep(stamp, fractal.uuid, &json);
+            json
+        })
+    }
+
+    /// Keeps a finished fractal's JSON, read under `stamp`.
+    fn keep(&self, stamp: Option<u64>, uuid: Uuid, json: &FractalJson) {
+        let Some(stamp) = stamp else { return };
         let mut kept = self.kept.write().unwrap_or_else(|p| p.into_inner());
         if stamp < kept.count {
             // Read before a deletion the memory already knows of: perhaps gone since.
@@ -120,6 +165,91 @@ impl FinishedFractals {
             kept.fractals.clear();
             kept.count = stamp;
         }
-        kept.fractals.insert(fractal.uuid, json.clone());
+        kept.fractals.insert(uuid, json.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use faafo_core::fractal::RenderResult;
+    use faafo_core::wire::FractalPage;
+    use faafo_core::{FractalSpec, FractalState, Window};
+
+    use super::*;
+
+    fn fractal(state: FractalState) -> Fractal {
+        let window = Window {
+            xa: -2.0,
+            xb: 2.0,
+            ya: -1.5,
+            yb: 1.5,
+        };
+        Fractal {
+            uuid: Uuid::new_v4(),
+            spec: FractalSpec::from_stored(40, 30, 64, window, -0.8, 0.156, None),
+            state,
+            attempts: 1,
+            max_attempts: 5,
+            result: (state == FractalState::Done).then(|| RenderResult {
+                checksum: "ab".repeat(32),
+                size: 1234,
+                duration: 0.25,
+                generated_by: "w \"1\"".into(),
+            }),
+            error: (state == FractalState::Failed).then(|| "it \\ broke\n".into()),
+            created_at_ms: 1_700_000_000_123,
+            finished_at_ms: state.is_finished().then_some(1_700_000_001_000),
+        }
+    }
+
+    async fn body_of(response: Response) -> Vec<u8> {
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_page_is_what_serde_makes_of_a_fractal_page() {
+        let fractals: Vec<Fractal> = [
+            FractalState::Done,
+            FractalState::Queued,
+            FractalState::Failed,
+            FractalState::Running,
+        ]
+        .into_iter()
+        .map(fractal)
+        .collect();
+        let expected = FractalPage {
+            num_results: 14,
+            objects: fractals.iter().map(FractalView::new).collect(),
+            page: 2,
+            total_pages: 4,
+        };
+        let jsons: Vec<FractalJson> = fractals.iter().map(FractalJson::of).collect();
+        let framed = body_of(FractalJson::page(&jsons, 14, 2, 4)).await;
+        assert_eq!(framed, serde_json::to_vec(&expected).unwrap());
+        let empty = body_of(FractalJson::page(&[], 0, 1, 0)).await;
+        let parsed: FractalPage = serde_json::from_slice(&empty).unwrap();
+        assert_eq!((parsed.objects.len(), parsed.num_results), (0, 0));
+    }
+
+    #[test]
+    fn only_finished_fractals_are_kept_and_a_deletion_drops_them() {
+        let deletions = Arc::new(Deletions::new(true));
+        let memory = FinishedFractals::new(Some(Arc::clone(&deletions)));
+        let (done, queued) = (fractal(FractalState::Done), fractal(FractalState::Queued));
+        let stamp = memory.stamp();
+        memory.json_of(stamp, &done);
+        memory.json_of(stamp, &queued);
+        assert!(memory.get(done.uuid).is_some());
+        assert!(memory.get(queued.uuid).is_none());
+        deletions.heard();
+        assert!(memory.get(done.uuid).is_none());
+        // A copy read before the deletion is not kept after it.
+        memory.json_of(stamp, &done);
+        assert!(memory.get(done.uuid).is_none());
+        memory.json_of(memory.stamp(), &done);
+        assert!(memory.get(done.uuid).is_some());
     }
 }

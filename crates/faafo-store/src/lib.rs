@@ -237,7 +237,7 @@ pub struct Deletions {
 }
 
 impl Deletions {
-    pub(crate) fn new(listening: bool) -> Self {
+    pub fn new(listening: bool) -> Self {
         Deletions {
             count: std::sync::atomic::AtomicU64::new(0),
             listening: std::sync::atomic::AtomicBool::new(listening),
@@ -253,13 +253,13 @@ impl Deletions {
     }
 
     /// A delete happened, or may have: every copy read before now is suspect.
-    pub(crate) fn heard(&self) {
+    pub fn heard(&self) {
         self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Whether deletions made elsewhere are being heard; either change also counts as a
     /// deletion, as some may have been missed around it.
-    pub(crate) fn set_listening(&self, listening: bool) {
+    pub fn set_listening(&self, listening: bool) {
         self.listening
             .store(listening, std::sync::atomic::Ordering::Release);
         self.heard();

@@ -10,6 +10,7 @@ use faafo_core::FractalState;
 use faafo_core::wire::CreateFractal;
 use tokio_util::sync::CancellationToken;
 
+use crate::bench_report::Report;
 use crate::roles::LocalService;
 
 #[derive(Debug, Subcommand)]
@@ -20,6 +21,9 @@ pub enum BenchCommand {
     Render(RenderBenchArgs),
     /// The queue: tiny tasks end to end (tasks/s) and pickup latency, on SQLite or PostgreSQL.
     Queue(crate::queue_bench::QueueBenchArgs),
+    /// The HTTP tiers under wrk: one fractal, the list, and the gateway, each beside
+    /// haproxy doing the same on this machine (needs wrk; haproxy for the comparisons).
+    Http(crate::http_bench::HttpBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -58,16 +62,20 @@ pub struct E2eArgs {
 }
 
 impl BenchCommand {
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// Runs the benchmark; with `json`, prints its figures as one JSON object.
+    pub async fn run(self, json: bool) -> anyhow::Result<()> {
+        let mut report = Report::new(json);
         match self {
-            BenchCommand::E2e(args) => e2e(args).await,
-            BenchCommand::Render(args) => crate::render_bench::run(&args.into()),
-            BenchCommand::Queue(args) => crate::queue_bench::run(args).await,
+            BenchCommand::E2e(args) => e2e(args, &mut report).await?,
+            BenchCommand::Render(args) => crate::render_bench::run(&args.into(), &mut report)?,
+            BenchCommand::Queue(args) => crate::queue_bench::run(args, &mut report).await?,
+            BenchCommand::Http(args) => crate::http_bench::run(args, &mut report).await?,
         }
+        report.finish()
     }
 }
 
-async fn e2e(args: E2eArgs) -> anyhow::Result<()> {
+async fn e2e(args: E2eArgs, report: &mut Report) -> anyhow::Result<()> {
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -131,23 +139,26 @@ async fn e2e(args: E2eArgs) -> anyhow::Result<()> {
 
     let mean = durations.iter().sum::<f64>() / durations.len() as f64;
     let max = durations.iter().copied().fold(0.0, f64::max);
-    println!(
+    let throughput = f64::from(args.tasks) / wall.as_secs_f64();
+    report.say(format!(
         "faafo bench e2e: {} tasks of {}x{}, {} iterations, {workers} worker(s), windows as the original client picks them",
         args.tasks, args.width, args.height, args.iterations
-    );
-    println!(
+    ));
+    report.say(format!(
         "  all done after      {:.3} s  (creates took {:.3} s)",
         wall.as_secs_f64(),
         created.as_secs_f64()
-    );
-    println!(
-        "  throughput          {:.1} tasks/s",
-        f64::from(args.tasks) / wall.as_secs_f64()
-    );
-    println!(
-        "  render per task     mean {:.3} s, max {:.3} s (reported by workers)",
-        mean, max
-    );
+    ));
+    report.say(format!("  throughput          {throughput:.1} tasks/s"));
+    report.say(format!(
+        "  render per task     mean {mean:.3} s, max {max:.3} s (reported by workers)"
+    ));
+    report.figure("workers", workers);
+    report.figure("all_done_s", wall.as_secs_f64());
+    report.figure("creates_s", created.as_secs_f64());
+    report.figure("tasks_per_s", throughput);
+    report.figure("render_mean_s", mean);
+    report.figure("render_max_s", max);
     Ok(())
 }
 

@@ -68,7 +68,7 @@ pub const CLIENT_FLAGS: [(&str, &[&str]); 4] = [
     (
         "json",
         &[
-            "create", "list", "show", "get", "delete", "status", "probe", "cluster",
+            "create", "list", "show", "get", "delete", "status", "probe", "cluster", "bench",
         ],
     ),
     (
@@ -438,7 +438,7 @@ impl Cli {
                 }
             }
             Command::Render(args) => render_cli::render(&args),
-            Command::Bench(command) => command.run().await,
+            Command::Bench(command) => command.run(output.json).await,
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The `faafo` binary: one executable, a subcommand per role.
 
 mod bench;
+mod bench_report;
 mod cli;
 mod client_cli;
 mod config_file;
+mod http_bench;
 mod logging;
 mod probe;
 mod queue_bench;

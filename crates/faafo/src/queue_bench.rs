@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::bench_report::Report;
 use crate::roles::{Backing, LocalService, open_store};
 
 #[derive(Debug, Args)]
@@ -52,7 +53,7 @@ pub struct QueueBenchArgs {
 
 const TOKEN: &str = "queue-bench";
 
-pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: QueueBenchArgs, report: &mut Report) -> anyhow::Result<()> {
     let store_name = match &args.database_url {
         Some(url) if url.starts_with("postgres") => "postgresql",
         Some(_) => "sqlite",
@@ -66,19 +67,21 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
             std::env::temp_dir()
         }
     });
-    println!(
+    report.say(format!(
         "faafo bench queue: {store_name}, tiny tasks (8x8 pixels, 1 iteration), through the HTTP API in this process"
-    );
-    println!(
+    ));
+    report.say(format!(
         "  images (and a default SQLite file) under {}",
         scratch_root.display()
-    );
-    println!(
-        "  workers  tasks/s (create -> lease -> upload -> done)   pickup p50 / p99 (idle workers, create sent -> lease received)"
+    ));
+    report.say(
+        "  workers  tasks/s (create -> lease -> upload -> done)   pickup p50 / p99 (idle workers, create sent -> lease received)",
     );
     if args.instances > 1 {
-        println!("  tasks created through one API instance, workers waiting on another");
+        report.say("  tasks created through one API instance, workers waiting on another");
     }
+    report.figure("store", store_name);
+    report.figure("instances", args.instances);
     for &workers in &args.workers {
         let scratch = tempfile::tempdir_in(&scratch_root)?;
         let url = match &args.database_url {
@@ -116,11 +119,15 @@ pub async fn run(args: QueueBenchArgs) -> anyhow::Result<()> {
 
         let throughput = bench.throughput(args.tasks).await?;
         let (p50, p99) = bench.pickup_latency(args.latency_samples).await?;
-        println!(
+        report.say(format!(
             "  {workers:>7}  {throughput:>8.0}                                      {:>6.2} ms / {:>6.2} ms",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3
-        );
+        ));
+        let at = |figure: &str| format!("workers_{workers}.{figure}");
+        report.figure(&at("tasks_per_s"), throughput);
+        report.figure(&at("pickup_p50_ms"), p50.as_secs_f64() * 1e3);
+        report.figure(&at("pickup_p99_ms"), p99.as_secs_f64() * 1e3);
         bench.stop().await;
         shutdown.cancel();
         for service in services {

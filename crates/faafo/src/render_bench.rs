@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use faafo_render::{Engine, JuliaParams, choose_constant, render_png};
 
 use crate::bench::OriginalWindows;
+use crate::bench_report::Report;
 use crate::render_cli::in_pool;
 
 /// The bound the issue states for one core of the reference machine (Zen 3, ~3 GHz,
@@ -83,26 +84,30 @@ fn typical_mix(tasks: u32, seed: u64) -> Vec<JuliaParams> {
         .collect()
 }
 
-pub fn run(options: &Options) -> anyhow::Result<()> {
+pub fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let simd = Engine::Simd
         .kernel()
         .map(|_| Engine::Simd)
         .unwrap_or(Engine::Scalar);
     if simd == Engine::Scalar {
-        println!("note: this CPU has no AVX2; the SIMD rows below are the scalar kernel");
+        report.say("note: this CPU has no AVX2; the SIMD rows below are the scalar kernel");
     }
     let ceiling = arithmetic_ceiling();
-    println!(
-        "faafo bench render (one core unless stated; lane-iterations are the original algorithm's z updates)"
+    report.say(
+        "faafo bench render (one core unless stated; lane-iterations are the original algorithm's z updates)",
     );
+    report.figure("reference_bound_lane_iterations_per_s", REFERENCE_BOUND);
     match ceiling {
-        Some(ceiling) => println!(
-            "this core's ceiling: a bare AVX2 loop of the same arithmetic runs {:.2} G lane-iterations/s ({:.0}% of the reference bound of {:.1} G/s)",
-            ceiling / 1e9,
-            ceiling / REFERENCE_BOUND * 100.0,
-            REFERENCE_BOUND / 1e9
-        ),
-        None => println!("this core's ceiling: not measured (no AVX2)"),
+        Some(ceiling) => {
+            report.say(format!(
+                "this core's ceiling: a bare AVX2 loop of the same arithmetic runs {:.2} G lane-iterations/s ({:.0}% of the reference bound of {:.1} G/s)",
+                ceiling / 1e9,
+                ceiling / REFERENCE_BOUND * 100.0,
+                REFERENCE_BOUND / 1e9
+            ));
+            report.figure("ceiling_lane_iterations_per_s", ceiling);
+        }
+        None => report.say("this core's ceiling: not measured (no AVX2)"),
     }
     let fraction = |rate: f64| match ceiling {
         Some(ceiling) => format!(
@@ -125,8 +130,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         cx: -0.8,
         cy: 0.156,
     }];
-    for (name, images) in [
+    for (key, name, images) in [
         (
+            "typical",
             format!(
                 "typical mix ({} tasks, 256..1024 px, 128..512 iterations)",
                 mix.len()
@@ -134,37 +140,56 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             &mix[..],
         ),
         (
+            "heavy",
             "heavy (c = -0.8+0.156i, 1024x1024, 512 iterations)".to_owned(),
             &heavy[..],
         ),
     ] {
-        println!("\n{name}");
+        report.say(format!("\n{name}"));
         let scalar = measure(images, Engine::Scalar, 1)?;
         let vector = measure(images, simd, 1)?;
-        for (label, figures) in [("scalar", scalar), ("simd  ", vector)] {
-            println!(
-                "  {label}  {:>7.1} Mpixel/s  {:>5.2} G lane-it/s ({})  encode {:.2} ms/Mpixel  {:.1} iterations/pixel",
+        for (label, figures) in [("scalar", scalar), ("simd", vector)] {
+            let encode_ms_per_mpixel =
+                figures.encode.as_secs_f64() * 1e3 / (figures.pixels as f64 / 1e6);
+            report.say(format!(
+                "  {label:<6}  {:>7.1} Mpixel/s  {:>5.2} G lane-it/s ({})  encode {:.2} ms/Mpixel  {:.1} iterations/pixel",
                 figures.megapixels_per_second(),
                 figures.iterations_per_second() / 1e9,
                 fraction(figures.iterations_per_second()),
-                figures.encode.as_secs_f64() * 1e3 / (figures.pixels as f64 / 1e6),
+                encode_ms_per_mpixel,
                 figures.iterations as f64 / figures.pixels as f64,
+            ));
+            let at = |figure: &str| format!("{key}.{label}.{figure}");
+            report.figure(&at("mpixel_per_s"), figures.megapixels_per_second());
+            report.figure(
+                &at("lane_iterations_per_s"),
+                figures.iterations_per_second(),
             );
+            if let Some(ceiling) = ceiling {
+                report.figure(
+                    &at("share_of_ceiling"),
+                    figures.iterations_per_second() / ceiling,
+                );
+            }
+            report.figure(&at("encode_ms_per_mpixel"), encode_ms_per_mpixel);
         }
-        println!(
-            "  speed-up of simd over scalar: {:.2}x; PNG bytes {}",
-            scalar.wall.as_secs_f64() / vector.wall.as_secs_f64(),
+        let speedup = scalar.wall.as_secs_f64() / vector.wall.as_secs_f64();
+        report.say(format!(
+            "  speed-up of simd over scalar: {speedup:.2}x; PNG bytes {}",
             vector.bytes
-        );
+        ));
+        report.figure(&format!("{key}.simd_speedup"), speedup);
     }
 
     if options.large {
-        println!(
-            "\n9999x9999, 256 iterations, every core, streamed to a file (a separate process, for its peak memory)"
+        report.say(
+            "\n9999x9999, 256 iterations, every core, streamed to a file (a separate process, for its peak memory)",
         );
         for engine in ["scalar", "simd"] {
             let (wall, rss) = large_render(engine)?;
-            println!("  {engine:<6}  {wall:.3} s  peak RSS {rss:.1} MiB");
+            report.say(format!("  {engine:<6}  {wall:.3} s  peak RSS {rss:.1} MiB"));
+            report.figure(&format!("large.{engine}.seconds"), wall);
+            report.figure(&format!("large.{engine}.peak_rss_mib"), rss);
         }
     }
     Ok(())

@@ -36,7 +36,7 @@ const QUOTA_RETRY_AFTER_S: u64 = 5;
 pub async fn list(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
-) -> Result<Json<FractalPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let mut page = 1;
     let mut per_page = DEFAULT_PER_PAGE;
     for (key, value) in form_pairs(query.as_deref().unwrap_or("")) {
@@ -58,16 +58,22 @@ pub async fn list(
         }
     }
     let offset = (page - 1).saturating_mul(per_page);
+    let stamp = state.finished.stamp();
     let found = state
         .store
         .list(ListOrder::OldestFirst, offset, per_page)
         .await?;
-    Ok(Json(FractalPage {
-        num_results: found.total,
-        objects: found.fractals.iter().map(FractalView::new).collect(),
+    let objects: Vec<FractalJson> = found
+        .fractals
+        .iter()
+        .map(|fractal| state.finished.json_of(stamp, fractal))
+        .collect();
+    Ok(FractalJson::page(
+        &objects,
+        found.total,
         page,
-        total_pages: found.total.div_ceil(per_page),
-    }))
+        found.total.div_ceil(per_page),
+    ))
 }
 
 fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
@@ -198,9 +204,7 @@ pub async fn show(
         .get(uuid)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no fractal {uuid}")))?;
-    let json = FractalJson::of(&fractal);
-    state.finished.keep(stamp, &fractal, &json);
-    Ok(json.respond(&headers))
+    Ok(state.finished.json_of(stamp, &fractal).respond(&headers))
 }
 
 #[utoipa::path(delete, path = "/v1/fractal/{uuid}", tag = "fractals",
