@@ -64,7 +64,19 @@ pub enum RenderError {
     #[error(transparent)]
     Engine(#[from] EngineUnavailable),
     #[error("PNG encoding failed")]
-    Encode(#[from] png::EncodingError),
+    Encode(#[source] png::EncodingError),
+    /// Where the PNG goes refused it (a full disk, a closed pipe).
+    #[error("writing the PNG failed")]
+    Write(#[source] std::io::Error),
+}
+
+impl From<png::EncodingError> for RenderError {
+    fn from(error: png::EncodingError) -> Self {
+        match error {
+            png::EncodingError::IoError(error) => RenderError::Write(error),
+            other => RenderError::Encode(other),
+        }
+    }
 }
 
 /// Renders `params` into PNG bytes in memory and checksums them, using the current
@@ -97,7 +109,47 @@ pub fn render_png_to<W: Write + Send>(
     let parallel =
         u64::from(params.width) * u64::from(params.height) * u64::from(params.iterations)
             > SERIAL_WORK;
-    encode(params, engine, cancel, out, parallel)
+    let mut sink = KeepError { out, error: None };
+    match encode(params, engine, cancel, &mut sink, parallel) {
+        Err(_) if sink.error.is_some() => Err(RenderError::Write(sink.error.expect("just seen"))),
+        result => result,
+    }
+}
+
+/// Keeps the first error of the writer it wraps: png passes a failed write on as text,
+/// and callers need the error itself (a closed pipe is no failure to report).
+struct KeepError<W> {
+    out: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W> KeepError<W> {
+    fn keep(&mut self, error: &std::io::Error) {
+        if self.error.is_none() {
+            self.error = Some(match error.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(error.kind(), error.to_string()),
+            });
+        }
+    }
+}
+
+impl<W: Write> Write for KeepError<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.out.write(buf);
+        if let Err(error) = &written {
+            self.keep(error);
+        }
+        written
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let flushed = self.out.flush();
+        if let Err(error) = &flushed {
+            self.keep(error);
+        }
+        flushed
+    }
 }
 
 fn encode<W: Write + Send>(
@@ -297,6 +349,33 @@ mod tests {
             bytes
         };
         assert_eq!(render(false), render(true));
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_as_itself() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let wide = JuliaParams {
+            width: 2048,
+            height: 1100,
+            ..params()
+        };
+        for params in [params(), wide] {
+            let never = AtomicBool::new(false);
+            match render_png_to(&params, Engine::Auto, &never, Closed) {
+                Err(RenderError::Write(error)) => {
+                    assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -31,9 +31,22 @@ fn main() -> std::process::ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of the output went away (`faafo list | head`): nothing to say, and the
+        // status a shell gives a command that SIGPIPE stopped.
+        Err(error) if is_broken_pipe(&error) => std::process::ExitCode::from(141),
         Err(error) => {
             eprintln!("faafo: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let kind = match cause.downcast_ref::<serde_json::Error>() {
+            Some(json) => json.io_error_kind(),
+            None => cause.downcast_ref::<std::io::Error>().map(|io| io.kind()),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -232,6 +232,23 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
     assert_eq!(faafo("not a url", &["list"]).status.code(), Some(1));
 }
 
+/// `faafo ... | head`: when the reader goes away, faafo stops without a word, with the
+/// status a shell gives a command stopped by SIGPIPE.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_faafo"))
+        .args(["render", "--width", "300", "--height", "300", "-o", "-"])
+        .env("RUST_LOG", "warn")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("faafo runs");
+    assert_eq!(output.status.code(), Some(141), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn create_wait_survives_an_api_killed_mid_run_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
