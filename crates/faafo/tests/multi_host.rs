@@ -465,6 +465,38 @@ impl Deployment {
         .await
     }
 
+    /// Waits until every Patroni member runs and every replica could take over (its lag
+    /// known and within `maximum_lag_on_failover`), as an operator does before taking the
+    /// next host down in a rolling restart: a member cut off earlier may still need
+    /// pg_rewind, and restarting the leader meanwhile leaves nobody fit to follow it.
+    async fn replicating(&self) {
+        let members = self.postgres.len();
+        common::wait_for(
+            "every Patroni member to replicate",
+            Duration::from_secs(180),
+            || async {
+                for node in &self.postgres {
+                    let Ok(view) = postgres::cluster(&self.http, node.rest).await else {
+                        continue;
+                    };
+                    let fit = view.len() == members
+                        && view.iter().filter(|m| m.role == "leader").count() == 1
+                        && view.iter().all(|m| {
+                            m.is_running()
+                                && (m.role == "leader"
+                                    || m.lag
+                                        .as_ref()
+                                        .and_then(|lag| lag.as_u64())
+                                        .is_some_and(|bytes| bytes <= 1_048_576))
+                        });
+                    return fit.then_some(());
+                }
+                None
+            },
+        )
+        .await
+    }
+
     /// The index of a host other than `old` whose Patroni member leads, as the hosts
     /// still reachable see it.
     async fn leader_other_than(&self, old: usize) -> usize {
@@ -765,6 +797,7 @@ async fn three_hosts_survive_a_crashed_host_an_isolated_host_and_a_rolling_resta
     load.wait_for_creates(20).await;
     let started = Instant::now();
     for index in 0..deployment.hosts.hosts.len() {
+        deployment.replicating().await;
         let restarted = Instant::now();
         deployment.restart(index).await;
         println!(
