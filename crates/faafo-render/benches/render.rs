@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::sync::atomic::AtomicBool;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use faafo_render::{Engine, JuliaParams, Kernel, column_coordinates, render_png, render_row};
+use faafo_render::{Engine, JuliaParams, Kernel, column_coordinates, render_png, render_rows};
 
 fn heavy(width: u32) -> JuliaParams {
     JuliaParams {
@@ -48,19 +48,13 @@ fn kernel(c: &mut Criterion) {
     let mut group = c.benchmark_group("kernel");
     for (case, params) in [("heavy", heavy(256)), ("typical", typical(512))] {
         let columns = column_coordinates(&params);
-        let mut row = vec![0u8; params.width as usize];
+        let mut pixels = vec![0u8; (params.width * params.height) as usize];
         group.throughput(Throughput::Elements(
             u64::from(params.width) * u64::from(params.height),
         ));
         for (name, kernel) in kernels() {
             group.bench_function(BenchmarkId::new(case, name), |b| {
-                b.iter(|| {
-                    let mut work = 0;
-                    for y in 0..params.height {
-                        work += render_row(&params, kernel, &columns, y, &mut row);
-                    }
-                    black_box(work)
-                })
+                b.iter(|| black_box(render_rows(&params, kernel, &columns, 0, &mut pixels)))
             });
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::kernel::{EngineUnavailable, Kernel, column_coordinates, render_row};
+use crate::kernel::{EngineUnavailable, Kernel, column_coordinates, render_rows};
 use crate::{Engine, JuliaParams};
 
 /// The 32 colours that occur: entry `k` is `(k%8*32, k%16*16, k*8)`.
@@ -28,6 +28,11 @@ pub const PALETTE: [u8; 96] = {
 
 /// Pixels rendered between two writes to the encoder.
 const BAND_PIXELS: usize = 1 << 20;
+
+/// Pixels of one piece of a band, the unit of work of a pool thread (whole rows, at least
+/// one): enough rows that the vector lanes seldom run dry, few enough that a band still
+/// spreads over the cores and a cancelled render stops promptly.
+const PIECE_PIXELS: usize = 1 << 14;
 
 /// Images with at most this much work (pixels × iterations, an upper bound) are rendered
 /// on the calling thread: handing them to the pool costs more than they do (a tiny task
@@ -247,20 +252,20 @@ fn render_band(
     cancel: &AtomicBool,
     parallel: bool,
 ) -> Result<u64, RenderError> {
-    let row = |(offset, line): (usize, &mut [u8])| {
-        // Row by row, so a small image with many iterations still stops promptly.
+    let rows_per_piece = (PIECE_PIXELS / columns.len()).max(1);
+    let piece = |(index, pixels): (usize, &mut [u8])| {
+        // Piece by piece, so a small image with many iterations still stops promptly.
         if cancel.load(Ordering::Relaxed) {
             return 0;
         }
-        render_row(params, kernel, columns, first_row + offset as u32, line)
+        let row = first_row + (index * rows_per_piece) as u32;
+        render_rows(params, kernel, columns, row, pixels)
     };
+    let size = rows_per_piece * columns.len();
     let work = if parallel {
-        band.par_chunks_mut(columns.len())
-            .enumerate()
-            .map(row)
-            .sum()
+        band.par_chunks_mut(size).enumerate().map(piece).sum()
     } else {
-        band.chunks_mut(columns.len()).enumerate().map(row).sum()
+        band.chunks_mut(size).enumerate().map(piece).sum()
     };
     if cancel.load(Ordering::Relaxed) {
         return Err(RenderError::Cancelled);
@@ -331,7 +336,13 @@ mod tests {
         let never = AtomicBool::new(false);
         let banded = render_png(&wide, Engine::Auto, &never).unwrap();
         let mut indices = vec![0u8; 4096 * 300];
-        crate::render_rows(&wide, Kernel::Scalar, 0, &mut indices);
+        crate::render_rows(
+            &wide,
+            Kernel::Scalar,
+            &column_coordinates(&wide),
+            0,
+            &mut indices,
+        );
         let mut decoded = png::Decoder::new(std::io::Cursor::new(banded.bytes))
             .read_info()
             .unwrap();

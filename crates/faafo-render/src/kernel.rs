@@ -11,7 +11,7 @@ pub enum Engine {
     Auto,
     /// The plain scalar loop, the reference for every other kernel.
     Scalar,
-    /// Vector instructions (x86-64 AVX2); unavailable on other CPUs.
+    /// Vector instructions (x86-64 AVX2 and FMA); unavailable on other CPUs.
     Simd,
 }
 
@@ -25,7 +25,7 @@ pub enum Kernel {
 
 /// The engine asked for cannot run on this CPU.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the {0:?} engine needs a CPU with AVX2, which this one lacks")]
+#[error("the {0:?} engine needs a CPU with AVX2 and FMA, which this one lacks")]
 pub struct EngineUnavailable(pub Engine);
 
 impl Engine {
@@ -36,7 +36,9 @@ impl Engine {
             Engine::Auto => Ok(Engine::Simd.kernel().unwrap_or(Kernel::Scalar)),
             Engine::Simd => {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
                     return Ok(Kernel::Avx2);
                 }
                 Err(EngineUnavailable(self))
@@ -101,24 +103,42 @@ pub fn column_coordinates(params: &JuliaParams) -> Vec<f64> {
     (0..params.width).map(|x| params.column_re(x)).collect()
 }
 
-/// Renders row `y` into `out` (one palette index per pixel) and returns the number of
-/// iterations the original algorithm performs for it (`z` updates, summed over pixels).
-pub fn render_row(
+/// Renders rows `first_row..` into `out` (one palette index per pixel, row-major, whole
+/// rows of `columns.len()` pixels) and returns the number of iterations the original
+/// algorithm performs for them (`z` updates, summed over pixels). `columns` are the
+/// image's [`column_coordinates`]. Several rows at once keep the vector lanes busier than
+/// one.
+///
+/// Panics if `out` is not whole rows inside the image; callers size it.
+pub fn render_rows(
     params: &JuliaParams,
     kernel: Kernel,
     columns: &[f64],
-    y: u32,
+    first_row: u32,
     out: &mut [u8],
 ) -> u64 {
-    debug_assert_eq!(columns.len(), out.len());
-    let im = params.row_im(y);
+    let width = columns.len();
+    assert!(
+        width == params.width as usize && out.len().is_multiple_of(width),
+        "output is not whole rows"
+    );
+    let rows = (out.len() / width) as u32;
+    assert!(first_row + rows <= params.height, "rows past the image");
+    let (cx, cy, iterations) = (params.cx, params.cy, params.iterations);
     match kernel {
-        Kernel::Scalar => scalar_row(columns, im, params.cx, params.cy, params.iterations, out),
+        Kernel::Scalar => out
+            .chunks_exact_mut(width)
+            .zip(first_row..)
+            .map(|(row, y)| scalar_row(columns, params.row_im(y), cx, cy, iterations, row))
+            .sum(),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Kernel::Avx2` is only handed out after detecting AVX2.
-        Kernel::Avx2 => unsafe {
-            crate::simd::avx2::render_row(columns, im, params.cx, params.cy, params.iterations, out)
-        },
+        Kernel::Avx2 => {
+            let ims: Vec<f64> = (first_row..first_row + rows)
+                .map(|y| params.row_im(y))
+                .collect();
+            // SAFETY: `Kernel::Avx2` is only handed out after detecting AVX2 and FMA.
+            unsafe { crate::simd::avx2::render_rows(columns, &ims, cx, cy, iterations, out) }
+        }
     }
 }
 
@@ -136,25 +156,6 @@ fn scalar_row(columns: &[f64], im: f64, cx: f64, cy: f64, iterations: u32, out: 
         *pixel = palette_index(step);
     }
     work
-}
-
-/// Renders rows `first_row..first_row + out.len() / width` into `out` as palette indices,
-/// one byte per pixel, row-major, and returns the iterations performed.
-///
-/// Panics if `out.len()` is not a whole number of rows inside the image; callers size it.
-pub fn render_rows(params: &JuliaParams, kernel: Kernel, first_row: u32, out: &mut [u8]) -> u64 {
-    let width = params.width as usize;
-    assert!(
-        width > 0 && out.len().is_multiple_of(width),
-        "output is not whole rows"
-    );
-    let rows = (out.len() / width) as u32;
-    assert!(first_row + rows <= params.height, "rows past the image");
-    let columns = column_coordinates(params);
-    out.chunks_exact_mut(width)
-        .zip(first_row..)
-        .map(|(row, y)| render_row(params, kernel, &columns, y, row))
-        .sum()
 }
 
 #[cfg(test)]
@@ -211,7 +212,16 @@ mod tests {
         };
         let mut out = [0u8; 2];
         // (3, 0) escapes at once: 0 updates; (0, 0) never does: 10 updates.
-        assert_eq!(render_rows(&params, Kernel::Scalar, 0, &mut out), 10);
+        assert_eq!(
+            render_rows(
+                &params,
+                Kernel::Scalar,
+                &column_coordinates(&params),
+                0,
+                &mut out
+            ),
+            10
+        );
         assert_eq!(out, [0, 9]);
         // A point that escapes exactly at the last step made as many updates as its step.
         let last = JuliaParams {
@@ -221,6 +231,15 @@ mod tests {
             ..params
         };
         let mut one = [0u8; 1];
-        assert_eq!(render_rows(&last, Kernel::Scalar, 0, &mut one), 1);
+        assert_eq!(
+            render_rows(
+                &last,
+                Kernel::Scalar,
+                &column_coordinates(&last),
+                0,
+                &mut one
+            ),
+            1
+        );
     }
 }

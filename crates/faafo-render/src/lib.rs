@@ -19,8 +19,7 @@ pub use encode::{
     PALETTE, RenderError, RenderStats, RenderedPng, png_dimensions, render_png, render_png_to,
 };
 pub use kernel::{
-    Engine, EngineUnavailable, Kernel, column_coordinates, escape_step, palette_index, render_row,
-    render_rows,
+    Engine, EngineUnavailable, Kernel, column_coordinates, escape_step, palette_index, render_rows,
 };
 
 /// Everything a render depends on. Validation of user input happens in `faafo-core`;

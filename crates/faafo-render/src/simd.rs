@@ -5,8 +5,8 @@
 pub(crate) mod avx2 {
     use std::arch::x86_64::{
         __m256d, _CMP_GT_OQ, _mm256_add_pd, _mm256_and_pd, _mm256_andnot_pd, _mm256_blendv_pd,
-        _mm256_cmp_pd, _mm256_loadu_pd, _mm256_movemask_pd, _mm256_mul_pd, _mm256_set1_pd,
-        _mm256_setzero_pd, _mm256_storeu_pd, _mm256_sub_pd,
+        _mm256_cmp_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_movemask_pd, _mm256_mul_pd,
+        _mm256_or_pd, _mm256_set1_pd, _mm256_setzero_pd, _mm256_storeu_pd, _mm256_sub_pd,
     };
 
     use crate::kernel::{BAND, magnitude_exceeds_two, palette_index};
@@ -28,94 +28,130 @@ pub(crate) mod avx2 {
     /// Registers iterated together: one iteration is a chain of about 9 cycles of latency
     /// (multiply, subtract, add), so four independent chains keep the add units busy.
     const SLOTS: usize = 4;
-    /// A slot that has no pixels left.
+    /// The start of a lane that has no pixel.
     const IDLE: u64 = u64::MAX;
 
-    /// Steps every pixel takes in the vector pre-pass before the slots take over.
+    /// Steps every pixel takes in the vector pre-pass before the survivor loop takes over.
     const PREPASS_STEPS: u32 = 8;
-    /// Pixels still iterating after the pre-pass, gathered before the slots run them.
-    const SURVIVORS: usize = 256;
 
-    /// Renders one row whose column coordinates are `columns` and imaginary part `im`,
-    /// returning the `z` updates the original algorithm performs for it.
+    /// Renders the rows whose imaginary parts are `ims`, one after another in `out`, each
+    /// `columns.len()` pixels wide, and returns the `z` updates the original algorithm
+    /// performs for them.
     ///
-    /// Most pixels of a typical image escape within a few steps, so every group of four
+    /// Most pixels of a typical image escape within a few steps, so every group of eight
     /// pixels first runs up to `PREPASS_STEPS` steps in a short vector loop. The pixels
-    /// still iterating after that go on in [`iterate_survivors`].
+    /// still iterating after that are gathered over all the rows and go on in
+    /// [`iterate_survivors`], whose lanes run dry only once, at the end.
     ///
     /// # Safety
-    /// The CPU must support AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn render_row(
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn render_rows(
         columns: &[f64],
-        im: f64,
+        ims: &[f64],
         cr: f64,
         ci: f64,
         iterations: u32,
         out: &mut [u8],
     ) -> u64 {
-        let prepass = iterations.min(PREPASS_STEPS);
-        let mut survivors = Survivors::new();
-        let mut work = 0;
-        let z_im = _mm256_set1_pd(im);
         let width = columns.len();
-        let mut first = 0;
-        while first < width {
-            let pixels = (width - first).min(PAIR);
-            let z_re = if pixels == PAIR {
-                // SAFETY: 8 f64 from `first` are inside `columns`.
-                unsafe {
-                    [
-                        _mm256_loadu_pd(columns.as_ptr().add(first)),
-                        _mm256_loadu_pd(columns.as_ptr().add(first + LANES)),
-                    ]
-                }
-            } else {
-                // The row's last pixels: spare lanes repeat the last one and are dropped.
-                let mut re = [columns[width - 1]; PAIR];
-                re[..pixels].copy_from_slice(&columns[first..]);
-                // SAFETY: reads 8 f64 from an 8-element array.
-                unsafe {
-                    [
-                        _mm256_loadu_pd(re.as_ptr()),
-                        _mm256_loadu_pd(re.as_ptr().add(LANES)),
-                    ]
-                }
-            };
-            let outcome = prepass_pair(z_re, z_im, cr, ci, prepass);
-            if outcome.all_escaped && pixels == PAIR {
-                // The common case, without a branch per pixel.
-                let steps = outcome.escaped_at.map(|step| step as u32);
-                for (pixel, step) in out[first..first + PAIR].iter_mut().zip(steps) {
-                    *pixel = palette_index(step);
-                }
-                work += steps.iter().map(|&step| u64::from(step)).sum::<u64>();
-                first += PAIR;
-                continue;
-            }
-            for lane in 0..pixels {
-                let pixel = first + lane;
-                let step = outcome.escaped_at[lane];
-                if step >= 0.0 {
-                    out[pixel] = palette_index(step as u32);
-                    work += step as u64;
-                } else if iterations == prepass {
-                    out[pixel] = palette_index(iterations - 1);
-                    work += u64::from(iterations);
-                } else {
-                    survivors.push(pixel, outcome.re[lane], outcome.im[lane]);
-                    if survivors.len == SURVIVORS {
-                        work += iterate_survivors(&survivors, cr, ci, prepass, iterations, out);
-                        survivors.len = 0;
-                    }
-                }
-            }
-            first += pixels;
+        debug_assert_eq!(out.len(), width * ims.len());
+        let prepass = iterations.min(PREPASS_STEPS);
+        let pass = Prepass {
+            c: (cr, ci),
+            steps: prepass,
+            iterations,
+        };
+        let mut survivors = Vec::new();
+        let mut work = 0;
+        for (index, (row, &im)) in out.chunks_exact_mut(width).zip(ims).enumerate() {
+            work += pass.row(columns, im, row, index * width, &mut survivors);
         }
-        if survivors.len > 0 {
+        if !survivors.is_empty() {
             work += iterate_survivors(&survivors, cr, ci, prepass, iterations, out);
         }
         work
+    }
+
+    /// The pre-pass of one image.
+    struct Prepass {
+        c: (f64, f64),
+        steps: u32,
+        iterations: u32,
+    }
+
+    impl Prepass {
+        /// Runs the pre-pass over one row (its pixels start at `first_pixel` of the
+        /// output), writing the pixels it decides into `out` and pushing the others onto
+        /// `survivors`. Returns the `z` updates of the pixels it decided.
+        #[target_feature(enable = "avx2")]
+        fn row(
+            &self,
+            columns: &[f64],
+            im: f64,
+            out: &mut [u8],
+            first_pixel: usize,
+            survivors: &mut Vec<Survivor>,
+        ) -> u64 {
+            let (cr, ci) = self.c;
+            let mut work = 0;
+            let z_im = _mm256_set1_pd(im);
+            let width = columns.len();
+            let mut first = 0;
+            while first < width {
+                let pixels = (width - first).min(PAIR);
+                let z_re = if pixels == PAIR {
+                    // SAFETY: 8 f64 from `first` are inside `columns`.
+                    unsafe {
+                        [
+                            _mm256_loadu_pd(columns.as_ptr().add(first)),
+                            _mm256_loadu_pd(columns.as_ptr().add(first + LANES)),
+                        ]
+                    }
+                } else {
+                    // The row's last pixels: spare lanes repeat the last one and are dropped.
+                    let mut re = [columns[width - 1]; PAIR];
+                    re[..pixels].copy_from_slice(&columns[first..]);
+                    // SAFETY: reads 8 f64 from an 8-element array.
+                    unsafe {
+                        [
+                            _mm256_loadu_pd(re.as_ptr()),
+                            _mm256_loadu_pd(re.as_ptr().add(LANES)),
+                        ]
+                    }
+                };
+                let outcome = prepass_pair(z_re, z_im, cr, ci, self.steps);
+                if outcome.all_escaped && pixels == PAIR {
+                    // The common case, without a branch per pixel.
+                    let steps = outcome.escaped_at.map(|step| step as u32);
+                    for (pixel, step) in out[first..first + PAIR].iter_mut().zip(steps) {
+                        *pixel = palette_index(step);
+                    }
+                    work += steps.iter().map(|&step| u64::from(step)).sum::<u64>();
+                    first += PAIR;
+                    continue;
+                }
+                for lane in 0..pixels {
+                    let pixel = first + lane;
+                    let step = outcome.escaped_at[lane];
+                    if step >= 0.0 {
+                        out[pixel] = palette_index(step as u32);
+                        work += step as u64;
+                    } else if self.iterations == self.steps {
+                        out[pixel] = palette_index(self.iterations - 1);
+                        work += u64::from(self.iterations);
+                    } else {
+                        survivors.push(Survivor {
+                            pixel: first_pixel + pixel,
+                            re: outcome.re[lane],
+                            im: outcome.im[lane],
+                        });
+                    }
+                }
+                first += pixels;
+            }
+            work
+        }
     }
 
     /// Pixels the pre-pass iterates together: two registers, two independent chains.
@@ -212,216 +248,257 @@ pub(crate) mod avx2 {
         unsafe { _mm256_loadu_pd(mask.as_ptr()) }
     }
 
-    /// Pixels that outlasted the pre-pass: where they are, and their `z` at that step.
-    struct Survivors {
-        pixel: [usize; SURVIVORS],
-        re: [f64; SURVIVORS],
-        im: [f64; SURVIVORS],
-        len: usize,
+    /// A pixel still iterating after the pre-pass: where it is in the output, and its `z`.
+    #[derive(Clone, Copy)]
+    struct Survivor {
+        pixel: usize,
+        re: f64,
+        im: f64,
     }
 
-    impl Survivors {
-        fn new() -> Self {
-            Survivors {
-                pixel: [0; SURVIVORS],
-                re: [0.0; SURVIVORS],
-                im: [0.0; SURVIVORS],
-                len: 0,
-            }
-        }
+    /// Lanes the survivor loop iterates at once.
+    const ALL_LANES: usize = SLOTS * LANES;
 
-        fn push(&mut self, pixel: usize, re: f64, im: f64) {
-            self.pixel[self.len] = pixel;
-            self.re[self.len] = re;
-            self.im[self.len] = im;
-            self.len += 1;
+    /// A blend mask selecting lane `l` of a register, for each `l`.
+    const LANE_MASKS: [[u64; LANES]; LANES] = {
+        let mut masks = [[0; LANES]; LANES];
+        let mut lane = 0;
+        while lane < LANES {
+            masks[lane][lane] = u64::MAX;
+            lane += 1;
         }
-    }
+        masks
+    };
 
     /// Iterates the survivors of the pre-pass from step `done` to the end.
     ///
-    /// Each of four registers (slots) iterates a group of four survivors; when all of a
-    /// slot's pixels are finished it takes the next group, so a slow pixel holds up only
-    /// three others. The registers are only ever indexed by constants, so they stay in
-    /// registers.
-    #[target_feature(enable = "avx2")]
+    /// Four registers of four lanes iterate sixteen pixels (four independent chains
+    /// hide the latency of an iteration). A lane whose pixel escapes or makes its last
+    /// update takes the next survivor at once, so no lane waits for a slower neighbour.
+    /// The loop itself only iterates and tests whether any lane may have passed |z| = 2;
+    /// everything per pixel happens off it, once per escape. Idle lanes hold NaN, which
+    /// never passes.
+    #[target_feature(enable = "avx2,fma")]
     fn iterate_survivors(
-        survivors: &Survivors,
+        survivors: &[Survivor],
         cr: f64,
         ci: f64,
         done: u32,
         iterations: u32,
         out: &mut [u8],
     ) -> u64 {
-        // A lane whose |z|^2 passes this may have escaped; the scalar rule decides.
-        let near_four = _mm256_set1_pd(4.0 - BAND);
-        let (c_re, c_im) = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
-        let mut groups = Groups { survivors, next: 0 };
-        let mut z_re = [_mm256_setzero_pd(); SLOTS];
-        let mut z_im = [_mm256_setzero_pd(); SLOTS];
-        let mut slots = [Slot::IDLE; SLOTS];
-        unrolled!(k in [0, 1, 2, 3] {
-            if let Some((slot, re, im)) = groups.take(0) {
-                (slots[k], z_re[k], z_im[k]) = (slot, re, im);
-            }
-        });
-        // Steps still to go for a survivor.
-        let remaining = u64::from(iterations - done);
-        let mut next_deadline = deadline(&slots, remaining);
-        let mut work = 0;
-        // The step every slot counts from: a slot's pixels are at step `done + step - slot.start`.
-        let mut step: u64 = 0;
-        while next_deadline != IDLE {
-            let mut finished = 0u32;
-            unrolled!(k in [0, 1, 2, 3] {
-                let rr = _mm256_mul_pd(z_re[k], z_re[k]);
-                let ii = _mm256_mul_pd(z_im[k], z_im[k]);
-                let squared = _mm256_add_pd(rr, ii);
-                let near = (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, near_four)) as u32) & slots[k].active;
-                if near != 0 && slots[k].decide_escapes(z_re[k], z_im[k], near, done + (step - slots[k].start) as u32) {
-                    finished |= 1 << k;
-                }
-                // z*z + c exactly as the scalar kernel: re*im + im*re is ri + ri, bit for bit.
-                let ri = _mm256_mul_pd(z_re[k], z_im[k]);
-                z_re[k] = _mm256_add_pd(_mm256_sub_pd(rr, ii), c_re);
-                z_im[k] = _mm256_add_pd(_mm256_add_pd(ri, ri), c_im);
-            });
-            step += 1;
-            if step == next_deadline {
-                // Slots whose pixels have made every update without escaping.
-                for (k, slot) in slots.iter().enumerate() {
-                    if slot.start != IDLE && slot.start + remaining == step {
-                        finished |= 1 << k;
-                    }
-                }
-            }
-            if finished != 0 {
-                unrolled!(k in [0, 1, 2, 3] {
-                    if finished & (1 << k) != 0 {
-                        work += slots[k].finish(iterations, out);
-                        slots[k] = Slot::IDLE;
-                        if let Some((slot, re, im)) = groups.take(step) {
-                            (slots[k], z_re[k], z_im[k]) = (slot, re, im);
-                        }
-                    }
-                });
-                next_deadline = deadline(&slots, remaining);
-            }
-        }
-        work
-    }
-
-    /// The step at which the earliest busy slot runs out of iterations, or `IDLE`.
-    fn deadline(slots: &[Slot; SLOTS], iterations: u64) -> u64 {
-        slots
-            .iter()
-            .filter(|s| s.start != IDLE)
-            .map(|s| s.start + iterations)
-            .min()
-            .unwrap_or(IDLE)
-    }
-
-    /// The survivors, handed out four at a time.
-    struct Groups<'a> {
-        survivors: &'a Survivors,
-        next: usize,
-    }
-
-    impl Groups<'_> {
-        /// The next group as a slot starting at `step`, with its `z`.
-        #[target_feature(enable = "avx2")]
-        fn take(&mut self, step: u64) -> Option<(Slot, __m256d, __m256d)> {
-            let first = self.next;
-            let total = self.survivors.len;
-            if first >= total {
-                return None;
-            }
-            let count = (total - first).min(LANES);
-            self.next += count;
-            // Spare lanes of a short group repeat its last pixel; they are never active.
-            let last = first + count - 1;
-            let (mut re, mut im) = (
-                [self.survivors.re[last]; LANES],
-                [self.survivors.im[last]; LANES],
-            );
-            let mut pixel = [self.survivors.pixel[last]; LANES];
-            re[..count].copy_from_slice(&self.survivors.re[first..first + count]);
-            im[..count].copy_from_slice(&self.survivors.im[first..first + count]);
-            pixel[..count].copy_from_slice(&self.survivors.pixel[first..first + count]);
-            let slot = Slot {
-                pixel,
-                pixels: count,
-                active: (1 << count) - 1,
-                start: step,
-                escaped_at: [0; LANES],
-            };
-            // SAFETY: each load reads 4 f64 from a 4-element array.
-            Some((slot, unsafe { _mm256_loadu_pd(re.as_ptr()) }, unsafe {
-                _mm256_loadu_pd(im.as_ptr())
-            }))
-        }
-    }
-
-    /// Bookkeeping of one register's group of pixels.
-    #[derive(Clone, Copy)]
-    struct Slot {
-        /// Where each lane's pixel is in the row.
-        pixel: [usize; LANES],
-        /// Lanes that carry a pixel (the last group may be short).
-        pixels: usize,
-        /// Lanes still iterating, one bit each.
-        active: u32,
-        /// The step the group started at, or `IDLE`.
-        start: u64,
-        /// Escape steps of lanes that have escaped.
-        escaped_at: [u32; LANES],
-    }
-
-    impl Slot {
-        const IDLE: Slot = Slot {
-            pixel: [0; LANES],
-            pixels: 0,
-            active: 0,
-            start: IDLE,
-            escaped_at: [0; LANES],
+        let c = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
+        // A lane whose |z|^2 passes 4 - BAND may have escaped; the scalar rule decides.
+        let minus_near_four = _mm256_set1_pd(-(4.0 - BAND));
+        let mut lanes = Lanes {
+            queue: survivors.iter(),
+            pixel: [0; ALL_LANES],
+            start: [IDLE; ALL_LANES],
+            deadline: IDLE,
+            done,
+            iterations,
+            out,
+            work: 0,
         };
+        let mut z = lanes.fill(Registers::idle(), (1 << ALL_LANES) - 1, 0);
+        lanes.deadline = lanes.earliest_deadline();
+        // The step every lane counts from: a lane's pixel is at step `done + step - start`.
+        let mut step: u64 = 0;
+        while lanes.deadline != IDLE {
+            z = if z.may_have_escaped(minus_near_four) {
+                lanes.escape(z, c, step)
+            } else {
+                z.advance(c)
+            };
+            step += 1;
+            if step == lanes.deadline {
+                z = lanes.retire(z, step);
+            }
+        }
+        lanes.work
+    }
 
-        /// Decides exactly, lane by lane, whether the `near` lanes have escaped at `step`.
-        /// Returns true when no lane of the group is left iterating.
-        #[cold]
+    /// The `z` of the sixteen lanes.
+    #[derive(Clone, Copy)]
+    struct Registers {
+        re: [__m256d; SLOTS],
+        im: [__m256d; SLOTS],
+    }
+
+    impl Registers {
         #[target_feature(enable = "avx2")]
-        fn decide_escapes(&mut self, re: __m256d, im: __m256d, near: u32, step: u32) -> bool {
-            let (mut re_lanes, mut im_lanes) = ([0.0f64; LANES], [0.0f64; LANES]);
-            // SAFETY: each store writes 4 f64 into a 4-element array.
-            unsafe {
-                _mm256_storeu_pd(re_lanes.as_mut_ptr(), re);
-                _mm256_storeu_pd(im_lanes.as_mut_ptr(), im);
+        fn idle() -> Self {
+            let nan = _mm256_set1_pd(f64::NAN);
+            Registers {
+                re: [nan; SLOTS],
+                im: [nan; SLOTS],
             }
-            let mut lanes = near;
-            while lanes != 0 {
-                let lane = lanes.trailing_zeros() as usize;
-                lanes &= lanes - 1;
-                if magnitude_exceeds_two(re_lanes[lane], im_lanes[lane]) {
-                    self.escaped_at[lane] = step;
-                    self.active &= !(1 << lane);
-                }
-            }
-            self.active == 0
         }
 
-        /// Writes the group's pixels and returns its `z` updates.
-        fn finish(&self, iterations: u32, out: &mut [u8]) -> u64 {
-            let mut work = 0;
-            for lane in 0..self.pixels {
-                let (step, updates) = if self.active & (1 << lane) != 0 {
-                    (iterations - 1, iterations)
-                } else {
-                    (self.escaped_at[lane], self.escaped_at[lane])
-                };
-                out[self.pixel[lane]] = palette_index(step);
-                work += u64::from(updates);
+        /// Whether any lane's |z|^2 may exceed 4 - BAND: fused multiply-adds, a few ulps
+        /// from the exact value and computed apart from the squares of [`advance`], so
+        /// none of those stay alive across the branch on this.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn may_have_escaped(&self, minus_near_four: __m256d) -> bool {
+            let mut near = _mm256_setzero_pd();
+            unrolled!(k in [0, 1, 2, 3] {
+                let beyond = _mm256_fmadd_pd(self.re[k], self.re[k], _mm256_fmadd_pd(self.im[k], self.im[k], minus_near_four));
+                near = _mm256_or_pd(near, _mm256_cmp_pd::<_CMP_GT_OQ>(beyond, _mm256_setzero_pd()));
+            });
+            _mm256_movemask_pd(near) != 0
+        }
+
+        /// Lanes whose `|z|^2` exceeds 4 - BAND, one bit each.
+        #[target_feature(enable = "avx2")]
+        fn near(&self) -> u32 {
+            let near_four = _mm256_set1_pd(4.0 - BAND);
+            let mut near = 0;
+            unrolled!(k in [0, 1, 2, 3] {
+                let squared = _mm256_add_pd(_mm256_mul_pd(self.re[k], self.re[k]), _mm256_mul_pd(self.im[k], self.im[k]));
+                near |= (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, near_four)) as u32) << (k * LANES);
+            });
+            near
+        }
+
+        /// One step of `z -> z*z + c` on every lane, exactly as the scalar kernel:
+        /// re*im + im*re is ri + ri, bit for bit.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn advance(self, (c_re, c_im): (__m256d, __m256d)) -> Self {
+            let mut next = self;
+            unrolled!(k in [0, 1, 2, 3] {
+                let rr = _mm256_mul_pd(self.re[k], self.re[k]);
+                let ii = _mm256_mul_pd(self.im[k], self.im[k]);
+                let ri = _mm256_mul_pd(self.re[k], self.im[k]);
+                next.re[k] = _mm256_add_pd(_mm256_sub_pd(rr, ii), c_re);
+                next.im[k] = _mm256_add_pd(_mm256_add_pd(ri, ri), c_im);
+            });
+            next
+        }
+
+        /// Every lane's real and imaginary part, lane `k * 4 + l` being lane `l` of
+        /// register `k`.
+        #[target_feature(enable = "avx2")]
+        fn lanes(&self) -> ([f64; ALL_LANES], [f64; ALL_LANES]) {
+            let (mut re, mut im) = ([0.0; ALL_LANES], [0.0; ALL_LANES]);
+            unrolled!(k in [0, 1, 2, 3] {
+                // SAFETY: each store writes 4 f64 inside a 16-element array.
+                unsafe {
+                    _mm256_storeu_pd(re.as_mut_ptr().add(k * LANES), self.re[k]);
+                    _mm256_storeu_pd(im.as_mut_ptr().add(k * LANES), self.im[k]);
+                }
+            });
+            (re, im)
+        }
+    }
+
+    /// Which pixel each lane carries, the survivors still to come, and the output.
+    struct Lanes<'a> {
+        queue: std::slice::Iter<'a, Survivor>,
+        /// Where each lane's pixel is in the output.
+        pixel: [usize; ALL_LANES],
+        /// The step each lane's pixel started at, or `IDLE`.
+        start: [u64; ALL_LANES],
+        /// A step no later than the one at which the oldest busy lane makes its last
+        /// update, or `IDLE` once every lane is idle.
+        deadline: u64,
+        /// The pre-pass steps every survivor has made.
+        done: u32,
+        iterations: u32,
+        out: &'a mut [u8],
+        /// `z` updates of the pixels written so far.
+        work: u64,
+    }
+
+    impl Lanes<'_> {
+        /// Some lane may have escaped at `step`: decides exactly which have, writes
+        /// their pixels, makes the step, and puts the next survivors into their lanes.
+        #[cold]
+        #[inline(never)]
+        #[target_feature(enable = "avx2")]
+        fn escape(&mut self, z: Registers, c: (__m256d, __m256d), step: u64) -> Registers {
+            let (re, im) = z.lanes();
+            let mut escaped = 0;
+            let mut near = z.near();
+            while near != 0 {
+                let index = near.trailing_zeros() as usize;
+                near &= near - 1;
+                if magnitude_exceeds_two(re[index], im[index]) {
+                    let at = self.done + (step - self.start[index]) as u32;
+                    self.out[self.pixel[index]] = palette_index(at);
+                    self.work += u64::from(at);
+                    escaped |= 1 << index;
+                }
             }
-            work
+            let next = z.advance(c);
+            if escaped == 0 {
+                return next;
+            }
+            self.fill(next, escaped, step + 1)
+        }
+
+        /// Writes the pixels of the lanes that make their last update at `step` without
+        /// escaping, puts the next survivors into their lanes, and finds the next
+        /// deadline.
+        #[cold]
+        #[inline(never)]
+        #[target_feature(enable = "avx2")]
+        fn retire(&mut self, z: Registers, step: u64) -> Registers {
+            let remaining = u64::from(self.iterations - self.done);
+            let mut due = 0;
+            for (index, &start) in self.start.iter().enumerate() {
+                if start != IDLE && start + remaining == step {
+                    self.out[self.pixel[index]] = palette_index(self.iterations - 1);
+                    self.work += u64::from(self.iterations);
+                    due |= 1 << index;
+                }
+            }
+            let z = self.fill(z, due, step);
+            self.deadline = self.earliest_deadline();
+            z
+        }
+
+        /// Puts the next survivors into the `free` lanes (one bit each), starting at
+        /// `step`; lanes left without one become idle, and then the deadline is found
+        /// again, as it may have been theirs.
+        #[target_feature(enable = "avx2")]
+        fn fill(&mut self, mut z: Registers, free: u32, step: u64) -> Registers {
+            let mut lanes = free;
+            let mut emptied = false;
+            while lanes != 0 {
+                let index = lanes.trailing_zeros() as usize;
+                lanes &= lanes - 1;
+                let (re, im) = match self.queue.next() {
+                    Some(survivor) => {
+                        self.pixel[index] = survivor.pixel;
+                        self.start[index] = step;
+                        (survivor.re, survivor.im)
+                    }
+                    None => {
+                        self.start[index] = IDLE;
+                        emptied = true;
+                        (f64::NAN, f64::NAN)
+                    }
+                };
+                let (slot, lane) = (index / LANES, index % LANES);
+                // SAFETY: reads 4 f64 (all bits set or clear) from a 4x4 array.
+                let this_lane = unsafe { _mm256_loadu_pd(LANE_MASKS[lane].as_ptr().cast()) };
+                z.re[slot] = _mm256_blendv_pd(z.re[slot], _mm256_set1_pd(re), this_lane);
+                z.im[slot] = _mm256_blendv_pd(z.im[slot], _mm256_set1_pd(im), this_lane);
+            }
+            if emptied {
+                self.deadline = self.earliest_deadline();
+            }
+            z
+        }
+
+        /// The step at which the oldest busy lane makes its last update, or `IDLE`.
+        fn earliest_deadline(&self) -> u64 {
+            match self.start.iter().min() {
+                Some(&start) if start != IDLE => start + u64::from(self.iterations - self.done),
+                _ => IDLE,
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Every engine must produce the scalar kernel's pixels, bit for bit.
 
-use faafo_render::{Engine, JuliaParams, Kernel, column_coordinates, render_row};
+use faafo_render::{Engine, JuliaParams, Kernel, column_coordinates, render_rows};
 use proptest::prelude::*;
 
 fn simd() -> Kernel {
@@ -9,16 +9,25 @@ fn simd() -> Kernel {
         .expect("the test machine has AVX2 (x86-64 v3); the SIMD path must be tested")
 }
 
-/// Renders every row with `kernel`: the palette indices and the work count.
+/// Renders the image with `kernel`: the palette indices and the work count. Each
+/// engine is asked for all rows at once and for one row at a time, and must give the same
+/// either way.
 fn render(params: &JuliaParams, kernel: Kernel) -> (Vec<u8>, u64) {
     let columns = column_coordinates(params);
-    let mut pixels = vec![0u8; (params.width * params.height) as usize];
-    let work = pixels
+    let mut whole = vec![0u8; (params.width * params.height) as usize];
+    let whole_work = render_rows(params, kernel, &columns, 0, &mut whole);
+    let mut by_row = vec![0u8; whole.len()];
+    let by_row_work = by_row
         .chunks_exact_mut(params.width as usize)
         .zip(0..)
-        .map(|(row, y)| render_row(params, kernel, &columns, y, row))
+        .map(|(row, y)| render_rows(params, kernel, &columns, y, row))
         .sum();
-    (pixels, work)
+    assert_eq!(
+        (&whole, whole_work),
+        (&by_row, by_row_work),
+        "{kernel:?}: all rows at once differ from one at a time"
+    );
+    (whole, whole_work)
 }
 
 fn finite(range: std::ops::Range<f64>) -> impl Strategy<Value = f64> {
@@ -44,6 +53,29 @@ proptest! {
         iterations in 1u32..600,
     ) {
         let params = JuliaParams { width, height, iterations, xa, xb, ya, yb, cx, cy };
+        prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+    }
+
+    #[test]
+    fn simd_equals_scalar_where_escape_times_vary_most(
+        // Small windows near the boundary of connected Julia sets: neighbouring pixels
+        // escape after very different numbers of steps, or never, so lanes finish at
+        // different times and take new pixels mid-flight, across rows.
+        centre_re in -0.6f64..0.6,
+        centre_im in -0.6f64..0.6,
+        span in 1e-4f64..0.5,
+        angle in 0.0f64..std::f64::consts::TAU,
+        width in 1u32..90,
+        height in 1u32..24,
+        iterations in 9u32..2000,
+    ) {
+        // c on a circle inside the main cardioid's neighbourhood: sets with wide boundaries.
+        let (cx, cy) = (0.7885 * angle.cos(), 0.7885 * angle.sin());
+        let params = JuliaParams {
+            width, height, iterations, cx, cy,
+            xa: centre_re - span, xb: centre_re + span,
+            ya: centre_im - span, yb: centre_im + span,
+        };
         prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
     }
 
