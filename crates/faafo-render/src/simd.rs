@@ -7,6 +7,7 @@ pub(crate) mod avx2 {
         __m256d, _CMP_GT_OQ, _mm256_add_pd, _mm256_and_pd, _mm256_andnot_pd, _mm256_blendv_pd,
         _mm256_cmp_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_movemask_pd, _mm256_mul_pd,
         _mm256_or_pd, _mm256_set1_pd, _mm256_setzero_pd, _mm256_storeu_pd, _mm256_sub_pd,
+        _mm256_castpd_si256, _mm256_setzero_si256, _mm256_storeu_si256, _mm256_sub_epi64,
     };
 
     use crate::kernel::{BAND, magnitude_exceeds_two, palette_index};
@@ -121,22 +122,21 @@ pub(crate) mod avx2 {
                     }
                 };
                 let outcome = prepass_pair(z_re, z_im, cr, ci, self.steps);
-                if outcome.all_escaped && pixels == PAIR {
+                if outcome.still == 0 && pixels == PAIR {
                     // The common case, without a branch per pixel.
-                    let steps = outcome.escaped_at.map(|step| step as u32);
-                    for (pixel, step) in out[first..first + PAIR].iter_mut().zip(steps) {
-                        *pixel = palette_index(step);
+                    for (pixel, &step) in out[first..first + PAIR].iter_mut().zip(&outcome.steps) {
+                        *pixel = palette_index(step as u32);
                     }
-                    work += steps.iter().map(|&step| u64::from(step)).sum::<u64>();
+                    work += outcome.steps.iter().sum::<u64>();
                     first += PAIR;
                     continue;
                 }
                 for lane in 0..pixels {
                     let pixel = first + lane;
-                    let step = outcome.escaped_at[lane];
-                    if step >= 0.0 {
+                    if outcome.still & (1 << lane) == 0 {
+                        let step = outcome.steps[lane];
                         out[pixel] = palette_index(step as u32);
-                        work += step as u64;
+                        work += step;
                     } else if self.iterations == self.steps {
                         out[pixel] = palette_index(self.iterations - 1);
                         work += u64::from(self.iterations);
@@ -157,17 +157,20 @@ pub(crate) mod avx2 {
     /// Pixels the pre-pass iterates together: two registers, two independent chains.
     const PAIR: usize = 2 * LANES;
 
-    /// What the pre-pass left of eight pixels: escape steps (negative while still going)
-    /// and `z` of the lanes still going.
+    /// What the pre-pass left of eight pixels.
     struct Prepassed {
-        all_escaped: bool,
-        escaped_at: [f64; PAIR],
+        /// The lanes still iterating, one bit each.
+        still: u32,
+        /// The escape step of each lane that escaped (the `z` updates it made).
+        steps: [u64; PAIR],
+        /// `z` of the lanes still iterating.
         re: [f64; PAIR],
         im: [f64; PAIR],
     }
 
-    /// Runs up to `steps` steps on eight pixels of a row, recording escapes with vector
-    /// blends rather than branches.
+    /// Runs up to `steps` steps on eight pixels of a row. Each lane counts the steps it
+    /// has made without escaping (its escape step, once it has), with vector operations
+    /// rather than branches.
     #[target_feature(enable = "avx2")]
     fn prepass_pair(
         mut z_re: [__m256d; 2],
@@ -179,13 +182,12 @@ pub(crate) mod avx2 {
         let (c_re, c_im) = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
         let (above, below) = (_mm256_set1_pd(4.0 + BAND), _mm256_set1_pd(4.0 - BAND));
         let mut z_im = [z_im; 2];
-        // All bits set in a lane that is still iterating.
+        // All bits set in a lane that is still iterating: -1 as an integer.
         let all = _mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_set1_pd(1.0), _mm256_setzero_pd());
         let mut active = [all; 2];
-        let mut escaped_at = [_mm256_set1_pd(-1.0); 2];
+        let mut count = [_mm256_setzero_si256(); 2];
         let mut still = 0;
-        for step in 0..steps {
-            let now = _mm256_set1_pd(f64::from(step));
+        for _ in 0..steps {
             still = 0;
             unrolled!(k in [0, 1] {
                 let rr = _mm256_mul_pd(z_re[k], z_re[k]);
@@ -197,9 +199,10 @@ pub(crate) mod avx2 {
                 if _mm256_movemask_pd(undecided) != 0 {
                     escaped = decide_band(z_re[k], z_im[k], escaped, undecided);
                 }
-                escaped_at[k] = _mm256_blendv_pd(escaped_at[k], now, escaped);
                 active[k] = _mm256_andnot_pd(escaped, active[k]);
-                still |= _mm256_movemask_pd(active[k]);
+                // Subtracting -1 counts a step for each lane still going.
+                count[k] = _mm256_sub_epi64(count[k], _mm256_castpd_si256(active[k]));
+                still |= _mm256_movemask_pd(active[k]) << (k * LANES);
                 let ri = _mm256_mul_pd(z_re[k], z_im[k]);
                 z_re[k] = _mm256_add_pd(_mm256_sub_pd(rr, ii), c_re);
                 z_im[k] = _mm256_add_pd(_mm256_add_pd(ri, ri), c_im);
@@ -209,15 +212,15 @@ pub(crate) mod avx2 {
             }
         }
         let mut lanes = Prepassed {
-            all_escaped: still == 0,
-            escaped_at: [0.0; PAIR],
+            still: still as u32,
+            steps: [0; PAIR],
             re: [0.0; PAIR],
             im: [0.0; PAIR],
         };
-        // SAFETY: each store writes 4 f64 into half of an 8-element array.
+        // SAFETY: each store writes 4 values into half of an 8-element array.
         unsafe {
             unrolled!(k in [0, 1] {
-                _mm256_storeu_pd(lanes.escaped_at.as_mut_ptr().add(k * LANES), escaped_at[k]);
+                _mm256_storeu_si256(lanes.steps.as_mut_ptr().add(k * LANES).cast(), count[k]);
                 _mm256_storeu_pd(lanes.re.as_mut_ptr().add(k * LANES), z_re[k]);
                 _mm256_storeu_pd(lanes.im.as_mut_ptr().add(k * LANES), z_im[k]);
             });
@@ -305,14 +308,17 @@ pub(crate) mod avx2 {
         // The step every lane counts from: a lane's pixel is at step `done + step - start`.
         let mut step: u64 = 0;
         while lanes.deadline != IDLE {
-            z = if z.may_have_escaped(minus_near_four) {
-                lanes.escape(z, c, step)
-            } else {
-                z.advance(c)
-            };
-            step += 1;
-            if step == lanes.deadline {
+            // The hot loop: nothing but the arithmetic and one test per step.
+            let deadline = lanes.deadline;
+            while step != deadline && !z.may_have_escaped(minus_near_four) {
+                z = z.advance(c);
+                step += 1;
+            }
+            if step == deadline {
                 z = lanes.retire(z, step);
+            } else {
+                z = lanes.escape(z, c, step);
+                step += 1;
             }
         }
         lanes.work
@@ -349,16 +355,31 @@ pub(crate) mod avx2 {
             _mm256_movemask_pd(near) != 0
         }
 
-        /// Lanes whose `|z|^2` exceeds 4 - BAND, one bit each.
+        /// The lanes that have escaped (`|z| > 2` by the scalar rule), one bit each.
+        /// `re*re + im*im` is the scalar kernel's `|z|^2` bit for bit, so only lanes
+        /// within the band around 4 need the exact test.
         #[target_feature(enable = "avx2")]
-        fn near(&self) -> u32 {
-            let near_four = _mm256_set1_pd(4.0 - BAND);
-            let mut near = 0;
+        fn escaped(&self) -> u32 {
+            let (above, below) = (_mm256_set1_pd(4.0 + BAND), _mm256_set1_pd(4.0 - BAND));
+            let (mut escaped, mut undecided) = (0, 0);
             unrolled!(k in [0, 1, 2, 3] {
                 let squared = _mm256_add_pd(_mm256_mul_pd(self.re[k], self.re[k]), _mm256_mul_pd(self.im[k], self.im[k]));
-                near |= (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, near_four)) as u32) << (k * LANES);
+                let beyond = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, above)) as u32;
+                let near = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, below)) as u32;
+                escaped |= beyond << (k * LANES);
+                undecided |= (near & !beyond) << (k * LANES);
             });
-            near
+            if undecided != 0 {
+                let (re, im) = self.lanes();
+                while undecided != 0 {
+                    let index = undecided.trailing_zeros() as usize;
+                    undecided &= undecided - 1;
+                    if magnitude_exceeds_two(re[index], im[index]) {
+                        escaped |= 1 << index;
+                    }
+                }
+            }
+            escaped
         }
 
         /// One step of `z -> z*z + c` on every lane, exactly as the scalar kernel:
@@ -414,22 +435,17 @@ pub(crate) mod avx2 {
     impl Lanes<'_> {
         /// Some lane may have escaped at `step`: decides exactly which have, writes
         /// their pixels, makes the step, and puts the next survivors into their lanes.
-        #[cold]
-        #[inline(never)]
+        #[inline]
         #[target_feature(enable = "avx2")]
         fn escape(&mut self, z: Registers, c: (__m256d, __m256d), step: u64) -> Registers {
-            let (re, im) = z.lanes();
-            let mut escaped = 0;
-            let mut near = z.near();
-            while near != 0 {
-                let index = near.trailing_zeros() as usize;
-                near &= near - 1;
-                if magnitude_exceeds_two(re[index], im[index]) {
-                    let at = self.done + (step - self.start[index]) as u32;
-                    self.out[self.pixel[index]] = palette_index(at);
-                    self.work += u64::from(at);
-                    escaped |= 1 << index;
-                }
+            let escaped = z.escaped();
+            let mut lanes = escaped;
+            while lanes != 0 {
+                let index = lanes.trailing_zeros() as usize;
+                lanes &= lanes - 1;
+                let at = self.done + (step - self.start[index]) as u32;
+                self.out[self.pixel[index]] = palette_index(at);
+                self.work += u64::from(at);
             }
             let next = z.advance(c);
             if escaped == 0 {
