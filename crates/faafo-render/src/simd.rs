@@ -500,8 +500,14 @@ pub(crate) mod avx2 {
                 let (slot, lane) = (index / LANES, index % LANES);
                 // SAFETY: reads 4 f64 (all bits set or clear) from a 4x4 array.
                 let this_lane = unsafe { _mm256_loadu_pd(LANE_MASKS[lane].as_ptr().cast()) };
-                z.re[slot] = _mm256_blendv_pd(z.re[slot], _mm256_set1_pd(re), this_lane);
-                z.im[slot] = _mm256_blendv_pd(z.im[slot], _mm256_set1_pd(im), this_lane);
+                let (re, im) = (_mm256_set1_pd(re), _mm256_set1_pd(im));
+                // Registers indexed by constants only, or they would be kept in memory.
+                unrolled!(k in [0, 1, 2, 3] {
+                    if slot == k {
+                        z.re[k] = _mm256_blendv_pd(z.re[k], re, this_lane);
+                        z.im[k] = _mm256_blendv_pd(z.im[k], im, this_lane);
+                    }
+                });
             }
             if emptied {
                 self.deadline = self.earliest_deadline();
