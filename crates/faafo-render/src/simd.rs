@@ -181,24 +181,25 @@ pub(crate) mod avx2 {
     ) -> Prepassed {
         let (c_re, c_im) = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
         let (above, below) = (_mm256_set1_pd(4.0 + BAND), _mm256_set1_pd(4.0 - BAND));
+        let z_im_start = z_im;
         let mut z_im = [z_im; 2];
         // All bits set in a lane that is still iterating: -1 as an integer.
         let all = _mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_set1_pd(1.0), _mm256_setzero_pd());
         let mut active = [all; 2];
         let mut count = [_mm256_setzero_si256(); 2];
         let mut still = 0;
+        // Lanes that were ever within the band around 4, where only the scalar rule decides.
+        let mut undecided = _mm256_setzero_pd();
+        let start = z_re;
         for _ in 0..steps {
             still = 0;
             unrolled!(k in [0, 1] {
                 let rr = _mm256_mul_pd(z_re[k], z_re[k]);
                 let ii = _mm256_mul_pd(z_im[k], z_im[k]);
                 let squared = _mm256_add_pd(rr, ii);
-                let mut escaped = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, above), active[k]);
+                let escaped = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, above), active[k]);
                 let near = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, below), active[k]);
-                let undecided = _mm256_andnot_pd(escaped, near);
-                if _mm256_movemask_pd(undecided) != 0 {
-                    escaped = decide_band(z_re[k], z_im[k], escaped, undecided);
-                }
+                undecided = _mm256_or_pd(undecided, _mm256_andnot_pd(escaped, near));
                 active[k] = _mm256_andnot_pd(escaped, active[k]);
                 // Subtracting -1 counts a step for each lane still going.
                 count[k] = _mm256_sub_epi64(count[k], _mm256_castpd_si256(active[k]));
@@ -210,6 +211,11 @@ pub(crate) mod avx2 {
             if still == 0 {
                 break;
             }
+        }
+        if _mm256_movemask_pd(undecided) != 0 {
+            // A lane came within a hair of |z| = 2 (rare): the scalar rule decides the
+            // eight pixels instead.
+            return prepass_pair_exactly(start, z_im_start, cr, ci, steps);
         }
         let mut lanes = Prepassed {
             still: still as u32,
@@ -228,27 +234,37 @@ pub(crate) mod avx2 {
         lanes
     }
 
-    /// Lanes whose `|z|^2` is within the band around 4: the scalar rule decides them.
+    /// What [`prepass_pair`] computes, pixel by pixel with the scalar rule.
     #[cold]
     #[target_feature(enable = "avx2")]
-    fn decide_band(re: __m256d, im: __m256d, escaped: __m256d, undecided: __m256d) -> __m256d {
-        let (mut re_lanes, mut im_lanes, mut mask) =
-            ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
-        // SAFETY: each store writes 4 f64 into a 4-element array, the load reads one back.
+    fn prepass_pair_exactly(z_re: [__m256d; 2], z_im: __m256d, cr: f64, ci: f64, steps: u32) -> Prepassed {
+        let mut lanes = Prepassed {
+            still: 0,
+            steps: [0; PAIR],
+            re: [0.0; PAIR],
+            im: [0.0; PAIR],
+        };
+        let mut im_lanes = [0.0; LANES];
+        // SAFETY: each store writes 4 f64 into a 4-element array, or half of an 8-element one.
         unsafe {
-            _mm256_storeu_pd(re_lanes.as_mut_ptr(), re);
-            _mm256_storeu_pd(im_lanes.as_mut_ptr(), im);
-            _mm256_storeu_pd(mask.as_mut_ptr(), escaped);
+            _mm256_storeu_pd(lanes.re.as_mut_ptr(), z_re[0]);
+            _mm256_storeu_pd(lanes.re.as_mut_ptr().add(LANES), z_re[1]);
+            _mm256_storeu_pd(im_lanes.as_mut_ptr(), z_im);
         }
-        let undecided = _mm256_movemask_pd(undecided);
-        for lane in 0..LANES {
-            if undecided & (1 << lane) != 0 && magnitude_exceeds_two(re_lanes[lane], im_lanes[lane])
-            {
-                mask[lane] = f64::from_bits(u64::MAX);
+        for lane in 0..PAIR {
+            let (mut re, mut im) = (lanes.re[lane], im_lanes[0]);
+            let mut step = 0;
+            while step < steps && !magnitude_exceeds_two(re, im) {
+                (re, im) = (re * re - im * im + cr, re * im + im * re + ci);
+                step += 1;
             }
+            lanes.steps[lane] = u64::from(step);
+            if step == steps {
+                lanes.still |= 1 << lane;
+            }
+            (lanes.re[lane], lanes.im[lane]) = (re, im);
         }
-        // SAFETY: reads 4 f64 from a 4-element array.
-        unsafe { _mm256_loadu_pd(mask.as_ptr()) }
+        lanes
     }
 
     /// A pixel still iterating after the pre-pass: where it is in the output, and its `z`.
