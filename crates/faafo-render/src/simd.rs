@@ -5,9 +5,9 @@
 pub(crate) mod avx2 {
     use std::arch::x86_64::{
         __m256d, _CMP_GT_OQ, _mm256_add_pd, _mm256_and_pd, _mm256_andnot_pd, _mm256_blendv_pd,
-        _mm256_cmp_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_movemask_pd, _mm256_mul_pd,
-        _mm256_or_pd, _mm256_set1_pd, _mm256_setzero_pd, _mm256_storeu_pd, _mm256_sub_pd,
-        _mm256_castpd_si256, _mm256_setzero_si256, _mm256_storeu_si256, _mm256_sub_epi64,
+        _mm256_castpd_si256, _mm256_cmp_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_movemask_pd,
+        _mm256_mul_pd, _mm256_or_pd, _mm256_set1_pd, _mm256_setzero_pd, _mm256_setzero_si256,
+        _mm256_storeu_pd, _mm256_storeu_si256, _mm256_sub_epi64, _mm256_sub_pd,
     };
 
     use crate::kernel::{BAND, magnitude_exceeds_two, palette_index};
@@ -240,7 +240,13 @@ pub(crate) mod avx2 {
     /// What [`prepass_pair`] computes, pixel by pixel with the scalar rule.
     #[cold]
     #[target_feature(enable = "avx2")]
-    fn prepass_pair_exactly(z_re: [__m256d; 2], z_im: __m256d, cr: f64, ci: f64, steps: u32) -> Prepassed {
+    fn prepass_pair_exactly(
+        z_re: [__m256d; 2],
+        z_im: __m256d,
+        cr: f64,
+        ci: f64,
+        steps: u32,
+    ) -> Prepassed {
         let mut lanes = Prepassed {
             still: 0,
             steps: [0; PAIR],
