@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use faafo_api::{ApiConfig, Images};
 use faafo_client::{Client, LeaseOutcome, RetryPolicy, Upload};
-use faafo_core::WorkerToken;
 use faafo_core::wire::{FractalPage, FractalView, LeaseGrant};
+use faafo_core::{FractalState, WorkerToken};
 use faafo_render::{Engine, JuliaParams, render_png};
 use faafo_store::SqliteStore;
 use reqwest::StatusCode;
@@ -649,6 +649,92 @@ async fn uploads_are_verified() {
     let (status, body) = raw_upload(&app, &grant, png.bytes, &png.checksum).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["checksum"], png.checksum);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_takes_its_next_task_with_the_upload() {
+    let app = TestApp::start().await;
+    let first = app.create(spec()).await;
+    let second = app.create(spec()).await;
+    let third = app.create(spec()).await;
+    let grant = app.lease().await;
+    assert_eq!(grant.uuid, first.uuid);
+
+    // The upload's answer leases the next queued task to the same worker.
+    let png = render(&grant);
+    let (outcome, next) = app
+        .worker
+        .upload_and_take_next(&upload_of(&grant, &png))
+        .await
+        .unwrap();
+    assert_eq!(outcome, LeaseOutcome::Held);
+    let next = next.expect("a queued task comes with the answer");
+    assert_eq!(next.uuid, second.uuid);
+    assert_eq!(next.attempt, 1);
+    let (_, listed) = app.get(&format!("/v1/fractal/{}", second.uuid)).await;
+    assert_eq!(listed["state"], "running", "{listed}");
+    assert_eq!(
+        app.worker.get(first.uuid).await.unwrap().state,
+        FractalState::Done
+    );
+
+    // A wrong value is refused before anything is stored, and nothing is leased.
+    let png = render(&next);
+    let response = app
+        .http
+        .put(app.url(&format!("/v1/worker/tasks/{}/image", next.uuid)))
+        .bearer_auth(TOKEN)
+        .header("faafo-lease-token", next.lease_token.to_string())
+        .header("faafo-checksum", &png.checksum)
+        .header("faafo-duration", "0.1")
+        .header("faafo-generated-by", "test-worker")
+        .header("faafo-take-next", "yes")
+        .body(png.bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("faafo-take-next"),
+        "{body}"
+    );
+    assert_eq!(
+        app.worker.get(next.uuid).await.unwrap().state,
+        FractalState::Running
+    );
+    assert_eq!(
+        app.worker.get(third.uuid).await.unwrap().state,
+        FractalState::Queued
+    );
+
+    // Without the header the answer is the fractal alone, as before.
+    assert_eq!(
+        app.worker.upload(&upload_of(&next, &png)).await.unwrap(),
+        LeaseOutcome::Held
+    );
+    assert_eq!(
+        app.worker.get(third.uuid).await.unwrap().state,
+        FractalState::Queued
+    );
+
+    // With nothing queued after the last one, the answer carries no task.
+    let last = app.lease().await;
+    let png = render(&last);
+    let (outcome, next) = app
+        .worker
+        .upload_and_take_next(&upload_of(&last, &png))
+        .await
+        .unwrap();
+    assert_eq!((outcome, next), (LeaseOutcome::Held, None));
+    assert_eq!(
+        app.worker.get(third.uuid).await.unwrap().state,
+        FractalState::Done
+    );
     app.stop().await;
 }
 

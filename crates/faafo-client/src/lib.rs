@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use faafo_core::node::{ClusterStatus, Endpoints};
 use faafo_core::wire::{
-    CreateFractal, ErrorBody, FailTask, FractalPage, FractalView, LeaseGrant, LeaseHeld,
-    LeaseRequest, upload_headers,
+    CreateFractal, ErrorBody, FailTask, FractalPage, FractalView, ImageTaken, LeaseGrant,
+    LeaseHeld, LeaseRequest, upload_headers,
 };
 use faafo_core::{NodeBeat, WorkerToken};
 use reqwest::{Method, StatusCode};
@@ -460,13 +460,36 @@ impl Client {
     /// Uploads a finished PNG. [`LeaseOutcome::Lost`] means the server refused it because
     /// the lease moved on.
     pub async fn upload(&self, upload: &Upload<'_>) -> Result<LeaseOutcome, ClientError> {
+        let reply = self.send_image(upload, false).await?;
+        lease_outcome(reply)
+    }
+
+    /// Uploads a task's image and, in the same request, leases the worker's next task
+    /// if one is queued (without waiting for one).
+    pub async fn upload_and_take_next(
+        &self,
+        upload: &Upload<'_>,
+    ) -> Result<(LeaseOutcome, Option<LeaseGrant>), ClientError> {
+        let reply = self.send_image(upload, true).await?;
+        if !reply.status.is_success() {
+            return lease_outcome(reply).map(|outcome| (outcome, None));
+        }
+        let taken: ImageTaken = decode(reply)?;
+        Ok((LeaseOutcome::Held, taken.next_task))
+    }
+
+    async fn send_image(&self, upload: &Upload<'_>, take_next: bool) -> Result<Reply, ClientError> {
         let path = format!("/v1/worker/tasks/{}/image", upload.uuid);
+        let mut headers = upload.headers();
+        if take_next {
+            headers.push((upload_headers::TAKE_NEXT, "1".to_owned()));
+        }
         let body = Body::Png {
             png: upload.png.clone(),
-            headers: upload.headers(),
+            headers,
         };
         let timeout = self.policy.request_timeout.max(Duration::from_secs(60));
-        lease_outcome(self.send(Method::PUT, &path, body, Some(timeout)).await?)
+        self.send(Method::PUT, &path, body, Some(timeout)).await
     }
 
     /// Uploads the small preview of a task's image; send it before the image, whose

@@ -179,6 +179,18 @@ impl LeaseGrant {
     }
 }
 
+/// The answer to `PUT /v1/worker/tasks/<uuid>/image`: the fractal, now done, and with
+/// `faafo-take-next: 1`, the worker's next task when one was queued, so that a busy
+/// worker asks once per task instead of twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageTaken {
+    #[serde(flatten)]
+    pub fractal: FractalView,
+    /// Leased to the uploading worker (its `faafo-generated-by`) as the upload ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_task: Option<LeaseGrant>,
+}
+
 /// `POST /v1/worker/tasks/<uuid>/heartbeat` and `/release`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -202,4 +214,6 @@ pub mod upload_headers {
     /// Seconds the render took, as a decimal number.
     pub const DURATION: &str = "faafo-duration";
     pub const GENERATED_BY: &str = "faafo-generated-by";
+    /// `1`: lease the worker's next task in the same request, if one is queued.
+    pub const TAKE_NEXT: &str = "faafo-take-next";
 }

@@ -64,17 +64,28 @@ pub async fn run(client: Arc<Client>, config: WorkerConfig, shutdown: Cancellati
         stop_announcing.clone(),
     ));
     let mut backoff = Duration::from_millis(100);
+    // A task that came with the answer to the previous upload.
+    let mut next: Option<LeaseGrant> = None;
     loop {
-        let grant = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            grant = client.lease(&config.name, config.lease_wait) => grant,
+        let grant = match next.take() {
+            Some(grant) if shutdown.is_cancelled() => {
+                give_back(&client, &grant).await;
+                break;
+            }
+            Some(grant) => Ok(Some(grant)),
+            None => tokio::select! {
+                _ = shutdown.cancelled() => break,
+                grant = client.lease(&config.name, config.lease_wait) => grant,
+            },
         };
         match grant {
             Ok(Some(grant)) => {
                 backoff = Duration::from_millis(100);
-                if let TaskEnd::Done = run_task(&client, &config, grant, &shutdown).await {
+                let (end, following) = run_task(&client, &config, grant, &shutdown).await;
+                if let TaskEnd::Done = end {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
+                next = following;
             }
             Ok(None) => {}
             Err(error) => {
@@ -136,12 +147,14 @@ enum TaskEnd {
     Failed(String),
 }
 
+/// Renders and delivers one task; returns how it ended and the next task, when the
+/// upload's answer brought one.
 async fn run_task(
     client: &Arc<Client>,
     config: &WorkerConfig,
     grant: LeaseGrant,
     shutdown: &CancellationToken,
-) -> TaskEnd {
+) -> (TaskEnd, Option<LeaseGrant>) {
     let uuid = grant.uuid;
     tracing::info!(fractal.uuid = %uuid, attempt = grant.attempt, width = grant.width, height = grant.height, iterations = grant.iterations, "rendering");
     let cancel = Arc::new(AtomicBool::new(false));
@@ -153,7 +166,17 @@ async fn run_task(
         lease_lost.clone(),
     ));
 
-    let end = render_and_upload(client, config, &grant, &cancel, &lease_lost, shutdown).await;
+    let next = std::sync::Mutex::new(None);
+    let end = render_and_upload(
+        client,
+        config,
+        &grant,
+        &cancel,
+        &lease_lost,
+        shutdown,
+        &next,
+    )
+    .await;
     heartbeat.abort();
     match &end {
         TaskEnd::Done => tracing::info!(fractal.uuid = %uuid, "uploaded"),
@@ -165,7 +188,7 @@ async fn run_task(
             tracing::warn!(fractal.uuid = %uuid, reason = %why, "render failed; reported")
         }
     }
-    end
+    (end, next.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 async fn render_and_upload(
@@ -175,6 +198,7 @@ async fn render_and_upload(
     cancel: &Arc<AtomicBool>,
     lease_lost: &CancellationToken,
     shutdown: &CancellationToken,
+    next: &std::sync::Mutex<Option<LeaseGrant>>,
 ) -> TaskEnd {
     let params = grant.render_params();
     let engine = config.engine;
@@ -249,7 +273,17 @@ async fn render_and_upload(
         duration,
         generated_by: &config.name,
     };
-    match deliver(grant, lease_lost, shutdown, || client.upload(&upload)).await {
+    // A worker that goes on takes its next task with the upload's answer: one request
+    // per task instead of two when work is queued.
+    let send = || async {
+        if shutdown.is_cancelled() {
+            return client.upload(&upload).await;
+        }
+        let (outcome, following) = client.upload_and_take_next(&upload).await?;
+        *next.lock().unwrap_or_else(|p| p.into_inner()) = following;
+        Ok(outcome)
+    };
+    match deliver(grant, lease_lost, shutdown, send).await {
         Delivery::Held => TaskEnd::Done,
         Delivery::Lost(why) => already_ours(client, grant, &png.checksum, why).await,
         Delivery::Refused(error) => {

@@ -170,13 +170,23 @@ impl Bench {
                 );
                 tokio::spawn(async move {
                     let name = format!("bench-{index}");
+                    // As faafo's worker does: the next task comes with the upload's answer
+                    // when one is queued, else from a long poll.
+                    let mut next = None;
                     while !stop.load(Ordering::Relaxed) {
-                        let Some(grant) = client.lease(&name, Duration::from_millis(500)).await?
-                        else {
-                            continue;
+                        let grant = match next.take() {
+                            Some(grant) => grant,
+                            None => {
+                                let Some(grant) =
+                                    client.lease(&name, Duration::from_millis(500)).await?
+                                else {
+                                    continue;
+                                };
+                                grant
+                            }
                         };
                         let _ = sender.send((grant.uuid, Instant::now()));
-                        finish(&client, &grant, &name).await?;
+                        next = finish(&client, &grant, &name).await?;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(())
@@ -305,7 +315,12 @@ fn tiny_task() -> CreateFractal {
     }
 }
 
-async fn finish(client: &Client, grant: &LeaseGrant, name: &str) -> anyhow::Result<()> {
+/// Renders and uploads a task; returns the next one if the upload's answer brought it.
+async fn finish(
+    client: &Client,
+    grant: &LeaseGrant,
+    name: &str,
+) -> anyhow::Result<Option<LeaseGrant>> {
     let params = grant.render_params();
     let started = Instant::now();
     let png = render_png(&params, Engine::Auto, &AtomicBool::new(false))?;
@@ -317,8 +332,8 @@ async fn finish(client: &Client, grant: &LeaseGrant, name: &str) -> anyhow::Resu
         duration: started.elapsed(),
         generated_by: name,
     };
-    match client.upload(&upload).await? {
-        LeaseOutcome::Held => Ok(()),
-        LeaseOutcome::Lost(why) => bail!("upload refused: {why}"),
+    match client.upload_and_take_next(&upload).await? {
+        (LeaseOutcome::Held, next) => Ok(next),
+        (LeaseOutcome::Lost(why), _) => bail!("upload refused: {why}"),
     }
 }

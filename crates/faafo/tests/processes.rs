@@ -123,3 +123,34 @@ async fn sigterm_gives_unfinished_work_back_and_exits_zero() {
         "the task was given back, not lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_worker_takes_each_next_task_with_its_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = spawn_api(dir.path(), "api", &[]);
+    let client = client(api.url());
+    let mut uuids = Vec::new();
+    for _ in 0..8 {
+        uuids.push(
+            client
+                .create(&common::load::tiny_fractal())
+                .await
+                .unwrap()
+                .uuid,
+        );
+    }
+    let _worker = spawn_worker(dir.path(), "worker", api.url());
+    for uuid in &uuids {
+        let done = wait_for_state(&client, *uuid, FractalState::Done, LONG).await;
+        verify_image(&client, &done).await;
+    }
+    // Eight tasks handed out, one of them by a lease request: the others came with the
+    // answers to the uploads before them.
+    assert_eq!(metric(api.url(), "faafo_leases_granted_total").await, 8);
+    let leased_by_request = metric(
+        api.url(),
+        r#"faafo_http_requests_total{method="POST",route="/v1/worker/lease",status="200"}"#,
+    )
+    .await;
+    assert_eq!(leased_by_request, 1);
+}

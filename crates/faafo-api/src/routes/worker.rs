@@ -13,7 +13,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::fractal::RenderResult;
 use faafo_core::wire::{
-    ErrorBody, FailTask, FractalView, LeaseGrant, LeaseHeld, LeaseRequest, upload_headers,
+    ErrorBody, FailTask, FractalView, ImageTaken, LeaseGrant, LeaseHeld, LeaseRequest,
+    upload_headers,
 };
 use faafo_core::{Fractal, FractalState, LeaseToken};
 use faafo_store::{Lease, StoreError};
@@ -366,11 +367,12 @@ pub async fn upload_preview(
         ("faafo-checksum" = String, Header, pattern = "^[0-9a-f]{64}$", description = "Lower-case hex SHA-256 of the body"),
         ("faafo-duration" = f64, Header, minimum = 0.0, description = "Seconds the render took"),
         ("faafo-generated-by" = String, Header, description = "The worker's name"),
+        ("faafo-take-next" = Option<String>, Header, description = "`1`: lease this worker's next task in the same request, if one is queued (it comes as `next_task`)"),
     ),
     request_body(content = Vec<u8>, content_type = "image/png"),
     security(("worker_token" = [])),
     responses(
-        (status = 200, description = "Stored; the fractal is done", body = FractalView),
+        (status = 200, description = "Stored; the fractal is done", body = ImageTaken),
         (status = 400, description = "A missing or bad header, or not a uuid", body = ErrorBody),
         (status = 401, description = "Missing or wrong worker token", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
@@ -398,6 +400,16 @@ pub async fn upload(
             ))
         })?;
     let generated_by = header_text(&headers, upload_headers::GENERATED_BY)?.to_owned();
+    let take_next = match headers.get(upload_headers::TAKE_NEXT) {
+        None => false,
+        Some(value) if value == "1" => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "{} must be 1 when present",
+                upload_headers::TAKE_NEXT
+            )));
+        }
+    };
     let ReceivedPng {
         token,
         png,
@@ -427,7 +439,16 @@ pub async fn upload(
                 .with_label_values(&[&generated_by])
                 .observe(duration);
             tracing::info!(fractal.uuid = %uuid, worker = %generated_by, duration_s = duration, size_bytes = size, "fractal done");
-            Ok(Json(FractalView::new(&done)).into_response())
+            let next_task = if take_next {
+                next_task(&state, &generated_by).await
+            } else {
+                None
+            };
+            Ok(Json(ImageTaken {
+                fractal: FractalView::new(&done),
+                next_task,
+            })
+            .into_response())
         }
         Err(StoreError::NotFound(_)) => {
             // Deleted while the image was being stored: do not leave the image behind.
@@ -446,5 +467,26 @@ pub async fn upload(
             Err(error.into())
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+/// The uploading worker's next task, leased to it without waiting; none when nothing is
+/// queued, the instance is draining, or the store cannot say (the upload has succeeded
+/// either way, and the worker asks for work as usual).
+async fn next_task(state: &AppState, worker: &str) -> Option<LeaseGrant> {
+    if state.shutdown.is_cancelled() || ApiError::check_name("worker", worker).is_err() {
+        return None;
+    }
+    match state.store.claim(worker, state.config().lease).await {
+        Ok(Some(lease)) => {
+            state.metrics.leases_granted.inc();
+            tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %worker, attempt = lease.fractal.attempts, "lease granted with an upload");
+            Some(grant(&lease, state.config().lease))
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(%error, "no next task with the upload");
+            None
+        }
     }
 }
