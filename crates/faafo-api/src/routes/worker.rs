@@ -367,7 +367,7 @@ pub async fn upload_preview(
         ("faafo-checksum" = String, Header, pattern = "^[0-9a-f]{64}$", description = "Lower-case hex SHA-256 of the body"),
         ("faafo-duration" = f64, Header, minimum = 0.0, description = "Seconds the render took"),
         ("faafo-generated-by" = String, Header, description = "The worker's name"),
-        ("faafo-take-next" = Option<String>, Header, description = "`1`: lease this worker's next task in the same request, if one is queued (it comes as `next_task`)"),
+        ("faafo-take-next" = Option<String>, Header, nullable = false, pattern = "^1$", description = "`1`: lease this worker's next task in the same request, if one is queued (it comes as `next_task`)"),
     ),
     request_body(content = Vec<u8>, content_type = "image/png"),
     security(("worker_token" = [])),
