@@ -64,13 +64,18 @@ fn escape(z_re: f64, z_im: f64, c_re: f64, c_im: f64, iterations: u32) -> Option
         if magnitude_exceeds_two(re, im) {
             return Some(i);
         }
-        // Complex multiply as CPython computes it, then the add; no fused multiply-add.
-        let next_re = re * re - im * im;
-        let next_im = re * im + im * re;
-        re = next_re + c_re;
-        im = next_im + c_im;
+        (re, im) = advance(re, im, c_re, c_im);
     }
     None
+}
+
+/// One update `z -> z*z + c`: the complex multiply as CPython computes it, then the add;
+/// no fused multiply-add.
+#[inline]
+pub(crate) fn advance(re: f64, im: f64, c_re: f64, c_im: f64) -> (f64, f64) {
+    let next_re = re * re - im * im;
+    let next_im = re * im + im * re;
+    (next_re + c_re, next_im + c_im)
 }
 
 /// The palette index of escape step `i`: the colour `(i%8*32, i%16*16, i%32*8)` depends

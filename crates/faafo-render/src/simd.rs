@@ -1,5 +1,6 @@
 //! Vector kernels. Each lane performs exactly the scalar kernel's operations, in the same
 //! order and without fused multiply-add, so pixels are bit-identical to the scalar path.
+//! (A fused multiply-add only filters which lanes to look at; it never decides a pixel.)
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
@@ -10,7 +11,7 @@ pub(crate) mod avx2 {
         _mm256_storeu_pd, _mm256_storeu_si256, _mm256_sub_epi64, _mm256_sub_pd,
     };
 
-    use crate::kernel::{BAND, magnitude_exceeds_two, palette_index};
+    use crate::kernel::{BAND, advance, magnitude_exceeds_two, palette_index};
 
     /// Repeats `$body` with `$k` bound to each literal index in turn. Arrays of registers
     /// indexed this way stay in registers; a `for` loop over them would leave them in
@@ -99,7 +100,6 @@ pub(crate) mod avx2 {
         ) -> u64 {
             let (cr, ci) = self.c;
             let mut work = 0;
-            let z_im = _mm256_set1_pd(im);
             let width = columns.len();
             let mut first = 0;
             while first < width {
@@ -124,7 +124,7 @@ pub(crate) mod avx2 {
                         ]
                     }
                 };
-                let outcome = prepass_pair(z_re, z_im, cr, ci, self.steps);
+                let outcome = prepass_pair(z_re, im, cr, ci, self.steps);
                 if outcome.still == 0 && pixels == PAIR {
                     // The common case, without a branch per pixel.
                     for (pixel, &step) in out[first..first + PAIR].iter_mut().zip(&outcome.steps) {
@@ -175,17 +175,10 @@ pub(crate) mod avx2 {
     /// has made without escaping (its escape step, once it has), with vector operations
     /// rather than branches.
     #[target_feature(enable = "avx2")]
-    fn prepass_pair(
-        mut z_re: [__m256d; 2],
-        z_im: __m256d,
-        cr: f64,
-        ci: f64,
-        steps: u32,
-    ) -> Prepassed {
+    fn prepass_pair(mut z_re: [__m256d; 2], im: f64, cr: f64, ci: f64, steps: u32) -> Prepassed {
         let (c_re, c_im) = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
         let (above, below) = (_mm256_set1_pd(4.0 + BAND), _mm256_set1_pd(4.0 - BAND));
-        let z_im_start = z_im;
-        let mut z_im = [z_im; 2];
+        let mut z_im = [_mm256_set1_pd(im); 2];
         // All bits set in a lane that is still iterating: -1 as an integer.
         let all = _mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_set1_pd(1.0), _mm256_setzero_pd());
         let mut active = [all; 2];
@@ -218,7 +211,7 @@ pub(crate) mod avx2 {
         if _mm256_movemask_pd(undecided) != 0 {
             // A lane came within a hair of |z| = 2 (rare): the scalar rule decides the
             // eight pixels instead.
-            return prepass_pair_exactly(start, z_im_start, cr, ci, steps);
+            return prepass_pair_exactly(start, im, cr, ci, steps);
         }
         let mut lanes = Prepassed {
             still: still as u32,
@@ -242,7 +235,7 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2")]
     fn prepass_pair_exactly(
         z_re: [__m256d; 2],
-        z_im: __m256d,
+        im: f64,
         cr: f64,
         ci: f64,
         steps: u32,
@@ -253,18 +246,16 @@ pub(crate) mod avx2 {
             re: [0.0; PAIR],
             im: [0.0; PAIR],
         };
-        let mut im_lanes = [0.0; LANES];
-        // SAFETY: each store writes 4 f64 into a 4-element array, or half of an 8-element one.
+        // SAFETY: each store writes 4 f64 into half of an 8-element array.
         unsafe {
             _mm256_storeu_pd(lanes.re.as_mut_ptr(), z_re[0]);
             _mm256_storeu_pd(lanes.re.as_mut_ptr().add(LANES), z_re[1]);
-            _mm256_storeu_pd(im_lanes.as_mut_ptr(), z_im);
         }
         for lane in 0..PAIR {
-            let (mut re, mut im) = (lanes.re[lane], im_lanes[0]);
+            let (mut re, mut im) = (lanes.re[lane], im);
             let mut step = 0;
             while step < steps && !magnitude_exceeds_two(re, im) {
-                (re, im) = (re * re - im * im + cr, re * im + im * re + ci);
+                (re, im) = advance(re, im, cr, ci);
                 step += 1;
             }
             lanes.steps[lane] = u64::from(step);

@@ -81,11 +81,12 @@ pub async fn run(client: Arc<Client>, config: WorkerConfig, shutdown: Cancellati
         match grant {
             Ok(Some(grant)) => {
                 backoff = Duration::from_millis(100);
-                let (end, following) = run_task(&client, &config, grant, &shutdown).await;
-                if let TaskEnd::Done = end {
+                if let TaskEnd::Done { next: following } =
+                    run_task(&client, &config, grant, &shutdown).await
+                {
                     done.fetch_add(1, Ordering::Relaxed);
+                    next = following;
                 }
-                next = following;
             }
             Ok(None) => {}
             Err(error) => {
@@ -141,20 +142,21 @@ async fn announce(
 /// How a task ended, for the log.
 #[derive(Debug)]
 enum TaskEnd {
-    Done,
+    /// Delivered; the upload's answer may have brought the worker's next task.
+    Done {
+        next: Option<LeaseGrant>,
+    },
     LeaseLost(String),
     Released,
     Failed(String),
 }
 
-/// Renders and delivers one task; returns how it ended and the next task, when the
-/// upload's answer brought one.
 async fn run_task(
     client: &Arc<Client>,
     config: &WorkerConfig,
     grant: LeaseGrant,
     shutdown: &CancellationToken,
-) -> (TaskEnd, Option<LeaseGrant>) {
+) -> TaskEnd {
     let uuid = grant.uuid;
     tracing::info!(fractal.uuid = %uuid, attempt = grant.attempt, width = grant.width, height = grant.height, iterations = grant.iterations, "rendering");
     let cancel = Arc::new(AtomicBool::new(false));
@@ -166,20 +168,10 @@ async fn run_task(
         lease_lost.clone(),
     ));
 
-    let next = std::sync::Mutex::new(None);
-    let end = render_and_upload(
-        client,
-        config,
-        &grant,
-        &cancel,
-        &lease_lost,
-        shutdown,
-        &next,
-    )
-    .await;
+    let end = render_and_upload(client, config, &grant, &cancel, &lease_lost, shutdown).await;
     heartbeat.abort();
     match &end {
-        TaskEnd::Done => tracing::info!(fractal.uuid = %uuid, "uploaded"),
+        TaskEnd::Done { .. } => tracing::info!(fractal.uuid = %uuid, "uploaded"),
         TaskEnd::LeaseLost(why) => {
             tracing::warn!(fractal.uuid = %uuid, reason = %why, "lease lost; task abandoned")
         }
@@ -188,7 +180,7 @@ async fn run_task(
             tracing::warn!(fractal.uuid = %uuid, reason = %why, "render failed; reported")
         }
     }
-    (end, next.into_inner().unwrap_or_else(|p| p.into_inner()))
+    end
 }
 
 async fn render_and_upload(
@@ -198,7 +190,6 @@ async fn render_and_upload(
     cancel: &Arc<AtomicBool>,
     lease_lost: &CancellationToken,
     shutdown: &CancellationToken,
-    next: &std::sync::Mutex<Option<LeaseGrant>>,
 ) -> TaskEnd {
     let params = grant.render_params();
     let engine = config.engine;
@@ -246,16 +237,19 @@ async fn render_and_upload(
     // gallery shows the image itself, so a refused preview costs no work.
     if let Some(preview) = preview {
         let bytes = Bytes::from(preview.bytes);
-        let send = || {
-            client.upload_preview(
-                grant.uuid,
-                grant.lease_token,
-                bytes.clone(),
-                &preview.checksum,
-            )
+        let send = || async {
+            let outcome = client
+                .upload_preview(
+                    grant.uuid,
+                    grant.lease_token,
+                    bytes.clone(),
+                    &preview.checksum,
+                )
+                .await?;
+            Ok((outcome, ()))
         };
         match deliver(grant, lease_lost, shutdown, send).await {
-            Delivery::Held => {}
+            Delivery::Held(()) => {}
             Delivery::Abandoned(why) => return TaskEnd::LeaseLost(why),
             Delivery::Lost(why) => {
                 tracing::warn!(fractal.uuid = %grant.uuid, reason = %why, "preview not taken")
@@ -277,14 +271,12 @@ async fn render_and_upload(
     // per task instead of two when work is queued.
     let send = || async {
         if shutdown.is_cancelled() {
-            return client.upload(&upload).await;
+            return Ok((client.upload(&upload).await?, None));
         }
-        let (outcome, following) = client.upload_and_take_next(&upload).await?;
-        *next.lock().unwrap_or_else(|p| p.into_inner()) = following;
-        Ok(outcome)
+        client.upload_and_take_next(&upload).await
     };
     match deliver(grant, lease_lost, shutdown, send).await {
-        Delivery::Held => TaskEnd::Done,
+        Delivery::Held(next) => TaskEnd::Done { next },
         Delivery::Lost(why) => already_ours(client, grant, &png.checksum, why).await,
         Delivery::Refused(error) => {
             report_failure(client, grant, &format!("upload refused: {error}")).await
@@ -294,9 +286,9 @@ async fn render_and_upload(
 }
 
 /// How an upload ended.
-enum Delivery {
-    /// The server took it.
-    Held,
+enum Delivery<T> {
+    /// The server took it, and answered with this.
+    Held(T),
     /// The server said the lease moved on.
     Lost(String),
     /// The server refused it for what it is.
@@ -308,22 +300,22 @@ enum Delivery {
 /// Sends an upload until the server answers it. The client fails over within its own
 /// time bound; beyond it, keep trying until the lease is known to be lost, so a rendered
 /// image is not thrown away for an outage.
-async fn deliver<Sent>(
+async fn deliver<Sent, T>(
     grant: &LeaseGrant,
     lease_lost: &CancellationToken,
     shutdown: &CancellationToken,
     send: impl Fn() -> Sent,
-) -> Delivery
+) -> Delivery<T>
 where
-    Sent: std::future::Future<Output = Result<LeaseOutcome, ClientError>>,
+    Sent: std::future::Future<Output = Result<(LeaseOutcome, T), ClientError>>,
 {
     loop {
         if lease_lost.is_cancelled() {
             return Delivery::Abandoned(lost_reason(lease_lost));
         }
         match send().await {
-            Ok(LeaseOutcome::Held) => return Delivery::Held,
-            Ok(LeaseOutcome::Lost(why)) => return Delivery::Lost(why),
+            Ok((LeaseOutcome::Held, answer)) => return Delivery::Held(answer),
+            Ok((LeaseOutcome::Lost(why), _)) => return Delivery::Lost(why),
             Err(error @ ClientError::Api { .. }) => return Delivery::Refused(error),
             Err(error) => {
                 tracing::warn!(fractal.uuid = %grant.uuid, error = %error, "upload failed; retrying");
@@ -339,7 +331,7 @@ where
 /// was lost: then the fractal is done with our checksum, and all is well.
 async fn already_ours(client: &Client, grant: &LeaseGrant, checksum: &str, why: String) -> TaskEnd {
     match client.get(grant.uuid).await {
-        Ok(view) if view.checksum.as_deref() == Some(checksum) => TaskEnd::Done,
+        Ok(view) if view.checksum.as_deref() == Some(checksum) => TaskEnd::Done { next: None },
         _ => TaskEnd::LeaseLost(why),
     }
 }

@@ -176,14 +176,10 @@ impl Bench {
                     while !stop.load(Ordering::Relaxed) {
                         let grant = match next.take() {
                             Some(grant) => grant,
-                            None => {
-                                let Some(grant) =
-                                    client.lease(&name, Duration::from_millis(500)).await?
-                                else {
-                                    continue;
-                                };
-                                grant
-                            }
+                            None => match client.lease(&name, Duration::from_millis(500)).await? {
+                                Some(grant) => grant,
+                                None => continue,
+                            },
                         };
                         let _ = sender.send((grant.uuid, Instant::now()));
                         next = finish(&client, &grant, &name).await?;
