@@ -18,6 +18,7 @@ pub enum BackendState {
 #[derive(Debug)]
 pub struct Backend {
     pub url: String,
+    pub(crate) target: crate::upstream::Target,
     up: AtomicBool,
     outstanding: AtomicU64,
     requests: AtomicU64,
@@ -48,9 +49,10 @@ pub struct BackendStats {
 
 impl Backend {
     /// A new backend starts down and comes up at its first good check.
-    pub fn new(url: String, rise: u32) -> Backend {
+    pub(crate) fn new(url: String, target: crate::upstream::Target, rise: u32) -> Backend {
         Backend {
             url,
+            target,
             up: AtomicBool::new(false),
             outstanding: AtomicU64::new(0),
             requests: AtomicU64::new(0),

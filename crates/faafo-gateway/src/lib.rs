@@ -11,7 +11,9 @@
 mod backend;
 mod membership;
 mod proxy;
+mod serving;
 mod stats;
+mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +32,8 @@ pub struct GatewayConfig {
     pub fall: u32,
     /// Good checks in a row that bring a down backend back.
     pub rise: u32,
-    /// Longest a proxied request may take (lease long polls wait up to 30 s).
+    /// Longest a backend may take to start answering a proxied request (lease long polls
+    /// wait up to 30 s); the answer's body then streams to the client as it comes.
     pub request_timeout: Duration,
     /// Largest request body the gateway buffers (it must, to retry elsewhere).
     pub max_body_bytes: usize,
@@ -44,8 +47,11 @@ pub struct GatewayConfig {
     /// Follow the API instances the membership lists (asking this often), adding and
     /// removing backends to match; the configured backends are only the first contact.
     pub discover_interval: Option<Duration>,
-    /// Certificates (PEM) trusted besides the system's, for `https://` backends.
+    /// Certificates (PEM) trusted besides the system's, for `https://` backends' checks.
     pub ca_pem: Option<Vec<u8>>,
+    /// How proxied requests reach `https://` backends (the same trust as `ca_pem`); without
+    /// it, requests to them fail as a connection that could not be made.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +68,7 @@ impl Default for GatewayConfig {
             member_token: None,
             discover_interval: None,
             ca_pem: None,
+            backend_tls: None,
         }
     }
 }
@@ -76,36 +83,32 @@ pub struct GatewaySettings {
 /// Settings read again, or why there are none.
 pub type Reread = Result<GatewaySettings, String>;
 
-/// Serves the gateway on `listener` until `shutdown`, then finishes the requests in flight.
-pub async fn serve<L>(
-    listener: L,
+/// Serves the gateway on `listener` (over TLS with `tls`) until `shutdown`, then finishes
+/// the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     backends: Vec<String>,
     config: GatewayConfig,
     shutdown: CancellationToken,
-) -> std::io::Result<()>
-where
-    // Plain TCP, or TLS (the binary's `TlsListener`).
-    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-{
+) -> std::io::Result<()> {
     let first = GatewaySettings {
         backends: backends.clone(),
         check_interval: config.check_interval,
     };
     let (_unchanging, updates) = tokio::sync::watch::channel(Ok(first));
-    serve_reloading(listener, backends, config, updates, shutdown).await
+    serve_reloading(listener, tls, backends, config, updates, shutdown).await
 }
 
 /// [`serve`], applying each set of settings `updates` brings.
-pub async fn serve_reloading<L>(
-    listener: L,
+pub async fn serve_reloading(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     backends: Vec<String>,
     config: GatewayConfig,
     updates: tokio::sync::watch::Receiver<Reread>,
     shutdown: CancellationToken,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-{
+) -> std::io::Result<()> {
     let gateway =
         Arc::new(proxy::Gateway::new(config, shutdown.clone()).map_err(std::io::Error::other)?);
     gateway
@@ -121,13 +124,7 @@ where
     if let Some(interval) = gateway.config.discover_interval {
         tokio::spawn(membership::follow(Arc::clone(&gateway), interval));
     }
-    let app = proxy::router(Arc::clone(&gateway));
-    let result = axum::serve(
-        proxy::Accepting(listener),
-        app.into_make_service_with_connect_info::<proxy::Peer>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
+    let result = serving::serve(listener, tls, Arc::clone(&gateway), shutdown).await;
     gateway.stop_checks();
     result
 }

@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::uri::PathAndQuery;
 use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::GatewayConfig;
 use crate::backend::{Backend, BackendState};
 use crate::stats::{self, Metrics};
+use crate::upstream::{Target, Upstream};
+use http_body_util::Full;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -41,15 +43,16 @@ pub struct Gateway {
 }
 
 /// Headers that describe one hop, not the request: never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// (Names, not strings: a string is parsed into a name at each lookup.)
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 impl Gateway {
@@ -89,17 +92,14 @@ impl Gateway {
     /// Adds a backend (if new) and starts checking it.
     pub fn add_backend(self: &Arc<Self>, url: &str) -> Result<(), GatewayError> {
         let url = url.trim().trim_end_matches('/').to_owned();
-        let valid = reqwest::Url::parse(&url)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !valid {
-            return Err(GatewayError::InvalidBackend(url));
-        }
+        let target =
+            Target::parse(&url).ok_or_else(|| GatewayError::InvalidBackend(url.clone()))?;
         let backend = {
             let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
             if backends.iter().any(|b| b.url == url) {
                 return Ok(());
             }
-            let backend = Arc::new(Backend::new(url, self.config.rise));
+            let backend = Arc::new(Backend::new(url, target, self.config.rise));
             backends.push(Arc::clone(&backend));
             backend
         };
@@ -152,9 +152,7 @@ impl Gateway {
             .map(|u| u.trim().trim_end_matches('/').to_owned())
             .collect();
         for url in &wanted {
-            let valid = reqwest::Url::parse(url)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-            if !valid {
+            if Target::parse(url).is_none() {
                 return Err(GatewayError::InvalidBackend(url.clone()));
             }
         }
@@ -201,7 +199,10 @@ impl Gateway {
     }
 }
 
-pub fn router(gateway: Arc<Gateway>) -> Router {
+/// The gateway's routes for one serving thread, whose backend connections are `upstream`.
+pub(crate) fn router(gateway: Arc<Gateway>, upstream: Arc<Upstream>) -> Router {
+    let forward =
+        move |gateway, peer, request| forward(gateway, Arc::clone(&upstream), peer, request);
     Router::new()
         .route("/__stats", get(stats::page))
         .route("/__stats.json", get(stats::json))
@@ -226,45 +227,15 @@ fn error(status: StatusCode, message: String) -> Response {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// The listener the gateway serves on, whatever it wraps (plain TCP or TLS), so that the
-/// handlers learn the client's address ([`Peer`]).
-#[derive(Debug)]
-pub struct Accepting<L>(pub L);
-
-impl<L> axum::serve::Listener for Accepting<L>
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
-    type Io = L::Io;
-    type Addr = SocketAddr;
-
-    fn accept(&mut self) -> impl std::future::Future<Output = (Self::Io, Self::Addr)> + Send {
-        self.0.accept()
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
-
-impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Accepting<L>>>
-    for Peer
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Accepting<L>>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
 /// Forwards a request to a backend, trying others when that is safe.
 async fn forward(
     State(gateway): State<Arc<Gateway>>,
+    upstream: Arc<Upstream>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request,
 ) -> Response {
     gateway.metrics.requests.inc();
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let limit = gateway.config.max_body_bytes;
     let body = match axum::body::to_bytes(body, limit).await {
         Ok(body) => body,
@@ -276,11 +247,7 @@ async fn forward(
         }
     };
     let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    outgoing(&mut parts, peer);
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_failure = String::from("no backend is up");
     loop {
@@ -295,16 +262,14 @@ async fn forward(
         tried.push(Arc::clone(&backend));
         let started = Instant::now();
         let in_flight = backend.begin();
-        let outcome = send(
-            &gateway,
-            &backend,
-            &parts.method,
-            &path,
-            &parts.headers,
-            peer,
-            body.clone(),
-        )
-        .await;
+        let outcome = upstream
+            .send(
+                &backend,
+                attempt(&parts, &body),
+                gateway.config.check_timeout,
+                gateway.config.request_timeout,
+            )
+            .await;
         drop(in_flight);
         match outcome {
             Ok(response)
@@ -342,47 +307,45 @@ async fn forward(
     }
 }
 
-async fn send(
-    gateway: &Gateway,
-    backend: &Backend,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-    body: bytes::Bytes,
-) -> Result<reqwest::Response, reqwest::Error> {
-    let mut forwarded = reqwest::header::HeaderMap::new();
-    for (name, value) in headers {
-        if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
-            forwarded.append(name.clone(), value.clone());
-        }
+/// The request as it goes to a backend: hop-by-hop headers gone, the client's address
+/// added, the path in origin form.
+fn outgoing(parts: &mut axum::http::request::Parts, peer: SocketAddr) {
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
     }
     if let Ok(value) = peer.ip().to_string().parse() {
-        forwarded.append(HeaderName::from_static("x-forwarded-for"), value);
+        parts
+            .headers
+            .append(HeaderName::from_static("x-forwarded-for"), value);
     }
-    gateway
-        .http
-        .request(method.clone(), format!("{}{path}", backend.url))
-        .headers(forwarded)
-        .timeout(gateway.config.request_timeout)
-        .body(body)
-        .send()
-        .await
+    let mut origin_form = axum::http::uri::Parts::default();
+    origin_form.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    if let Ok(uri) = axum::http::Uri::from_parts(origin_form) {
+        parts.uri = uri;
+    }
 }
 
-/// Streams a backend's answer back to the client.
-fn relay(response: reqwest::Response) -> Response {
-    let status = response.status();
-    let mut headers = HeaderMap::new();
-    for (name, value) in response.headers() {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            headers.append(name.clone(), value.clone());
-        }
+/// One attempt's copy of the request.
+fn attempt(parts: &axum::http::request::Parts, body: &bytes::Bytes) -> Request<Full<bytes::Bytes>> {
+    let mut request = Request::new(Full::new(body.clone()));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.headers_mut() = parts.headers.clone();
+    request
+}
+
+/// Hands a backend's answer to the client, its hop-by-hop headers gone.
+fn relay(mut response: Response) -> Response {
+    for name in HOP_BY_HOP {
+        response.headers_mut().remove(name);
     }
-    let mut relayed = Response::new(Body::from_stream(response.bytes_stream()));
-    *relayed.status_mut() = status;
-    *relayed.headers_mut() = headers;
-    relayed
+    response
 }
 
 /// Checks `/readyz` of one backend until it is removed or the gateway stops.

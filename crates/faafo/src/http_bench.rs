@@ -44,6 +44,7 @@ pub struct HttpBenchArgs {
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy)]
 struct Load {
+    requests: u64,
     requests_per_s: f64,
     p50: Duration,
     p99: Duration,
@@ -107,7 +108,7 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
     );
     let gateway = {
         let port = free_port()?;
-        let _gateway = ChildGuard(
+        let gateway = ChildGuard(
             Command::new(std::env::current_exe()?)
                 .args(["gateway", "--log-level", "warn", "--bind"])
                 .arg(format!("127.0.0.1:{port}"))
@@ -119,33 +120,37 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
         );
         let url = format!("http://127.0.0.1:{port}{one}");
         serving_both(&url, 2).await.context("faafo gateway")?;
-        measured(
-            "gateway",
-            "GET one fractal through faafo gateway",
-            wrk(url).await?,
+        let (load, cpu) = with_cpu_of(gateway.0.id(), wrk(url)).await?;
+        (
+            measured("gateway", "GET one fractal through faafo gateway", load),
+            cpu,
         )
     };
+    let (gateway, gateway_cpu) = gateway;
 
     if haproxy {
         let body_file = scratch.path().join("fractal.json");
         std::fs::write(&body_file, &body)?;
-        let fixed = with_haproxy(&fixed_answer_config(&body_file), scratch.path(), |port| {
-            wrk(format!("http://127.0.0.1:{port}{one}"))
-        })
+        let fixed = with_haproxy(
+            &fixed_answer_config(&body_file),
+            scratch.path(),
+            |port, _| wrk(format!("http://127.0.0.1:{port}{one}")),
+        )
         .await?;
         let fixed = measured(
             "haproxy_fixed_answer",
             "haproxy answering the same bytes",
             fixed,
         );
-        let balanced = with_haproxy(&balancer_config(&instances), scratch.path(), |port| {
-            let url = format!("http://127.0.0.1:{port}{one}");
-            async move {
-                serving_both(&url, 2).await.context("haproxy")?;
-                run_wrk(url, &args).await
-            }
-        })
-        .await?;
+        let (balanced, haproxy_cpu) =
+            with_haproxy(&balancer_config(&instances), scratch.path(), |port, pid| {
+                let url = format!("http://127.0.0.1:{port}{one}");
+                async move {
+                    serving_both(&url, 2).await.context("haproxy")?;
+                    with_cpu_of(pid, run_wrk(url, &args)).await
+                }
+            })
+            .await?;
         let balanced = measured(
             "haproxy_balancer",
             "GET one fractal through haproxy",
@@ -160,6 +165,18 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
             gateway.p99.as_secs_f64() * 1e3,
             balanced.p99.as_secs_f64() * 1e3
         ));
+        if let (Some(ours), Some(theirs)) = (gateway_cpu, haproxy_cpu) {
+            // What each balancer itself spent: unlike requests/s, this does not depend on
+            // what else the machine was busy with.
+            report.say(format!(
+                "  CPU per proxied request: faafo gateway {:.1} us, haproxy {:.1} us ({:.2}x)",
+                ours * 1e6,
+                theirs * 1e6,
+                ours / theirs
+            ));
+            report.figure("gateway.cpu_us_per_request", ours * 1e6);
+            report.figure("haproxy_balancer.cpu_us_per_request", theirs * 1e6);
+        }
         report.figure("one_fractal.share_of_haproxy_fixed_answer", one_share);
         report.figure("gateway.share_of_haproxy_balancer", gateway_share);
     } else {
@@ -264,7 +281,14 @@ fn parse_wrk(text: &str) -> Option<Load> {
             .map(str::trim)
     };
     let latency = |label: &str| parse_duration(after(label)?.split_whitespace().next()?);
+    let requests = text
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))?
+        .0
+        .parse()
+        .ok()?;
     Some(Load {
+        requests,
         requests_per_s: after("Requests/sec:")?.parse().ok()?,
         p50: latency("50%")?,
         p99: latency("99%")?,
@@ -334,11 +358,41 @@ fn balancer_config(instances: &[LocalService]) -> String {
     config
 }
 
-/// Runs haproxy with `section` (whose `{port}` is filled in) while `measure` runs.
-async fn with_haproxy<F, Fut>(section: &str, dir: &Path, measure: F) -> anyhow::Result<Load>
+/// Runs `load` and says how much CPU process `pid` spent per request meanwhile, in
+/// seconds (None where /proc cannot tell).
+async fn with_cpu_of(
+    pid: u32,
+    load: impl std::future::Future<Output = anyhow::Result<Load>>,
+) -> anyhow::Result<(Load, Option<f64>)> {
+    let before = cpu_time(pid);
+    let load = load.await?;
+    let spent = match (before, cpu_time(pid)) {
+        (Some(before), Some(after)) if load.requests > 0 => {
+            Some((after - before) / load.requests as f64)
+        }
+        _ => None,
+    };
+    Ok((load, spent))
+}
+
+/// The CPU time process `pid` has used so far (user and system), in seconds.
+fn cpu_time(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces): state, then 10
+    // fields, then utime and stime in clock ticks.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: f64 = fields.next()?.parse::<f64>().ok()? + fields.next()?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks / per_second as f64)
+}
+
+/// Runs haproxy with `section` (whose `{port}` is filled in) while `measure` runs; gives
+/// `measure` the port and haproxy's process id.
+async fn with_haproxy<F, Fut, T>(section: &str, dir: &Path, measure: F) -> anyhow::Result<T>
 where
-    F: FnOnce(u16) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Load>>,
+    F: FnOnce(u16, u32) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let port = free_port()?;
     let config = format!(
@@ -347,7 +401,7 @@ where
     );
     let file = dir.join("haproxy.cfg");
     std::fs::write(&file, config)?;
-    let _haproxy = ChildGuard(
+    let haproxy = ChildGuard(
         Command::new("haproxy")
             .arg("-f")
             .arg(&file)
@@ -362,7 +416,7 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    measure(port).await
+    measure(port, haproxy.0.id()).await
 }
 
 /// Kills the child when dropped.
@@ -387,6 +441,7 @@ mod tests {
             \x20 Latency Distribution\n     50%  812.00us\n     75%    1.20ms\n     90%    1.60ms\n     99%    2.08ms\n\
             \x20 155792 requests in 5.00s, 97.21MB read\nRequests/sec:  31158.50\nTransfer/sec:     19.44MB\n";
         let load = parse_wrk(text).unwrap();
+        assert_eq!(load.requests, 155_792);
         assert_eq!(load.requests_per_s, 31158.5);
         assert_eq!(load.p50, Duration::from_micros(812));
         assert_eq!(load.p99, Duration::from_micros(2080));

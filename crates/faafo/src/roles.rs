@@ -254,6 +254,7 @@ pub async fn gateway(args: GatewayArgs, ca: Option<Vec<u8>>) -> anyhow::Result<(
         advertise_url: Some(advertised_url(bound, tls.is_some(), args.advertise_url)?),
         member_token: args.worker_token,
         discover_interval: args.discover.then_some(std::time::Duration::from_secs(1)),
+        backend_tls: Some(crate::tls::client_config(ca.as_deref())?),
         ca_pem: ca,
         ..faafo_gateway::GatewayConfig::default()
     };
@@ -269,14 +270,9 @@ pub async fn gateway(args: GatewayArgs, ca: Option<Vec<u8>>) -> anyhow::Result<(
     };
     tokio::spawn(reload_on_hangup(fixed, read, reread, shutdown.clone()));
     let backends = args.backends;
-    let served = match tls {
-        Some(tls) => {
-            let listener = crate::tls::TlsListener::new(listener, tls)?;
-            faafo_gateway::serve_reloading(listener, backends, config, updates, shutdown).await
-        }
-        None => faafo_gateway::serve_reloading(listener, backends, config, updates, shutdown).await,
-    };
-    served.context("serving HTTP")
+    faafo_gateway::serve_reloading(listener, tls, backends, config, updates, shutdown)
+        .await
+        .context("serving HTTP")
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {

@@ -43,6 +43,18 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig
     Ok(Arc::new(config))
 }
 
+/// What a client of faafo's servers trusts: the system's roots and `ca` (`--ca-cert`).
+pub fn client_config(ca: Option<&[u8]>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let roots = faafo_store::postgres_tls::system_roots_and(ca)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The PEM certificates of `--ca-cert`, checked to hold at least one.
 pub fn ca_certificates(path: &Path) -> anyhow::Result<Vec<u8>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
