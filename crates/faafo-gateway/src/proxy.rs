@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -223,15 +223,22 @@ fn error(status: StatusCode, message: String) -> Response {
     response
 }
 
-/// The client's address, over plain TCP or TLS alike.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// The client's address, as the `X-Forwarded-For` the backends are sent: made once per
+/// connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer(Option<HeaderValue>);
+
+impl Peer {
+    pub(crate) fn new(address: SocketAddr) -> Peer {
+        Peer(HeaderValue::from_str(&address.ip().to_string()).ok())
+    }
+}
 
 /// Forwards a request to a backend, trying others when that is safe.
 async fn forward(
     State(gateway): State<Arc<Gateway>>,
     upstream: Arc<Upstream>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     request: Request,
 ) -> Response {
     gateway.metrics.requests.inc();
@@ -247,7 +254,7 @@ async fn forward(
         }
     };
     let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-    outgoing(&mut parts, peer);
+    outgoing(&mut parts, &peer);
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut last_failure = String::from("no backend is up");
     loop {
@@ -309,14 +316,14 @@ async fn forward(
 
 /// The request as it goes to a backend: hop-by-hop headers gone, the client's address
 /// added, the path in origin form.
-fn outgoing(parts: &mut axum::http::request::Parts, peer: SocketAddr) {
+fn outgoing(parts: &mut axum::http::request::Parts, peer: &Peer) {
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
     }
-    if let Ok(value) = peer.ip().to_string().parse() {
+    if let Some(address) = &peer.0 {
         parts
             .headers
-            .append(HeaderName::from_static("x-forwarded-for"), value);
+            .append(HeaderName::from_static("x-forwarded-for"), address.clone());
     }
     let mut origin_form = axum::http::uri::Parts::default();
     origin_form.path_and_query = Some(

@@ -128,7 +128,7 @@ impl ServingThread {
             };
             let service = PeerService {
                 router: self.router.clone(),
-                peer: Peer(peer),
+                peer: Peer::new(peer),
             };
             let (tls, watcher) = (self.tls.clone(), graceful.watcher());
             // The TLS handshake, if any, in the connection's own task: off the accept path.
@@ -176,7 +176,9 @@ impl hyper::service::Service<Request<Incoming>> for PeerService {
     type Future = axum::routing::future::RouteFuture<Infallible>;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(ConnectInfo(self.peer));
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(self.peer.clone()));
         tower_service::Service::call(&mut self.router.clone(), request)
     }
 }

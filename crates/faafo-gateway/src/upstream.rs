@@ -118,7 +118,10 @@ impl Upstream {
                 let (mut sender, fresh) = match self.take_idle(backend) {
                     Some(sender) => (sender, false),
                     None => {
-                        let mut sender = self.connect(&backend.target, connect_timeout).await?;
+                        // Boxed: a TLS handshake's state is large, and would otherwise be
+                        // part of (and moved with) every request's future.
+                        let mut sender =
+                            Box::pin(self.connect(&backend.target, connect_timeout)).await?;
                         sender.ready().await?;
                         (sender, true)
                     }
@@ -153,11 +156,7 @@ impl Upstream {
         Some(senders.swap_remove(ready))
     }
 
-    async fn connect(
-        &self,
-        target: &Target,
-        timeout: Duration,
-    ) -> Result<Sender, UpstreamError> {
+    async fn connect(&self, target: &Target, timeout: Duration) -> Result<Sender, UpstreamError> {
         let connecting = async {
             let stream = TcpStream::connect(&target.authority).await?;
             stream.set_nodelay(true)?;
