@@ -235,6 +235,20 @@ mod tests {
         }
     }
 
+    fn backend_at(url: &str) -> Arc<Backend> {
+        Arc::new(Backend::new(url.to_owned(), Target::parse(url).unwrap(), 1))
+    }
+
+    async fn get(
+        upstream: &Upstream,
+        backend: &Arc<Backend>,
+        path: &str,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let request = Request::get(path).body(Full::default()).unwrap();
+        let patience = Duration::from_secs(5);
+        upstream.send(backend, request, patience, patience).await
+    }
+
     /// Sends three GETs through one [`Upstream`] to a backend that keeps its connections
     /// open (`hang_up` false) or hangs up after each answer without saying so in it;
     /// gives the connections the backend accepted.
@@ -260,19 +274,10 @@ mod tests {
                 });
             }
         });
-        let backend = Arc::new(Backend::new(url.clone(), Target::parse(&url).unwrap(), 1));
+        let backend = backend_at(&url);
         let upstream = Upstream::new(None);
         for _ in 0..3 {
-            let request = Request::get("/readyz").body(Full::default()).unwrap();
-            let answer = upstream
-                .send(
-                    &backend,
-                    request,
-                    Duration::from_secs(5),
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap();
+            let answer = get(&upstream, &backend, "/readyz").await.unwrap();
             assert_eq!(answer.status(), 200);
             let body = http_body_util::BodyExt::collect(answer.into_body())
                 .await
@@ -298,15 +303,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let backend = Arc::new(Backend::new(url.clone(), Target::parse(&url).unwrap(), 1));
-        let request = Request::get("/").body(Full::default()).unwrap();
-        let failure = Upstream::new(None)
-            .send(
-                &backend,
-                request,
-                Duration::from_secs(5),
-                Duration::from_secs(5),
-            )
+        let failure = get(&Upstream::new(None), &backend_at(&url), "/")
             .await
             .unwrap_err();
         assert!(failure.is_connect(), "{failure}");
