@@ -186,7 +186,9 @@ impl Gateway {
 
     /// The up backend with the fewest requests in flight, not yet tried; ties go round robin.
     pub(crate) fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
-        let backends = self.backends();
+        // Read in place: cloning the list would touch every backend's count, which all
+        // serving threads share, on every request.
+        let backends = self.backends.read().unwrap_or_else(|p| p.into_inner());
         if backends.is_empty() {
             return None;
         }
