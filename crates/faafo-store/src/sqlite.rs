@@ -6,7 +6,7 @@
 //! the OS page cache); only a power cut can lose the last commits.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -153,7 +153,7 @@ const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, 
 /// The SQLite store. Cloning shares the connection.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    connection: Arc<Mutex<Connection>>,
+    connection: Arc<ConnectionThread>,
     path: PathBuf,
     /// Woken when another connection (another API process) commits.
     hints: Arc<tokio::sync::Notify>,
@@ -234,6 +234,33 @@ impl Drop for CommitWatcher {
     }
 }
 
+/// Work for the connection's thread.
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The store's connection, on a thread of its own that runs the operations sent to it one
+/// after another. They ran one at a time anyway (one connection); a thread that stays with
+/// the connection takes the next operation while it is busy, where a blocking-pool thread
+/// per operation, queued on a lock, slept and was woken for each.
+#[derive(Debug)]
+struct ConnectionThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl ConnectionThread {
+    fn start(mut connection: Connection) -> std::io::Result<ConnectionThread> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        // Ends when the last clone of the store (the last sender) goes.
+        std::thread::Builder::new()
+            .name("sqlite".into())
+            .spawn(move || {
+                while let Ok(job) = queue.recv() {
+                    job(&mut connection);
+                }
+            })?;
+        Ok(ConnectionThread { jobs })
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
@@ -244,16 +271,17 @@ impl SqliteStore {
         let deletions = Arc::new(Deletions::new(true));
         let counted = Arc::clone(&deletions);
         let (connection, watcher) = tokio::task::spawn_blocking(move || {
-            let connection = open_and_migrate_when_free(&opened)?;
+            let connection = open_and_migrate_when_free(&opened).map_err(unavailable)?;
             // After the migration, so that the watcher opens a database in WAL mode.
-            let watcher = CommitWatcher::start(&opened, watched, counted)?;
-            Ok::<_, rusqlite::Error>((connection, watcher))
+            let watcher = CommitWatcher::start(&opened, watched, counted).map_err(unavailable)?;
+            let connection = ConnectionThread::start(connection)
+                .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+            Ok::<_, StoreError>((connection, watcher))
         })
         .await
-        .map_err(|e| StoreError::Unavailable(Box::new(e)))?
-        .map_err(unavailable)?;
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))??;
         Ok(SqliteStore {
-            connection: Arc::new(Mutex::new(connection)),
+            connection: Arc::new(connection),
             path,
             hints,
             deletions,
@@ -265,22 +293,29 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `operation` on the connection in a blocking thread.
+    /// Runs `operation` on the connection, on its thread.
     async fn run<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves the connection itself usable.
-            let mut connection = connection
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            operation(&mut connection)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |connection| {
+            // A panic leaves the connection itself usable (a transaction rolls back as it
+            // unwinds), and the thread goes on with the next operation.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| operation(connection)));
+            let _ = reply.send(outcome);
+        });
+        let stopped = || StoreError::Unavailable("the SQLite connection's thread stopped".into());
+        self.connection.jobs.send(job).map_err(|_| stopped())?;
+        match answer.await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_panic)) => Err(StoreError::Unavailable(
+                "a SQLite operation panicked".into(),
+            )),
+            Err(_) => Err(stopped()),
+        }
     }
 }
 
