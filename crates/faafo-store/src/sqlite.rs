@@ -928,3 +928,26 @@ impl Store for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_operation_that_panics_fails_alone_and_the_store_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("faafo.db"))
+            .await
+            .unwrap();
+        let panicked = store
+            .run(|_| -> Result<(), StoreError> { panic!("a bug in one operation") })
+            .await;
+        assert!(
+            matches!(panicked, Err(StoreError::Unavailable(_))),
+            "{panicked:?}"
+        );
+        // The same connection, on the same thread, answers the next operation.
+        let stats = store.stats().await.unwrap();
+        assert_eq!(stats.count(faafo_core::FractalState::Queued), 0);
+    }
+}
