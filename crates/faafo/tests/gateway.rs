@@ -120,6 +120,50 @@ async fn a_killed_api_leaves_rotation_and_clients_see_no_error() {
     assert!(metrics.contains("faafo_gateway_backend_up"), "{metrics}");
 }
 
+/// SIGTERM: the gateway stops taking connections at once, and a request already in flight
+/// (a worker's long poll) still gets its answer through it before it exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_gateway_answers_the_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = spawn_api(dir.path(), "api", &[]);
+    let mut gateway = spawn_gateway(dir.path(), &[api.url()]);
+    wait_until_state(gateway.url(), api.url(), "up").await;
+    let long_poll = reqwest::Client::new()
+        .post(format!("{}/v1/worker/lease", gateway.url()))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "worker": "late-worker", "wait_ms": 25_000 }))
+        .send();
+    let long_poll = tokio::spawn(long_poll);
+    wait_for("the long poll in flight", LONG, || async {
+        let stats: Value = reqwest::get(format!("{}/__stats.json", gateway.url()))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (stats["backends"][0]["outstanding"] == 1).then_some(())
+    })
+    .await;
+
+    gateway.terminate();
+    let address = gateway.url().trim_start_matches("http://").to_owned();
+    wait_for("the gateway to stop accepting", LONG, || async {
+        tokio::net::TcpStream::connect(&address)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Work appears; the long poll, still open through the stopping gateway, takes it.
+    let created = client(api.url()).create(&small_fractal()).await.unwrap();
+    let answer = long_poll.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    let grant: Value = answer.json().await.unwrap();
+    assert_eq!(grant["uuid"], created.uuid.to_string(), "{grant}");
+    let status = gateway.wait_exit(LONG);
+    assert!(status.success(), "{status:?}\n{}", gateway.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_are_added_and_removed_while_running() {
     let dir = tempfile::tempdir().unwrap();
