@@ -167,7 +167,20 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
         uuid: Uuid,
         token: LeaseToken,
         result: RenderResult,
-    ) -> Result<Fractal, StoreError>;
+    ) -> Result<Fractal, StoreError> {
+        Ok(self.complete_and_claim(uuid, token, result, None).await?.0)
+    }
+
+    /// Marks a leased task done with its result and, when `next` names a worker and a
+    /// lease, gives that worker the next queued task (as [`Store::claim`] would) in the
+    /// same transaction: one commit for both, and no claim unless the completion holds.
+    async fn complete_and_claim(
+        &self,
+        uuid: Uuid,
+        token: LeaseToken,
+        result: RenderResult,
+        next: Option<(&str, Duration)>,
+    ) -> Result<(Fractal, Option<Lease>), StoreError>;
 
     /// Marks a leased task failed for good: rendering it cannot succeed.
     async fn fail(&self, uuid: Uuid, token: LeaseToken, reason: &str) -> Result<(), StoreError>;

@@ -116,6 +116,21 @@ fn unfinished_work(client: &str) -> String {
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
+/// How many [`COLUMNS`] there are.
+const COLUMN_COUNT: usize = 21;
+
+/// The claim of the next queued task (fairest rank first), with the placeholders of its
+/// lease token, lease length in milliseconds and worker, and `condition` added to the
+/// choice of the task.
+fn claim_statement([token, lease_ms, worker]: [&str; 3], condition: &str) -> String {
+    format!(
+        "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = {token}, \
+         lease_expires_at = faafo_now_ms() + {lease_ms}, leased_by = {worker} \
+         WHERE id = (SELECT id FROM fractals WHERE state = 'queued' {condition} ORDER BY fair_rank, id LIMIT 1 \
+                     FOR UPDATE SKIP LOCKED) \
+         RETURNING {COLUMNS}"
+    )
+}
 
 /// The notification channel that announces new work.
 const CHANNEL: &str = "faafo_work";
@@ -828,17 +843,17 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 let token = LeaseToken::generate();
                 let statement = client
-                    .prepare_cached(&format!(
-                        "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = $1, \
-                         lease_expires_at = faafo_now_ms() + $2, leased_by = $3 \
-                         WHERE id = (SELECT id FROM fractals WHERE state = 'queued' ORDER BY fair_rank, id LIMIT 1 \
-                                     FOR UPDATE SKIP LOCKED) \
-                         RETURNING {COLUMNS}"
-                    ))
+                    .prepare_cached(&claim_statement(["$1", "$2", "$3"], ""))
                     .await
                     .map_err(unavailable)?;
-                let row = client.query_opt(&statement, &[&token.0, &millis(lease), &worker]).await.map_err(unavailable)?;
-                row.as_ref().map(fractal_from_row).transpose().map(|fractal| fractal.map(|fractal| Lease { fractal, token }))
+                let row = client
+                    .query_opt(&statement, &[&token.0, &millis(lease), &worker])
+                    .await
+                    .map_err(unavailable)?;
+                row.as_ref()
+                    .map(fractal_from_row)
+                    .transpose()
+                    .map(|fractal| fractal.map(|fractal| Lease { fractal, token }))
             })
         })
         .await
@@ -881,29 +896,58 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn complete(
+    async fn complete_and_claim(
         &self,
         uuid: Uuid,
         token: LeaseToken,
         result: RenderResult,
-    ) -> Result<Fractal, StoreError> {
+        next: Option<(&str, Duration)>,
+    ) -> Result<(Fractal, Option<Lease>), StoreError> {
+        let next =
+            next.map(|(worker, lease)| (worker.to_owned(), millis(lease), LeaseToken::generate()));
         self.run(move |client| {
             Box::pin(async move {
-                let statement = client
-                    .prepare_cached(&format!(
-                        "UPDATE fractals SET state = 'done', checksum = $3, size = $4, duration = $5, generated_by = $6, \
-                         finished_at = faafo_now_ms(), error = NULL, lease_token = NULL, lease_expires_at = NULL \
-                         WHERE uuid = $1 AND lease_token = $2 AND state = 'running' RETURNING {COLUMNS}"
-                    ))
-                    .await
-                    .map_err(unavailable)?;
+                let complete = format!(
+                    "UPDATE fractals SET state = 'done', checksum = $3, size = $4, duration = $5, generated_by = $6, \
+                     finished_at = faafo_now_ms(), error = NULL, lease_token = NULL, lease_expires_at = NULL \
+                     WHERE uuid = $1 AND lease_token = $2 AND state = 'running' RETURNING {COLUMNS}"
+                );
                 let size = result.size as i64;
-                let row = client
-                    .query_opt(&statement, &[&uuid, &token.0, &result.checksum, &size, &result.duration, &result.generated_by])
-                    .await
-                    .map_err(unavailable)?;
-                match row {
-                    Some(row) => fractal_from_row(&row),
+                let completion: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                    [&uuid, &token.0, &result.checksum, &size, &result.duration, &result.generated_by];
+                let (rows, next_token) = match &next {
+                    None => {
+                        let statement = client.prepare_cached(&complete).await.map_err(unavailable)?;
+                        (client.query(&statement, &completion).await.map_err(unavailable)?, None)
+                    }
+                    Some((worker, lease_ms, next_token)) => {
+                        // One statement: the claim runs only if the completion changed a
+                        // row, and both commit together. The last column tells them apart.
+                        let statement = client
+                            .prepare_cached(&format!(
+                                "WITH done AS ({complete}), next AS ({}) \
+                                 SELECT *, false FROM done UNION ALL SELECT *, true FROM next",
+                                claim_statement(["$7", "$8", "$9"], "AND EXISTS (SELECT FROM done)")
+                            ))
+                            .await
+                            .map_err(unavailable)?;
+                        let claim: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&next_token.0, lease_ms, worker];
+                        let parameters = [completion.as_slice(), &claim].concat();
+                        (client.query(&statement, &parameters).await.map_err(unavailable)?, Some(*next_token))
+                    }
+                };
+                let mut done = None;
+                let mut claimed = None;
+                for row in &rows {
+                    let fractal = fractal_from_row(row)?;
+                    if next_token.is_some() && row.get::<_, bool>(COLUMN_COUNT) {
+                        claimed = next_token.map(|token| Lease { fractal, token });
+                    } else {
+                        done = Some(fractal);
+                    }
+                }
+                match done {
+                    Some(done) => Ok((done, claimed)),
                     None => Err(lease_refusal(client, uuid).await),
                 }
             })

@@ -443,6 +443,34 @@ fn select_fractal(connection: &Connection, uuid: Uuid) -> Result<Option<Fractal>
 
 /// Explains why a fenced write changed no row: the fractal is gone, or its lease is
 /// held by someone else or by no one.
+/// Gives the next queued task (fairest rank first) to `worker` for `lease`.
+fn claim_next(
+    connection: &Connection,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<Lease>, StoreError> {
+    let token = LeaseToken::generate();
+    let expires_at = now_ms() + lease.as_millis() as i64;
+    let fractal = connection
+        .prepare_cached(&format!(
+            "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = ?1, \
+             lease_expires_at = ?2, leased_by = ?3 \
+             WHERE id = (SELECT id FROM fractals INDEXED BY fractals_fair_queue \
+                         WHERE state = 'queued' ORDER BY fair_rank, id LIMIT 1) \
+             RETURNING {COLUMNS}"
+        ))
+        .and_then(|mut statement| {
+            statement
+                .query_row(
+                    params![token.to_string(), expires_at, worker],
+                    fractal_from_row,
+                )
+                .optional()
+        })
+        .map_err(unavailable)?;
+    Ok(fractal.map(|fractal| Lease { fractal, token }))
+}
+
 fn lease_refusal(connection: &Connection, uuid: Uuid) -> StoreError {
     let state: rusqlite::Result<Option<String>> = connection
         .query_row(
@@ -606,22 +634,8 @@ impl Store for SqliteStore {
 
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Lease>, StoreError> {
         let worker = worker.to_owned();
-        self.run(move |connection| {
-            let token = LeaseToken::generate();
-            let expires_at = now_ms() + lease.as_millis() as i64;
-            let fractal = connection
-                .prepare_cached(&format!(
-                    "UPDATE fractals SET state = 'running', attempts = attempts + 1, lease_token = ?1, \
-                     lease_expires_at = ?2, leased_by = ?3 \
-                     WHERE id = (SELECT id FROM fractals INDEXED BY fractals_fair_queue \
-                                 WHERE state = 'queued' ORDER BY fair_rank, id LIMIT 1) \
-                     RETURNING {COLUMNS}"
-                ))
-                .and_then(|mut statement| statement.query_row(params![token.to_string(), expires_at, worker], fractal_from_row).optional())
-                .map_err(unavailable)?;
-            Ok(fractal.map(|fractal| Lease { fractal, token }))
-        })
-        .await
+        self.run(move |connection| claim_next(connection, &worker, lease))
+            .await
     }
 
     async fn renew(
@@ -653,14 +667,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn complete(
+    async fn complete_and_claim(
         &self,
         uuid: Uuid,
         token: LeaseToken,
         result: RenderResult,
-    ) -> Result<Fractal, StoreError> {
+        next: Option<(&str, Duration)>,
+    ) -> Result<(Fractal, Option<Lease>), StoreError> {
+        let next = next.map(|(worker, lease)| (worker.to_owned(), lease));
         self.run(move |connection| {
-            let done = connection
+            let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+            let done = tx
                 .prepare_cached(&format!(
                     "UPDATE fractals SET state = 'done', checksum = ?3, size = ?4, duration = ?5, generated_by = ?6, \
                      finished_at = ?7, error = NULL, lease_token = NULL, lease_expires_at = NULL \
@@ -683,7 +700,16 @@ impl Store for SqliteStore {
                         .optional()
                 })
                 .map_err(unavailable)?;
-            done.ok_or_else(|| lease_refusal(connection, uuid))
+            let Some(done) = done else {
+                return Err(lease_refusal(&tx, uuid));
+            };
+            let claimed = match next {
+                Some((worker, lease)) => claim_next(&tx, &worker, lease)?,
+                None => None,
+            };
+            // One commit for the completion and the claim.
+            tx.commit().map_err(unavailable)?;
+            Ok((done, claimed))
         })
         .await
     }

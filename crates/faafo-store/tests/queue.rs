@@ -241,6 +241,54 @@ async fn complete_records_the_result_and_only_the_holder_may(t: TestStore) {
     ));
 }
 
+/// A completion can lease the worker its next task in the same transaction: the one a
+/// claim would give, only when the completion holds, and none when nothing is queued.
+async fn a_completion_can_claim_the_next_task_with_it(t: TestStore) {
+    let store = &*t.store;
+    let first = create(store, 5).await;
+    let second = create(store, 5).await;
+    let lease = store.claim("w1", LEASE).await.unwrap().unwrap();
+    assert_eq!(lease.fractal.uuid, first);
+
+    // A lost lease: refused as a plain completion is, and the queued task stays queued.
+    let stranger = LeaseToken::generate();
+    assert!(matches!(
+        store
+            .complete_and_claim(first, stranger, result(), Some(("w1", LEASE)))
+            .await,
+        Err(StoreError::LeaseLost {
+            state: FractalState::Running,
+            ..
+        })
+    ));
+    assert_eq!(
+        store.get(second).await.unwrap().unwrap().state,
+        FractalState::Queued
+    );
+
+    let (done, next) = store
+        .complete_and_claim(first, lease.token, result(), Some(("w1", LEASE)))
+        .await
+        .unwrap();
+    assert_eq!((done.uuid, done.state), (first, FractalState::Done));
+    assert_eq!(done.result, Some(result()));
+    let next = next.expect("the queued task comes with the completion");
+    assert_eq!(
+        (next.fractal.uuid, next.fractal.state, next.fractal.attempts),
+        (second, FractalState::Running, 1)
+    );
+    // The new lease is a real one: its holder may renew it, and no one else may claim it.
+    store.renew(second, next.token, LEASE).await.unwrap();
+    assert!(store.claim("w2", LEASE).await.unwrap().is_none());
+
+    let (done, none) = store
+        .complete_and_claim(second, next.token, result(), Some(("w1", LEASE)))
+        .await
+        .unwrap();
+    assert_eq!(done.state, FractalState::Done);
+    assert!(none.is_none(), "nothing was queued, yet {none:?}");
+}
+
 async fn an_expired_lease_goes_to_another_worker_and_fences_the_first(t: TestStore) {
     let uuid = create(&*t.store, 5).await;
     let first = t
@@ -598,6 +646,7 @@ on_every_store!(
     list_is_oldest_first_with_a_total,
     claim_gives_the_oldest_task_once,
     complete_records_the_result_and_only_the_holder_may,
+    a_completion_can_claim_the_next_task_with_it,
     an_expired_lease_goes_to_another_worker_and_fences_the_first,
     a_task_out_of_attempts_fails_with_the_reason,
     fail_and_release,

@@ -431,19 +431,29 @@ pub async fn upload(
         duration,
         generated_by: generated_by.clone(),
     };
-    match state.store.complete(uuid, token, result).await {
-        Ok(done) => {
+    // The next task, if asked for, is leased in the completion's own transaction; none
+    // while draining or for a worker name a lease request would refuse.
+    let next = (take_next
+        && !state.shutdown.is_cancelled()
+        && ApiError::check_name("worker", &generated_by).is_ok())
+    .then(|| (generated_by.as_str(), state.config().lease));
+    match state
+        .store
+        .complete_and_claim(uuid, token, result, next)
+        .await
+    {
+        Ok((done, next)) => {
             state
                 .metrics
                 .render_seconds
                 .with_label_values(&[&generated_by])
                 .observe(duration);
             tracing::info!(fractal.uuid = %uuid, worker = %generated_by, duration_s = duration, size_bytes = size, "fractal done");
-            let next_task = if take_next {
-                next_task(&state, &generated_by).await
-            } else {
-                None
-            };
+            let next_task = next.map(|lease| {
+                state.metrics.leases_granted.inc();
+                tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %generated_by, attempt = lease.fractal.attempts, "lease granted with an upload");
+                grant(&lease, state.config().lease)
+            });
             Ok(Json(ImageTaken {
                 fractal: FractalView::new(&done),
                 next_task,
@@ -467,26 +477,5 @@ pub async fn upload(
             Err(error.into())
         }
         Err(error) => Err(error.into()),
-    }
-}
-
-/// The uploading worker's next task, leased to it without waiting; none when nothing is
-/// queued, the instance is draining, or the store cannot say (the upload has succeeded
-/// either way, and the worker asks for work as usual).
-async fn next_task(state: &AppState, worker: &str) -> Option<LeaseGrant> {
-    if state.shutdown.is_cancelled() || ApiError::check_name("worker", worker).is_err() {
-        return None;
-    }
-    match state.store.claim(worker, state.config().lease).await {
-        Ok(Some(lease)) => {
-            state.metrics.leases_granted.inc();
-            tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %worker, attempt = lease.fractal.attempts, "lease granted with an upload");
-            Some(grant(&lease, state.config().lease))
-        }
-        Ok(None) => None,
-        Err(error) => {
-            tracing::warn!(%error, "no next task with the upload");
-            None
-        }
     }
 }
