@@ -697,6 +697,14 @@ impl Store for PostgresStore {
                 // Under a quota the row is inserted only while the client's unfinished work
                 // leaves room; creates of one client then take turns (an advisory lock on
                 // the client), so that concurrent ones cannot all fit in the same room.
+                // Without a quota the statement has no condition at all: one that a bound
+                // value folds away (`$14 IS NULL OR ...`) makes PostgreSQL plan the statement
+                // anew on every call, as its custom plans look cheaper than the generic one,
+                // and that planning cost twice the insert itself.
+                let quota_condition = match new.max_queued_work {
+                    Some(_) => format!("WHERE ({}) + $15 <= $14", unfinished_work("$13")),
+                    None => String::new(),
+                };
                 let insert = client
                     .prepare_cached(&format!(
                         "WITH inserted AS (INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
@@ -704,9 +712,8 @@ impl Store for PostgresStore {
                          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, greatest(\
                            (SELECT max(fair_rank) + 1 FROM fractals WHERE client = $13 AND state = 'queued'), \
                            (SELECT min(fair_rank) FROM fractals WHERE state = 'queued'), 0) \
-                         WHERE $14::float8 IS NULL OR ({}) + $15 <= $14 \
-                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}) SELECT *{notify_column} FROM inserted",
-                        unfinished_work("$13")
+                         {quota_condition} \
+                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}) SELECT *{notify_column} FROM inserted"
                     ))
                     .await
                     .map_err(unavailable)?;
@@ -714,11 +721,13 @@ impl Store for PostgresStore {
                     (spec.width() as i32, spec.height() as i32, spec.iterations() as i32, new.max_attempts as i32);
                 let seed = spec.seed().map(|s| s as i64);
                 let work = new.spec.work();
-                let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+                let quota: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&new.max_queued_work, &work];
+                let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
                     &new.uuid, &width, &height, &iterations, &window.xa, &window.xb, &window.ya, &window.yb,
-                    &spec.cx(), &spec.cy(), &seed, &max_attempts, &new.client, &new.max_queued_work, &work,
+                    &spec.cx(), &spec.cy(), &seed, &max_attempts, &new.client,
                 ];
                 let inserted = if new.max_queued_work.is_some() {
+                    let parameters = [parameters.as_slice(), &quota].concat();
                     let tx = client.transaction().await.map_err(unavailable)?;
                     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&new.client])
                         .await
