@@ -50,7 +50,7 @@ pub struct GatewayConfig {
     /// Certificates (PEM) trusted besides the system's, for `https://` backends' checks.
     pub ca_pem: Option<Vec<u8>>,
     /// How proxied requests reach `https://` backends (the same trust as `ca_pem`); without
-    /// it, requests to them fail as a connection that could not be made.
+    /// it, adding one is refused (`GatewayError::NoBackendTls`).
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 

@@ -24,6 +24,8 @@ use http_body_util::Full;
 pub enum GatewayError {
     #[error("invalid backend URL {0:?}: expected http://host:port or https://host:port")]
     InvalidBackend(String),
+    #[error("backend {0:?} is https://, but this gateway has no TLS settings for its backends")]
+    NoBackendTls(String),
     #[error("cannot build the HTTP client")]
     Client(#[from] reqwest::Error),
 }
@@ -92,8 +94,7 @@ impl Gateway {
     /// Adds a backend (if new) and starts checking it.
     pub fn add_backend(self: &Arc<Self>, url: &str) -> Result<(), GatewayError> {
         let url = url.trim().trim_end_matches('/').to_owned();
-        let target =
-            Target::parse(&url).ok_or_else(|| GatewayError::InvalidBackend(url.clone()))?;
+        let target = self.target(&url)?;
         let backend = {
             let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
             if backends.iter().any(|b| b.url == url) {
@@ -106,6 +107,16 @@ impl Gateway {
         tracing::info!(backend = %backend.url, "backend added");
         tokio::spawn(check_health(Arc::clone(self), backend));
         Ok(())
+    }
+
+    /// Where proxied requests for the backend at `url` go, if this gateway can reach it.
+    fn target(&self, url: &str) -> Result<Target, GatewayError> {
+        let target = Target::parse(url).ok_or_else(|| GatewayError::InvalidBackend(url.into()))?;
+        if target.is_https() && self.config.backend_tls.is_none() {
+            // Its health checks would pass while every request to it failed.
+            return Err(GatewayError::NoBackendTls(url.into()));
+        }
+        Ok(target)
     }
 
     /// Removes a backend; true if it was there.
@@ -152,9 +163,7 @@ impl Gateway {
             .map(|u| u.trim().trim_end_matches('/').to_owned())
             .collect();
         for url in &wanted {
-            if Target::parse(url).is_none() {
-                return Err(GatewayError::InvalidBackend(url.clone()));
-            }
+            self.target(url)?;
         }
         let mut changes = Vec::new();
         let before = std::mem::replace(
@@ -463,5 +472,54 @@ async fn remove(
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(StatusCode::NOT_FOUND, format!("no backend {}", change.url))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(backend_tls: Option<Arc<rustls::ClientConfig>>) -> Arc<Gateway> {
+        let config = GatewayConfig {
+            backend_tls,
+            ..GatewayConfig::default()
+        };
+        Arc::new(Gateway::new(config, CancellationToken::new()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_https_backend_needs_the_gateways_tls_settings() {
+        let plain = gateway(None);
+        assert!(matches!(
+            plain.add_backend("https://api.example:8443"),
+            Err(GatewayError::NoBackendTls(url)) if url == "https://api.example:8443"
+        ));
+        assert!(matches!(
+            plain.reload(&crate::GatewaySettings {
+                backends: vec![
+                    "http://127.0.0.1:9".into(),
+                    "https://api.example:8443".into()
+                ],
+                check_interval: std::time::Duration::from_secs(1),
+            }),
+            Err(GatewayError::NoBackendTls(_))
+        ));
+        assert!(
+            plain.backends().is_empty(),
+            "a refused reload changes nothing"
+        );
+        plain.add_backend("http://127.0.0.1:9").unwrap();
+
+        let roots = rustls::RootCertStore::empty();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let secure = gateway(Some(Arc::new(tls)));
+        secure.add_backend("https://api.example:8443").unwrap();
+        assert_eq!(secure.backends().len(), 1);
     }
 }

@@ -84,6 +84,10 @@ impl Target {
             tls_name,
         })
     }
+
+    pub(crate) fn is_https(&self) -> bool {
+        self.tls_name.is_some()
+    }
 }
 
 /// One serving thread's connections, per backend.
@@ -166,6 +170,8 @@ impl Upstream {
                     .connect(name.clone(), stream)
                     .await
                     .map(Either::Right),
+                // `Gateway::add_backend` refuses such backends; an Upstream made apart
+                // from a gateway may still be asked.
                 (Some(_), None) => Err(io::Error::other(
                     "https backends need the gateway's TLS client settings",
                 )),
