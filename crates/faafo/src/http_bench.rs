@@ -106,7 +106,7 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
         "GET the list (page 1, 10 a page)",
         wrk(format!("{}/v1/fractal", urls[0])).await?,
     );
-    let gateway = {
+    let (gateway, gateway_cpu) = {
         let port = free_port()?;
         let gateway = ChildGuard(
             Command::new(std::env::current_exe()?)
@@ -126,7 +126,6 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
             cpu,
         )
     };
-    let (gateway, gateway_cpu) = gateway;
 
     if haproxy {
         let body_file = scratch.path().join("fractal.json");
