@@ -116,8 +116,6 @@ fn unfinished_work(client: &str) -> String {
 
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
-/// How many [`COLUMNS`] there are.
-const COLUMN_COUNT: usize = 21;
 
 /// The claim of the next queued task (fairest rank first), with the placeholders of its
 /// lease token, lease length in milliseconds and worker, and `condition` added to the
@@ -949,7 +947,7 @@ impl Store for PostgresStore {
                 let mut claimed = None;
                 for row in &rows {
                     let fractal = fractal_from_row(row)?;
-                    if next_token.is_some() && row.get::<_, bool>(COLUMN_COUNT) {
+                    if next_token.is_some() && row.get::<_, bool>(row.len() - 1) {
                         claimed = next_token.map(|token| Lease { fractal, token });
                     } else {
                         done = Some(fractal);
