@@ -441,8 +441,6 @@ fn select_fractal(connection: &Connection, uuid: Uuid) -> Result<Option<Fractal>
         .map_err(unavailable)
 }
 
-/// Explains why a fenced write changed no row: the fractal is gone, or its lease is
-/// held by someone else or by no one.
 /// Gives the next queued task (fairest rank first) to `worker` for `lease`.
 fn claim_next(
     connection: &Connection,
@@ -471,6 +469,8 @@ fn claim_next(
     Ok(fractal.map(|fractal| Lease { fractal, token }))
 }
 
+/// Explains why a fenced write changed no row: the fractal is gone, or its lease is
+/// held by someone else or by no one.
 fn lease_refusal(connection: &Connection, uuid: Uuid) -> StoreError {
     let state: rusqlite::Result<Option<String>> = connection
         .query_row(
