@@ -922,10 +922,11 @@ impl Store for PostgresStore {
                 let size = result.size as i64;
                 let completion: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
                     [&uuid, &token.0, &result.checksum, &size, &result.duration, &result.generated_by];
-                let (rows, next_token) = match &next {
+                let next_token = next.as_ref().map(|(_, _, token)| *token);
+                let rows = match &next {
                     None => {
                         let statement = client.prepare_cached(&complete).await.map_err(unavailable)?;
-                        (client.query(&statement, &completion).await.map_err(unavailable)?, None)
+                        client.query(&statement, &completion).await.map_err(unavailable)?
                     }
                     Some((worker, lease_ms, next_token)) => {
                         // One statement: the claim runs only if the completion changed a
@@ -940,7 +941,7 @@ impl Store for PostgresStore {
                             .map_err(unavailable)?;
                         let claim: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&next_token.0, lease_ms, worker];
                         let parameters = [completion.as_slice(), &claim].concat();
-                        (client.query(&statement, &parameters).await.map_err(unavailable)?, Some(*next_token))
+                        client.query(&statement, &parameters).await.map_err(unavailable)?
                     }
                 };
                 let mut done = None;
