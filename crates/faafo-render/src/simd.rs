@@ -5,9 +5,10 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::{
-        __m256d, _CMP_GT_OQ, _mm256_add_pd, _mm256_and_pd, _mm256_andnot_pd, _mm256_blendv_pd,
-        _mm256_castpd_si256, _mm256_cmp_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_movemask_pd,
-        _mm256_mul_pd, _mm256_or_pd, _mm256_set1_pd, _mm256_setzero_pd, _mm256_setzero_si256,
+        __m256d, _CMP_GT_OQ, _mm256_add_pd, _mm256_andnot_pd, _mm256_blendv_pd,
+        _mm256_castpd_si256, _mm256_castsi256_pd, _mm256_cmp_pd, _mm256_cmpeq_epi64,
+        _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_loadu_si256, _mm256_movemask_pd, _mm256_mul_pd,
+        _mm256_or_pd, _mm256_set1_epi64x, _mm256_set1_pd, _mm256_setzero_pd, _mm256_setzero_si256,
         _mm256_storeu_pd, _mm256_storeu_si256, _mm256_sub_epi64, _mm256_sub_pd,
     };
 
@@ -185,6 +186,9 @@ pub(crate) mod avx2 {
         let mut count = [_mm256_setzero_si256(); 2];
         let mut still = 0;
         // Lanes that were ever within the band around 4, where only the scalar rule decides.
+        // Lanes that escaped keep iterating and are not masked out of this: past 2, |z|
+        // grows (or becomes NaN, which compares false), so they hardly ever land in the
+        // band again, and if one did, the exact path would only redo the eight pixels.
         let mut undecided = _mm256_setzero_pd();
         let start = z_re;
         for _ in 0..steps {
@@ -193,8 +197,8 @@ pub(crate) mod avx2 {
                 let rr = _mm256_mul_pd(z_re[k], z_re[k]);
                 let ii = _mm256_mul_pd(z_im[k], z_im[k]);
                 let squared = _mm256_add_pd(rr, ii);
-                let escaped = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, above), active[k]);
-                let near = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, below), active[k]);
+                let escaped = _mm256_cmp_pd::<_CMP_GT_OQ>(squared, above);
+                let near = _mm256_cmp_pd::<_CMP_GT_OQ>(squared, below);
                 undecided = _mm256_or_pd(undecided, _mm256_andnot_pd(escaped, near));
                 active[k] = _mm256_andnot_pd(escaped, active[k]);
                 // Subtracting -1 counts a step for each lane still going.
@@ -278,15 +282,15 @@ pub(crate) mod avx2 {
     /// Lanes the survivor loop iterates at once.
     const ALL_LANES: usize = SLOTS * LANES;
 
-    /// A blend mask selecting lane `l` of a register, for each `l`.
-    const LANE_MASKS: [[u64; LANES]; LANES] = {
-        let mut masks = [[0; LANES]; LANES];
-        let mut lane = 0;
-        while lane < LANES {
-            masks[lane][lane] = u64::MAX;
-            lane += 1;
+    /// The index of each lane of each register: lane `l` of register `k` is `k * 4 + l`.
+    const LANE_IDS: [[i64; LANES]; SLOTS] = {
+        let mut ids = [[0; LANES]; SLOTS];
+        let mut index = 0;
+        while index < ALL_LANES {
+            ids[index / LANES][index % LANES] = index as i64;
+            index += 1;
         }
-        masks
+        ids
     };
 
     /// Iterates the survivors of the pre-pass from step `done` to the end.
@@ -513,16 +517,18 @@ pub(crate) mod avx2 {
                         (f64::NAN, f64::NAN)
                     }
                 };
-                let (slot, lane) = (index / LANES, index % LANES);
-                // SAFETY: reads 4 f64 (all bits set or clear) from a 4x4 array.
-                let this_lane = unsafe { _mm256_loadu_pd(LANE_MASKS[lane].as_ptr().cast()) };
                 let (re, im) = (_mm256_set1_pd(re), _mm256_set1_pd(im));
-                // Registers indexed by constants only, or they would be kept in memory.
+                let wanted = _mm256_set1_epi64x(index as i64);
+                // Every register is blended, the lane's own with a mask of one lane and
+                // the others with none: which register it is varies from one escape to
+                // the next, and a branch on it was mispredicted about as often.
+                // (Registers indexed by constants only, or they would be kept in memory.)
                 unrolled!(k in [0, 1, 2, 3] {
-                    if slot == k {
-                        z.re[k] = _mm256_blendv_pd(z.re[k], re, this_lane);
-                        z.im[k] = _mm256_blendv_pd(z.im[k], im, this_lane);
-                    }
+                    // SAFETY: reads 4 i64 from a 4-element array.
+                    let ids = unsafe { _mm256_loadu_si256(LANE_IDS[k].as_ptr().cast()) };
+                    let this_lane = _mm256_castsi256_pd(_mm256_cmpeq_epi64(ids, wanted));
+                    z.re[k] = _mm256_blendv_pd(z.re[k], re, this_lane);
+                    z.im[k] = _mm256_blendv_pd(z.im[k], im, this_lane);
                 });
             }
             if emptied {
