@@ -6,7 +6,9 @@
 //! fractal (`GET /v1/fractal/UUID`) against haproxy answering its very bytes from
 //! memory (`http-request return`), the first page of the list, and one fractal through
 //! the gateway against haproxy (leastconn, the same health check) in front of the same
-//! two instances.
+//! two instances. Every tier is measured once per round, in turn (`--rounds`); the
+//! figures are the rounds' medians, and each ratio the median of the rounds' ratios, whose
+//! two sides were measured a few seconds apart on the same machine.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -36,6 +38,10 @@ pub struct HttpBenchArgs {
     /// wrk's threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
+    /// Rounds of measurements: each measures every tier once, in turn, and the figures
+    /// are the rounds' medians (a ratio, the median of the rounds' ratios).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Done fractals in the database while measuring.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     fractals: u32,
@@ -48,6 +54,50 @@ struct Load {
     requests_per_s: f64,
     p50: Duration,
     p99: Duration,
+}
+
+/// One thing measured: where wrk sends its requests and, for a balancer, the process
+/// whose CPU time is counted.
+struct Tier {
+    key: &'static str,
+    label: &'static str,
+    url: String,
+    pid: Option<u32>,
+    /// Each round's load, and the CPU per request of `pid`.
+    rounds: Vec<(Load, Option<f64>)>,
+}
+
+impl Tier {
+    fn new(key: &'static str, label: &'static str, url: String, pid: Option<u32>) -> Tier {
+        Tier {
+            key,
+            label,
+            url,
+            pid,
+            rounds: Vec::new(),
+        }
+    }
+
+    fn median(&self, figure: impl Fn(&Load) -> f64) -> f64 {
+        median(
+            &self
+                .rounds
+                .iter()
+                .map(|(load, _)| figure(load))
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()> {
@@ -77,96 +127,129 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
         .bytes()
         .await?;
 
+    let port = free_port()?;
+    let gateway = ChildGuard(
+        Command::new(std::env::current_exe()?)
+            .args(["gateway", "--log-level", "warn", "--bind"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--backend")
+            .arg(urls.join(","))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting faafo gateway")?,
+    );
+    let mut tiers = vec![
+        Tier::new(
+            "one_fractal",
+            "GET one fractal",
+            format!("{}{one}", urls[0]),
+            None,
+        ),
+        Tier::new(
+            "list",
+            "GET the list (page 1, 10 a page)",
+            format!("{}/v1/fractal", urls[0]),
+            None,
+        ),
+        Tier::new(
+            "gateway",
+            "GET one fractal through faafo gateway",
+            format!("http://127.0.0.1:{port}{one}"),
+            Some(gateway.0.id()),
+        ),
+    ];
+    serving_both(&tiers[2].url, 2)
+        .await
+        .context("faafo gateway")?;
+    // Kept alive for the whole run, so that the rounds can alternate.
+    let mut haproxies = Vec::new();
+    if haproxy {
+        let body_file = scratch.path().join("fractal.json");
+        std::fs::write(&body_file, &body)?;
+        let fixed =
+            Haproxy::start(&fixed_answer_config(&body_file), scratch.path(), "fixed").await?;
+        tiers.push(Tier::new(
+            "haproxy_fixed_answer",
+            "haproxy answering the same bytes",
+            format!("http://127.0.0.1:{}{one}", fixed.port),
+            None,
+        ));
+        let balancer =
+            Haproxy::start(&balancer_config(&instances), scratch.path(), "balancer").await?;
+        tiers.push(Tier::new(
+            "haproxy_balancer",
+            "GET one fractal through haproxy",
+            format!("http://127.0.0.1:{}{one}", balancer.port),
+            Some(balancer.process.0.id()),
+        ));
+        serving_both(&tiers[4].url, 2).await.context("haproxy")?;
+        haproxies.extend([fixed, balancer]);
+    }
+
     report.say(format!(
         "faafo bench http: wrk -t{} -c{} -d{}s, {} done fractals in SQLite, everything on this machine",
         args.threads, args.connections, args.duration, args.fractals
     ));
+    report.say(format!(
+        "  {} rounds, each measuring every tier in turn; the figures are the rounds' medians",
+        args.rounds
+    ));
+    for _ in 0..args.rounds {
+        for tier in &mut tiers {
+            let measured = match tier.pid {
+                Some(pid) => with_cpu_of(pid, run_wrk(tier.url.clone(), &args)).await?,
+                None => (run_wrk(tier.url.clone(), &args).await?, None),
+            };
+            tier.rounds.push(measured);
+        }
+    }
+
     report.say("                                          requests/s    p50 ms    p99 ms");
-    let wrk = |url: String| run_wrk(url, &args);
-    let mut measured = |key: &str, label: &str, load: Load| {
-        report.say(format!(
-            "  {label:<38} {:>10.0}  {:>8.2}  {:>8.2}",
-            load.requests_per_s,
-            load.p50.as_secs_f64() * 1e3,
-            load.p99.as_secs_f64() * 1e3
-        ));
-        report.figure(&format!("{key}.requests_per_s"), load.requests_per_s);
-        report.figure(&format!("{key}.p50_ms"), load.p50.as_secs_f64() * 1e3);
-        report.figure(&format!("{key}.p99_ms"), load.p99.as_secs_f64() * 1e3);
-        load
-    };
-
-    let fractal = measured(
-        "one_fractal",
-        "GET one fractal",
-        wrk(format!("{}{one}", urls[0])).await?,
-    );
-    measured(
-        "list",
-        "GET the list (page 1, 10 a page)",
-        wrk(format!("{}/v1/fractal", urls[0])).await?,
-    );
-    let (gateway, gateway_cpu) = {
-        let port = free_port()?;
-        let gateway = ChildGuard(
-            Command::new(std::env::current_exe()?)
-                .args(["gateway", "--log-level", "warn", "--bind"])
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--backend")
-                .arg(urls.join(","))
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting faafo gateway")?,
+    report.figure("rounds", args.rounds);
+    for tier in &tiers {
+        let (rate, p50, p99) = (
+            tier.median(|load| load.requests_per_s),
+            tier.median(|load| load.p50.as_secs_f64() * 1e3),
+            tier.median(|load| load.p99.as_secs_f64() * 1e3),
         );
-        let url = format!("http://127.0.0.1:{port}{one}");
-        serving_both(&url, 2).await.context("faafo gateway")?;
-        let (load, cpu) = with_cpu_of(gateway.0.id(), wrk(url)).await?;
-        (
-            measured("gateway", "GET one fractal through faafo gateway", load),
-            cpu,
-        )
-    };
-
+        report.say(format!(
+            "  {:<38} {rate:>10.0}  {p50:>8.2}  {p99:>8.2}",
+            tier.label
+        ));
+        report.figure(&format!("{}.requests_per_s", tier.key), rate);
+        report.figure(&format!("{}.p50_ms", tier.key), p50);
+        report.figure(&format!("{}.p99_ms", tier.key), p99);
+    }
     if haproxy {
-        let body_file = scratch.path().join("fractal.json");
-        std::fs::write(&body_file, &body)?;
-        let fixed = with_haproxy(
-            &fixed_answer_config(&body_file),
-            scratch.path(),
-            |port, _| wrk(format!("http://127.0.0.1:{port}{one}")),
-        )
-        .await?;
-        let fixed = measured(
-            "haproxy_fixed_answer",
-            "haproxy answering the same bytes",
-            fixed,
-        );
-        let (balanced, haproxy_cpu) =
-            with_haproxy(&balancer_config(&instances), scratch.path(), |port, pid| {
-                let url = format!("http://127.0.0.1:{port}{one}");
-                async move {
-                    serving_both(&url, 2).await.context("haproxy")?;
-                    with_cpu_of(pid, run_wrk(url, &args)).await
-                }
-            })
-            .await?;
-        let balanced = measured(
-            "haproxy_balancer",
-            "GET one fractal through haproxy",
-            balanced,
-        );
-        let one_share = fractal.requests_per_s / fixed.requests_per_s;
-        let gateway_share = gateway.requests_per_s / balanced.requests_per_s;
+        // Each ratio is of two measurements made one after the other, so a change in
+        // what else the machine was doing shifts both; the median of those is reported.
+        let ratios = |ours: &Tier, theirs: &Tier, figure: fn(&Load) -> f64| -> Vec<f64> {
+            ours.rounds
+                .iter()
+                .zip(&theirs.rounds)
+                .map(|((ours, _), (theirs, _))| figure(ours) / figure(theirs))
+                .collect()
+        };
+        let one_share = ratios(&tiers[0], &tiers[3], |load| load.requests_per_s);
+        let gateway_share = ratios(&tiers[2], &tiers[4], |load| load.requests_per_s);
+        let p99s = ratios(&tiers[2], &tiers[4], |load| load.p99.as_secs_f64());
         report.say(format!(
-            "  one fractal: {:.0}% of haproxy's fixed answer; gateway: {:.2}x haproxy's throughput, p99 {:.2} ms against {:.2} ms",
-            one_share * 100.0,
-            gateway_share,
-            gateway.p99.as_secs_f64() * 1e3,
-            balanced.p99.as_secs_f64() * 1e3
+            "  one fractal: {:.0}% of haproxy's fixed answer; gateway: {:.2}x haproxy's throughput (rounds: {}), p99 {:.2}x haproxy's",
+            median(&one_share) * 100.0,
+            median(&gateway_share),
+            gateway_share
+                .iter()
+                .map(|share| format!("{share:.2}x"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(&p99s),
         ));
-        if let (Some(ours), Some(theirs)) = (gateway_cpu, haproxy_cpu) {
+        let cpu =
+            |tier: &Tier| -> Option<Vec<f64>> { tier.rounds.iter().map(|(_, cpu)| *cpu).collect() };
+        if let (Some(ours), Some(theirs)) = (cpu(&tiers[2]), cpu(&tiers[4])) {
             // What each balancer itself spent: unlike requests/s, this does not depend on
             // what else the machine was busy with.
+            let (ours, theirs) = (median(&ours), median(&theirs));
             report.say(format!(
                 "  CPU per proxied request: faafo gateway {:.1} us, haproxy {:.1} us ({:.2}x)",
                 ours * 1e6,
@@ -176,11 +259,16 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
             report.figure("gateway.cpu_us_per_request", ours * 1e6);
             report.figure("haproxy_balancer.cpu_us_per_request", theirs * 1e6);
         }
-        report.figure("one_fractal.share_of_haproxy_fixed_answer", one_share);
-        report.figure("gateway.share_of_haproxy_balancer", gateway_share);
+        report.figure(
+            "one_fractal.share_of_haproxy_fixed_answer",
+            median(&one_share),
+        );
+        report.figure("gateway.share_of_haproxy_balancer", median(&gateway_share));
+        report.figure("gateway.p99_relative_to_haproxy", median(&p99s));
     } else {
         report.say("  (haproxy is not installed: no comparisons; Debian: apt-get install haproxy)");
     }
+    drop(haproxies);
     shutdown.cancel();
     for instance in instances {
         instance.wait().await?;
@@ -386,36 +474,40 @@ fn cpu_time(pid: u32) -> Option<f64> {
     (per_second > 0).then(|| ticks / per_second as f64)
 }
 
-/// Runs haproxy with `section` (whose `{port}` is filled in) while `measure` runs; gives
-/// `measure` the port and haproxy's process id.
-async fn with_haproxy<F, Fut, T>(section: &str, dir: &Path, measure: F) -> anyhow::Result<T>
-where
-    F: FnOnce(u16, u32) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let port = free_port()?;
-    let config = format!(
-        "defaults\n    mode http\n    timeout client 30s\n    timeout server 30s\n    timeout connect 2s\n{}",
-        section.replace("{port}", &port.to_string())
-    );
-    let file = dir.join("haproxy.cfg");
-    std::fs::write(&file, config)?;
-    let haproxy = ChildGuard(
-        Command::new("haproxy")
-            .arg("-f")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting haproxy")?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("haproxy did not listen within 10 s");
+/// A haproxy process running one configuration section.
+struct Haproxy {
+    process: ChildGuard,
+    port: u16,
+}
+
+impl Haproxy {
+    /// Starts haproxy with `section` (whose `{port}` is filled in), its configuration
+    /// written into `dir` under `name`, and waits until it listens.
+    async fn start(section: &str, dir: &Path, name: &str) -> anyhow::Result<Haproxy> {
+        let port = free_port()?;
+        let config = format!(
+            "defaults\n    mode http\n    timeout client 30s\n    timeout server 30s\n    timeout connect 2s\n{}",
+            section.replace("{port}", &port.to_string())
+        );
+        let file = dir.join(format!("haproxy-{name}.cfg"));
+        std::fs::write(&file, config)?;
+        let process = ChildGuard(
+            Command::new("haproxy")
+                .arg("-f")
+                .arg(&file)
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting haproxy")?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("haproxy did not listen within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok(Haproxy { process, port })
     }
-    measure(port, haproxy.0.id()).await
 }
 
 /// Kills the child when dropped.
@@ -431,6 +523,14 @@ impl Drop for ChildGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_is_the_middle_value() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[0.9]), 0.9);
+        assert!(median(&[]).is_nan());
+    }
 
     #[test]
     fn wrk_figures_are_read() {

@@ -50,6 +50,8 @@ async fn bench_http_measures_every_tier_beside_haproxy() {
         "12",
         "--connections",
         "4",
+        "--rounds",
+        "2",
     ])
     .await;
     let report: Value = serde_json::from_str(&stdout).expect("one JSON object");
@@ -68,6 +70,8 @@ async fn bench_http_measures_every_tier_beside_haproxy() {
     }
     assert!(figure(&report, "/one_fractal/share_of_haproxy_fixed_answer") > 0.0);
     assert!(figure(&report, "/gateway/share_of_haproxy_balancer") > 0.0);
+    assert!(figure(&report, "/gateway/p99_relative_to_haproxy") > 0.0);
+    assert_eq!(report["rounds"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
