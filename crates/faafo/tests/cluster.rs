@@ -326,12 +326,14 @@ async fn autoscaled_workers_follow_a_burst_up_and_back_down() {
     );
 }
 
-/// A render of some tens of milliseconds: long enough for a backlog to build.
+/// A render of some tens of milliseconds on both cores of a fast machine: long enough for
+/// a backlog to outlast the autoscaler's first look at the queue (at 256x256 a fast CPU
+/// rendered all 200 in well under a second, and the backlog was gone before it was seen).
 fn burst_task() -> faafo_core::wire::CreateFractal {
     faafo_core::wire::CreateFractal {
         uuid: Some(uuid::Uuid::new_v4()),
-        width: 256,
-        height: 256,
+        width: 1024,
+        height: 1024,
         iterations: 1500,
         xa: -1.0,
         xb: 1.0,
