@@ -89,6 +89,14 @@ impl Tier {
     }
 }
 
+/// The tier measured under `key`.
+fn tier<'t>(tiers: &'t [Tier], key: &str) -> &'t Tier {
+    tiers
+        .iter()
+        .find(|tier| tier.key == key)
+        .expect("every tier compared is measured")
+}
+
 /// The middle value (the mean of the two middle ones for an even count); NaN for none.
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
@@ -128,7 +136,7 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
         .await?;
 
     let port = free_port()?;
-    let gateway = ChildGuard(
+    let gateway_process = ChildGuard(
         Command::new(std::env::current_exe()?)
             .args(["gateway", "--log-level", "warn", "--bind"])
             .arg(format!("127.0.0.1:{port}"))
@@ -155,10 +163,10 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
             "gateway",
             "GET one fractal through faafo gateway",
             format!("http://127.0.0.1:{port}{one}"),
-            Some(gateway.0.id()),
+            Some(gateway_process.0.id()),
         ),
     ];
-    serving_both(&tiers[2].url, 2)
+    serving_both(&tier(&tiers, "gateway").url, 2)
         .await
         .context("faafo gateway")?;
     // Kept alive for the whole run, so that the rounds can alternate.
@@ -182,7 +190,9 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
             format!("http://127.0.0.1:{}{one}", balancer.port),
             Some(balancer.process.0.id()),
         ));
-        serving_both(&tiers[4].url, 2).await.context("haproxy")?;
+        serving_both(&tier(&tiers, "haproxy_balancer").url, 2)
+            .await
+            .context("haproxy")?;
         haproxies.extend([fixed, balancer]);
     }
 
@@ -230,9 +240,14 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
                 .map(|((ours, _), (theirs, _))| figure(ours) / figure(theirs))
                 .collect()
         };
-        let one_share = ratios(&tiers[0], &tiers[3], |load| load.requests_per_s);
-        let gateway_share = ratios(&tiers[2], &tiers[4], |load| load.requests_per_s);
-        let p99s = ratios(&tiers[2], &tiers[4], |load| load.p99.as_secs_f64());
+        let (one, fixed) = (
+            tier(&tiers, "one_fractal"),
+            tier(&tiers, "haproxy_fixed_answer"),
+        );
+        let (gateway, balancer) = (tier(&tiers, "gateway"), tier(&tiers, "haproxy_balancer"));
+        let one_share = ratios(one, fixed, |load| load.requests_per_s);
+        let gateway_share = ratios(gateway, balancer, |load| load.requests_per_s);
+        let p99s = ratios(gateway, balancer, |load| load.p99.as_secs_f64());
         report.say(format!(
             "  one fractal: {:.0}% of haproxy's fixed answer; gateway: {:.2}x haproxy's throughput (rounds: {}), p99 {:.2}x haproxy's",
             median(&one_share) * 100.0,
@@ -246,7 +261,7 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
         ));
         let cpu =
             |tier: &Tier| -> Option<Vec<f64>> { tier.rounds.iter().map(|(_, cpu)| *cpu).collect() };
-        if let (Some(ours), Some(theirs)) = (cpu(&tiers[2]), cpu(&tiers[4])) {
+        if let (Some(ours), Some(theirs)) = (cpu(gateway), cpu(balancer)) {
             // What each balancer itself spent: unlike requests/s, this does not depend on
             // what else the machine was busy with.
             let (ours, theirs) = (median(&ours), median(&theirs));
