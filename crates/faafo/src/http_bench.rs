@@ -24,7 +24,7 @@ use faafo_core::wire::CreateFractal;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bench_report::Report;
+use crate::bench_report::{Report, median};
 use crate::roles::{Backing, LocalService};
 
 #[derive(Debug, Args)]
@@ -95,17 +95,6 @@ fn tier<'t>(tiers: &'t [Tier], key: &str) -> &'t Tier {
         .iter()
         .find(|tier| tier.key == key)
         .expect("every tier compared is measured")
-}
-
-/// The middle value (the mean of the two middle ones for an even count); NaN for none.
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()> {
@@ -538,14 +527,6 @@ impl Drop for ChildGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_median_is_the_middle_value() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median(&[0.9]), 0.9);
-        assert!(median(&[]).is_nan());
-    }
 
     #[test]
     fn wrk_figures_are_read() {

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bench_report::Report;
+use crate::bench_report::{Report, median};
 use crate::roles::{Backing, LocalService, open_store};
 
 #[derive(Debug, Args)]
@@ -49,6 +49,10 @@ pub struct QueueBenchArgs {
     /// processes (as behind `faafo cluster`'s gateways).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     instances: u8,
+    /// Rounds: each measures every worker count once, in turn, and the figures are the
+    /// rounds' medians (identical runs on PostgreSQL differ by 15-20% here).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 const TOKEN: &str = "queue-bench";
@@ -75,66 +79,95 @@ pub async fn run(args: QueueBenchArgs, report: &mut Report) -> anyhow::Result<()
         scratch_root.display()
     ));
     report.say(
-        "  workers  tasks/s (create -> lease -> upload -> done)   pickup p50 / p99 (idle workers, create sent -> lease received)",
+        "  tasks/s: create -> lease -> upload -> done; pickup: idle workers, create sent -> lease received; medians of the rounds\n  workers   tasks/s   pickup p50 / p99        tasks/s of each round",
     );
     if args.instances > 1 {
         report.say("  tasks created through one API instance, workers waiting on another");
     }
     report.figure("store", store_name);
     report.figure("instances", args.instances);
-    for &workers in &args.workers {
-        let scratch = tempfile::tempdir_in(&scratch_root)?;
-        let url = match &args.database_url {
-            Some(url) => url.clone(),
-            None => format!("sqlite://{}", scratch.path().join("faafo.db").display()),
-        };
-        let shutdown = CancellationToken::new();
-        let mut services = Vec::new();
-        for _ in 0..args.instances {
-            // Each instance with a store of its own, as separate processes would have.
-            let store = open_store(&url, PostgresOptions::new(Wakeups::ListenNotify)).await?;
-            let images = Images::open(&format!(
-                "file://{}",
-                scratch.path().join("images").display()
-            ))
-            .await?;
-            let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-            services.push(
-                LocalService::start(
-                    bind,
-                    None,
-                    Backing { store, images },
-                    0,
-                    ApiConfig::new(WorkerToken::new(TOKEN)),
-                    None,
-                    shutdown.clone(),
-                )
-                .await?,
-            );
+    report.figure("rounds", args.rounds);
+    // Per worker count: each round's tasks/s, pickup p50 and p99.
+    let mut rounds = vec![Vec::new(); args.workers.len()];
+    for _ in 0..args.rounds {
+        for (&workers, measured) in args.workers.iter().zip(&mut rounds) {
+            measured.push(measure(&args, &scratch_root, workers).await?);
         }
-        let endpoint = |service: &LocalService| format!("http://{}", service.listener_address);
-        let creates = endpoint(&services[0]);
-        let leases = endpoint(services.last().expect("one instance at least"));
-        let bench = Bench::start(&creates, &leases, workers)?;
-
-        let throughput = bench.throughput(args.tasks).await?;
-        let (p50, p99) = bench.pickup_latency(args.latency_samples).await?;
+    }
+    for (&workers, measured) in args.workers.iter().zip(&rounds) {
+        let figure = |pick: fn(&(f64, Duration, Duration)) -> f64| {
+            median(&measured.iter().map(pick).collect::<Vec<_>>())
+        };
+        let throughput = figure(|round| round.0);
+        let (p50, p99) = (
+            figure(|round| round.1.as_secs_f64() * 1e3),
+            figure(|round| round.2.as_secs_f64() * 1e3),
+        );
+        let each: Vec<String> = measured
+            .iter()
+            .map(|round| format!("{:.0}", round.0))
+            .collect();
         report.say(format!(
-            "  {workers:>7}  {throughput:>8.0}                                      {:>6.2} ms / {:>6.2} ms",
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
+            "  {workers:>7}  {throughput:>8.0}  {p50:>6.2} ms / {p99:>6.2} ms   {}",
+            each.join(" ")
         ));
         let at = |figure: &str| format!("workers_{workers}.{figure}");
         report.figure(&at("tasks_per_s"), throughput);
-        report.figure(&at("pickup_p50_ms"), p50.as_secs_f64() * 1e3);
-        report.figure(&at("pickup_p99_ms"), p99.as_secs_f64() * 1e3);
-        bench.stop().await;
-        shutdown.cancel();
-        for service in services {
-            service.wait().await?;
-        }
+        report.figure(&at("pickup_p50_ms"), p50);
+        report.figure(&at("pickup_p99_ms"), p99);
     }
     Ok(())
+}
+
+/// One round for one worker count: a fresh store (a new SQLite file; the same PostgreSQL
+/// database), API instances and workers; tasks/s and the pickup latency's p50 and p99.
+async fn measure(
+    args: &QueueBenchArgs,
+    scratch_root: &std::path::Path,
+    workers: usize,
+) -> anyhow::Result<(f64, Duration, Duration)> {
+    let scratch = tempfile::tempdir_in(scratch_root)?;
+    let url = match &args.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", scratch.path().join("faafo.db").display()),
+    };
+    let shutdown = CancellationToken::new();
+    let mut services = Vec::new();
+    for _ in 0..args.instances {
+        // Each instance with a store of its own, as separate processes would have.
+        let store = open_store(&url, PostgresOptions::new(Wakeups::ListenNotify)).await?;
+        let images = Images::open(&format!(
+            "file://{}",
+            scratch.path().join("images").display()
+        ))
+        .await?;
+        let bind: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+        services.push(
+            LocalService::start(
+                bind,
+                None,
+                Backing { store, images },
+                0,
+                ApiConfig::new(WorkerToken::new(TOKEN)),
+                None,
+                shutdown.clone(),
+            )
+            .await?,
+        );
+    }
+    let endpoint = |service: &LocalService| format!("http://{}", service.listener_address);
+    let creates = endpoint(&services[0]);
+    let leases = endpoint(services.last().expect("one instance at least"));
+    let bench = Bench::start(&creates, &leases, workers)?;
+
+    let throughput = bench.throughput(args.tasks).await?;
+    let (p50, p99) = bench.pickup_latency(args.latency_samples).await?;
+    bench.stop().await;
+    shutdown.cancel();
+    for service in services {
+        service.wait().await?;
+    }
+    Ok((throughput, p50, p99))
 }
 
 /// Bench workers: lease, render the tiny PNG, upload, report.

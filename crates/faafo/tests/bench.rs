@@ -25,6 +25,8 @@ async fn bench_queue_reports_json() {
         "1,2",
         "--latency-samples",
         "5",
+        "--rounds",
+        "2",
     ])
     .await;
     let report: Value = serde_json::from_str(&stdout).expect("one JSON object");
@@ -35,6 +37,7 @@ async fn bench_queue_reports_json() {
         assert!(0.0 < p50 && p50 <= p99, "{report:#}");
     }
     assert_eq!(report["store"], "sqlite (temporary file)");
+    assert_eq!(report["rounds"], 2);
 }
 
 /// Needs wrk and haproxy (test.sh installs both).
