@@ -272,7 +272,8 @@ pub async fn run(args: HttpBenchArgs, report: &mut Report) -> anyhow::Result<()>
     } else {
         report.say("  (haproxy is not installed: no comparisons; Debian: apt-get install haproxy)");
     }
-    drop(haproxies);
+    // The balancers stop before the instances they check.
+    drop((gateway_process, haproxies));
     shutdown.cancel();
     for instance in instances {
         instance.wait().await?;

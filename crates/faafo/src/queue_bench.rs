@@ -87,25 +87,24 @@ pub async fn run(args: QueueBenchArgs, report: &mut Report) -> anyhow::Result<()
     report.figure("store", store_name);
     report.figure("instances", args.instances);
     report.figure("rounds", args.rounds);
-    // Per worker count: each round's tasks/s, pickup p50 and p99.
-    let mut rounds = vec![Vec::new(); args.workers.len()];
+    // Per worker count, what each round measured.
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); args.workers.len()];
     for _ in 0..args.rounds {
         for (&workers, measured) in args.workers.iter().zip(&mut rounds) {
             measured.push(measure(&args, &scratch_root, workers).await?);
         }
     }
     for (&workers, measured) in args.workers.iter().zip(&rounds) {
-        let figure = |pick: fn(&(f64, Duration, Duration)) -> f64| {
-            median(&measured.iter().map(pick).collect::<Vec<_>>())
-        };
-        let throughput = figure(|round| round.0);
+        let figure =
+            |pick: fn(&Round) -> f64| median(&measured.iter().map(pick).collect::<Vec<_>>());
+        let throughput = figure(|round| round.tasks_per_s);
         let (p50, p99) = (
-            figure(|round| round.1.as_secs_f64() * 1e3),
-            figure(|round| round.2.as_secs_f64() * 1e3),
+            figure(|round| round.pickup_p50.as_secs_f64() * 1e3),
+            figure(|round| round.pickup_p99.as_secs_f64() * 1e3),
         );
         let each: Vec<String> = measured
             .iter()
-            .map(|round| format!("{:.0}", round.0))
+            .map(|round| format!("{:.0}", round.tasks_per_s))
             .collect();
         report.say(format!(
             "  {workers:>7}  {throughput:>8.0}  {p50:>6.2} ms / {p99:>6.2} ms   {}",
@@ -119,13 +118,21 @@ pub async fn run(args: QueueBenchArgs, report: &mut Report) -> anyhow::Result<()
     Ok(())
 }
 
+/// What one round measured for one worker count.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    tasks_per_s: f64,
+    pickup_p50: Duration,
+    pickup_p99: Duration,
+}
+
 /// One round for one worker count: a fresh store (a new SQLite file; the same PostgreSQL
-/// database), API instances and workers; tasks/s and the pickup latency's p50 and p99.
+/// database), API instances and workers.
 async fn measure(
     args: &QueueBenchArgs,
     scratch_root: &std::path::Path,
     workers: usize,
-) -> anyhow::Result<(f64, Duration, Duration)> {
+) -> anyhow::Result<Round> {
     let scratch = tempfile::tempdir_in(scratch_root)?;
     let url = match &args.database_url {
         Some(url) => url.clone(),
@@ -167,7 +174,11 @@ async fn measure(
     for service in services {
         service.wait().await?;
     }
-    Ok((throughput, p50, p99))
+    Ok(Round {
+        tasks_per_s: throughput,
+        pickup_p50: p50,
+        pickup_p99: p99,
+    })
 }
 
 /// Bench workers: lease, render the tiny PNG, upload, report.
