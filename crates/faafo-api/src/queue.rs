@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use faafo_store::WorkHints;
 use tokio::sync::Notify;
 
 use crate::AppState;
@@ -28,14 +29,15 @@ impl WorkSignal {
 }
 
 /// Passes the store's cross-process wake-ups (PostgreSQL's NOTIFY, SQLite's commit
-/// watcher) on to waiting lease
-/// requests in this process. A notification stands for one new task, so it wakes one
-/// waiter; more tasks than wake-ups are found by polling.
-pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<Notify>) {
+/// watcher) on to waiting lease requests in this process: one waiter for each task the
+/// store heard of. Tasks nobody heard of are found by polling.
+pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<WorkHints>) {
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            _ = hints.notified() => state.work.notify_one(),
+            tasks = hints.take() => for _ in 0..tasks {
+                state.work.notify_one();
+            },
         }
     }
 }

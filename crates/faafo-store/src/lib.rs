@@ -222,9 +222,9 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Woken when another process may have created work, for stores that can tell.
-    /// A hint only: waiters must still poll.
-    fn work_hints(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+    /// Tasks another process may have created, for stores that can tell. A hint only:
+    /// waiters must still poll.
+    fn work_hints(&self) -> Option<std::sync::Arc<WorkHints>> {
         None
     }
 
@@ -276,6 +276,37 @@ impl Deletions {
         self.listening
             .store(listening, std::sync::atomic::Ordering::Release);
         self.heard();
+    }
+}
+
+/// A count of tasks that may have appeared, added to by whoever learns of them and taken
+/// by one consumer, so that a batch of tasks wakes as many waiters and a task added
+/// between two takes is never missed. A hint only: waiters still poll.
+#[derive(Debug, Default)]
+pub struct WorkHints {
+    pending: std::sync::atomic::AtomicU64,
+    added: tokio::sync::Notify,
+}
+
+impl WorkHints {
+    pub fn add(&self, tasks: u64) {
+        if tasks > 0 {
+            self.pending
+                .fetch_add(tasks, std::sync::atomic::Ordering::AcqRel);
+            // Kept as a permit when the consumer is not waiting yet.
+            self.added.notify_one();
+        }
+    }
+
+    /// Waits until tasks were added, and takes them all.
+    pub async fn take(&self) -> u64 {
+        loop {
+            let tasks = self.pending.swap(0, std::sync::atomic::Ordering::AcqRel);
+            if tasks > 0 {
+                return tasks;
+            }
+            self.added.notified().await;
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use faafo_core::node::{FORGET_AFTER, ProbeOutcome};
 use faafo_core::{Fractal, FractalSpec, FractalState, LeaseToken, NodeBeat, Window};
 use std::sync::Mutex;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -28,7 +28,7 @@ use crate::patroni::{self, Leader, PatroniFence};
 use crate::postgres_tls::{self, PostgresTls};
 use crate::{
     CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord,
-    PROBE_HISTORY, Page, QueueStats, Store, StoreError, node_record,
+    PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, node_record,
 };
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
@@ -98,6 +98,12 @@ CREATE TABLE probe_rounds (
     PRIMARY KEY (finished_at, probe)
 );
 "#,
+    // A lease token is held by a running row and by no other: the lease holder's writes
+    // find their row by uuid and token alone (see `HELD`).
+    r#"
+ALTER TABLE fractals ADD CONSTRAINT fractals_token_while_running
+    CHECK ((lease_token IS NOT NULL) = (state = 'running'));
+"#,
 ];
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
@@ -114,6 +120,13 @@ fn unfinished_work(client: &str) -> String {
     )
 }
 
+/// The row whose lease `$2` holds, for fractal `$1`. The schema guarantees that only a
+/// running row holds a token, so the clause need not say `state = 'running'`; saying it
+/// would also make the partial index of running rows match, and PostgreSQL's plan for a
+/// table without statistics yet (a new database, until autovacuum's first analyze) then
+/// scans every running row instead of looking up the uuid.
+const HELD: &str = "uuid = $1 AND lease_token = $2";
+
 const COLUMNS: &str = "uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, state, attempts, \
                        max_attempts, checksum, size, duration, generated_by, error, created_at, finished_at";
 
@@ -127,6 +140,59 @@ fn claim_statement([token, lease_ms, worker]: [&str; 3], condition: &str) -> Str
          WHERE id = (SELECT id FROM fractals WHERE state = 'queued' {condition} ORDER BY fair_rank, id LIMIT 1 \
                      FOR UPDATE SKIP LOCKED) \
          RETURNING {COLUMNS}"
+    )
+}
+
+/// The insert of a new task (`$1`-`$13`: its uuid, spec, attempts and client), which
+/// returns its row, or none when the uuid exists (or, with `quota`, when the client's
+/// unfinished work plus `$15` would exceed `$14`).
+///
+/// The rank: the client's next, but never below the lowest still queued. Both are read as
+/// the first entry in an index's order rather than with max() and min(): for those, the
+/// plan PostgreSQL makes before a table has statistics read every queued row of the
+/// client index (273 buffers per insert with a queue of a few hundred) instead of one.
+/// Under a quota the row is inserted only while the client's unfinished work leaves room
+/// (creates of one client then take turns, see `create`). Without a quota the statement
+/// has no condition at all: one that a bound value folds away (`$14 IS NULL OR ...`)
+/// makes PostgreSQL plan the statement anew on every call, as its custom plans look
+/// cheaper than the generic one, and that planning cost twice the insert itself.
+fn create_statement(quota: bool) -> String {
+    let quota_condition = if quota {
+        format!("WHERE ({}) + $15 <= $14", unfinished_work("$13"))
+    } else {
+        String::new()
+    };
+    format!(
+        "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+         seed, state, max_attempts, client, fair_rank) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, greatest(\
+           (SELECT fair_rank + 1 FROM fractals WHERE client = $13 AND state = 'queued' \
+              ORDER BY fair_rank DESC LIMIT 1), \
+           (SELECT fair_rank FROM fractals WHERE state = 'queued' ORDER BY fair_rank, id LIMIT 1), 0) \
+         {quota_condition} \
+         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}"
+    )
+}
+
+/// The completion of the task `$1` by the holder of lease `$2`, with the result's
+/// checksum, size, duration and worker (`$3`-`$6`).
+fn completion_statement() -> String {
+    format!(
+        "UPDATE fractals SET state = 'done', checksum = $3, size = $4, duration = $5, generated_by = $6, \
+         finished_at = faafo_now_ms(), error = NULL, lease_token = NULL, lease_expires_at = NULL \
+         WHERE {HELD} RETURNING {COLUMNS}"
+    )
+}
+
+/// [`completion_statement`] and the claim of the worker's next task (`$7`-`$9` as in
+/// [`claim_statement`]) in one statement: the claim runs only if the completion changed a
+/// row, and both commit together. The last column tells their rows apart.
+fn completion_and_claim_statement() -> String {
+    format!(
+        "WITH done AS ({}), next AS ({}) \
+         SELECT *, false FROM done UNION ALL SELECT *, true FROM next",
+        completion_statement(),
+        claim_statement(["$7", "$8", "$9"], "AND EXISTS (SELECT FROM done)")
     )
 }
 
@@ -175,7 +241,10 @@ pub struct PostgresStore {
     /// Shared with the LISTEN task, which follows the same server.
     target: Arc<Target>,
     wakeups: Wakeups,
-    hints: Arc<Notify>,
+    /// Tasks other processes announced.
+    hints: Arc<WorkHints>,
+    /// Tasks this process made queued, for the LISTEN task to announce (see `listen`).
+    announcements: Arc<WorkHints>,
     /// Heard through the LISTEN connection, and bumped by this store's own deletes.
     deletions: Arc<Deletions>,
     stop_listening: CancellationToken,
@@ -397,7 +466,8 @@ impl PostgresStore {
         let store = PostgresStore {
             target: Arc::new(Target { route, tls }),
             wakeups: options.wakeups,
-            hints: Arc::new(Notify::new()),
+            hints: Arc::default(),
+            announcements: Arc::default(),
             deletions: Arc::new(Deletions::new(false)),
             stop_listening: CancellationToken::new(),
         };
@@ -406,6 +476,7 @@ impl PostgresStore {
             tokio::spawn(listen(
                 Arc::clone(&store.target),
                 Arc::clone(&store.hints),
+                Arc::clone(&store.announcements),
                 Arc::clone(&store.deletions),
                 store.stop_listening.clone(),
             ));
@@ -444,6 +515,13 @@ impl PostgresStore {
             })
         })
         .await
+    }
+
+    /// Has the LISTEN task tell the other processes that `tasks` tasks were queued.
+    fn announce(&self, tasks: u64) {
+        if self.wakeups == Wakeups::ListenNotify {
+            self.announcements.add(tasks);
+        }
     }
 
     /// Runs `operation` with a durable connection; see [`Self::run_on`].
@@ -516,9 +594,19 @@ fn build_pool(config: tokio_postgres::Config, tls: PostgresTls) -> Result<Pool, 
 /// Keeps a LISTEN connection open to the current server (reconnecting after failures
 /// and when the Patroni leader changes) and turns notifications into wake-ups and
 /// deletions heard. Deletions are heard only while the connection listens.
+///
+/// The same connection announces this process's new tasks to the others, rather than a
+/// NOTIFY in the transaction that queued them: PostgreSQL commits notifying transactions
+/// one at a time (a lock held until the commit is flushed), which would take creates out
+/// of group commit, a flush of the WAL each, and cost more than the insert. Announcements
+/// made while one is in flight go together in the next (the payload is their count), and
+/// this session commits them without waiting for the flush, as a lost hint costs only a
+/// poll. Its own announcements come back to it and are skipped by the sender's process
+/// id: the routes woke this process's waiters already.
 async fn listen(
     target: Arc<Target>,
-    hints: Arc<Notify>,
+    hints: Arc<WorkHints>,
+    announcements: Arc<WorkHints>,
     deletions: Arc<Deletions>,
     stop: CancellationToken,
 ) {
@@ -538,11 +626,22 @@ async fn listen(
                     };
                     tokio::pin!(ended);
                     let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    // This session's backend, once known: the sender of its own announcements.
+                    let own_pid = std::sync::atomic::AtomicI32::new(0);
                     let listening = async {
                         client
-                            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {DELETIONS_CHANNEL}"))
+                            .batch_execute(&format!(
+                                "SET synchronous_commit = off; LISTEN {CHANNEL}; LISTEN {DELETIONS_CHANNEL}"
+                            ))
                             .await?;
-                        Ok::<_, tokio_postgres::Error>(())
+                        let pid: i32 = client
+                            .query_one("SELECT pg_backend_pid()", &[])
+                            .await?
+                            .get(0);
+                        let announce = client
+                            .prepare(&format!("SELECT pg_notify('{CHANNEL}', $1)"))
+                            .await?;
+                        Ok::<_, tokio_postgres::Error>((pid, announce))
                     };
                     tokio::pin!(messages);
                     let driven = async {
@@ -554,8 +653,12 @@ async fn listen(
                                 {
                                     deletions.heard()
                                 }
-                                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                                    hints.notify_waiters()
+                                Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
+                                    if note.process_id()
+                                        != own_pid.load(std::sync::atomic::Ordering::Relaxed)
+                                    {
+                                        hints.add(announced_tasks(note.payload()))
+                                    }
                                 }
                                 Ok(_) => {}
                                 Err(error) => return error.to_string(),
@@ -571,18 +674,29 @@ async fn listen(
                         _ = &mut ended => continue,
                         _ = stop.cancelled() => return,
                     };
-                    if let Err(error) = listened {
-                        tracing::warn!(%error, "LISTEN failed");
-                    } else {
-                        backoff = Duration::from_millis(100);
-                        // Anything created while we were not listening is found by polling; wake
-                        // the waiters once so they look now.
-                        hints.notify_waiters();
-                        deletions.set_listening(true);
-                        tokio::select! {
-                            reason = &mut driven => tracing::warn!(%reason, "LISTEN connection lost"),
-                            _ = &mut ended => continue,
-                            _ = stop.cancelled() => return,
+                    match listened {
+                        Err(error) => tracing::warn!(%error, "LISTEN failed"),
+                        Ok((pid, announce)) => {
+                            own_pid.store(pid, std::sync::atomic::Ordering::Relaxed);
+                            backoff = Duration::from_millis(100);
+                            // Anything created while we were not listening is found by polling;
+                            // wake a waiter so that it looks now.
+                            hints.add(1);
+                            deletions.set_listening(true);
+                            let announcing = async {
+                                loop {
+                                    let tasks = announcements.take().await.to_string();
+                                    if let Err(error) = client.execute(&announce, &[&tasks]).await {
+                                        return error;
+                                    }
+                                }
+                            };
+                            tokio::select! {
+                                reason = &mut driven => tracing::warn!(%reason, "LISTEN connection lost"),
+                                error = announcing => tracing::warn!(%error, "announcing new tasks failed"),
+                                _ = &mut ended => continue,
+                                _ = stop.cancelled() => return,
+                            }
                         }
                     }
                 }
@@ -597,6 +711,18 @@ async fn listen(
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+/// The tasks a notification on the work channel stands for: the count faafo's processes
+/// send, or one for any other payload (a plain `NOTIFY faafo_work`).
+fn announced_tasks(payload: &str) -> u64 {
+    payload
+        .parse()
+        .unwrap_or(1)
+        .clamp(1, MAX_TASKS_PER_ANNOUNCEMENT)
+}
+
+/// Bounds the wake-ups one notification may cause.
+const MAX_TASKS_PER_ANNOUNCEMENT: u64 = 1024;
 
 fn fractal_from_row(row: &Row) -> Result<Fractal, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("fractal column {what} out of range"));
@@ -683,80 +809,91 @@ fn millis(duration: Duration) -> i64 {
 #[async_trait]
 impl Store for PostgresStore {
     async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
-        let notify = self.wakeups == Wakeups::ListenNotify;
-        self.run(move |client| {
-            Box::pin(async move {
-                let spec = &new.spec;
-                let window = spec.window();
-                // One statement, one commit: the NOTIFY (a wake-up hint) rides on the insert
-                // and is sent only if a row was inserted.
-                let notify_column = if notify { format!(", pg_notify('{CHANNEL}', '') IS NULL") } else { String::new() };
-                // The rank: the client's next, but never below the lowest still queued.
-                // Under a quota the row is inserted only while the client's unfinished work
-                // leaves room; creates of one client then take turns (an advisory lock on
-                // the client), so that concurrent ones cannot all fit in the same room.
-                // Without a quota the statement has no condition at all: one that a bound
-                // value folds away (`$14 IS NULL OR ...`) makes PostgreSQL plan the statement
-                // anew on every call, as its custom plans look cheaper than the generic one,
-                // and that planning cost twice the insert itself.
-                let quota_condition = match new.max_queued_work {
-                    Some(_) => format!("WHERE ({}) + $15 <= $14", unfinished_work("$13")),
-                    None => String::new(),
-                };
-                let insert = client
-                    .prepare_cached(&format!(
-                        "WITH inserted AS (INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
-                         seed, state, max_attempts, client, fair_rank) \
-                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12, $13, greatest(\
-                           (SELECT max(fair_rank) + 1 FROM fractals WHERE client = $13 AND state = 'queued'), \
-                           (SELECT min(fair_rank) FROM fractals WHERE state = 'queued'), 0) \
-                         {quota_condition} \
-                         ON CONFLICT (uuid) DO NOTHING RETURNING {COLUMNS}) SELECT *{notify_column} FROM inserted"
-                    ))
-                    .await
-                    .map_err(unavailable)?;
-                let (width, height, iterations, max_attempts) =
-                    (spec.width() as i32, spec.height() as i32, spec.iterations() as i32, new.max_attempts as i32);
-                let seed = spec.seed().map(|s| s as i64);
-                let work = new.spec.work();
-                let quota: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&new.max_queued_work, &work];
-                let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
-                    &new.uuid, &width, &height, &iterations, &window.xa, &window.xb, &window.ya, &window.yb,
-                    &spec.cx(), &spec.cy(), &seed, &max_attempts, &new.client,
-                ];
-                let inserted = if new.max_queued_work.is_some() {
-                    let parameters = [parameters.as_slice(), &quota].concat();
-                    let tx = client.transaction().await.map_err(unavailable)?;
-                    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&new.client])
+        let outcome = self
+            .run(move |client| {
+                Box::pin(async move {
+                    let spec = &new.spec;
+                    let window = spec.window();
+                    let insert = client
+                        .prepare_cached(&create_statement(new.max_queued_work.is_some()))
                         .await
                         .map_err(unavailable)?;
-                    let inserted = tx.query_opt(&insert, &parameters).await.map_err(unavailable)?;
-                    tx.commit().await.map_err(unavailable)?;
-                    inserted
-                } else {
-                    client.query_opt(&insert, &parameters).await.map_err(unavailable)?
-                };
-                if let Some(row) = inserted {
-                    return Ok(CreateOutcome::Created(fractal_from_row(&row)?));
-                }
-                let existing = client
-                    .query_opt(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"), &[&new.uuid])
-                    .await
-                    .map_err(unavailable)?;
-                match existing {
-                    Some(row) => Ok(CreateOutcome::Existing(fractal_from_row(&row)?)),
-                    None => {
-                        let queued_work: f64 = client
-                            .query_one(&unfinished_work("$1"), &[&new.client])
+                    let (width, height, iterations, max_attempts) = (
+                        spec.width() as i32,
+                        spec.height() as i32,
+                        spec.iterations() as i32,
+                        new.max_attempts as i32,
+                    );
+                    let seed = spec.seed().map(|s| s as i64);
+                    let work = new.spec.work();
+                    let quota: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                        [&new.max_queued_work, &work];
+                    let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+                        &new.uuid,
+                        &width,
+                        &height,
+                        &iterations,
+                        &window.xa,
+                        &window.xb,
+                        &window.ya,
+                        &window.yb,
+                        &spec.cx(),
+                        &spec.cy(),
+                        &seed,
+                        &max_attempts,
+                        &new.client,
+                    ];
+                    // Under a quota, creates of one client take turns (an advisory lock on the
+                    // client), so that concurrent ones cannot all fit in the same room.
+                    let inserted = if new.max_queued_work.is_some() {
+                        let parameters = [parameters.as_slice(), &quota].concat();
+                        let tx = client.transaction().await.map_err(unavailable)?;
+                        tx.execute(
+                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                            &[&new.client],
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                        let inserted = tx
+                            .query_opt(&insert, &parameters)
+                            .await
+                            .map_err(unavailable)?;
+                        tx.commit().await.map_err(unavailable)?;
+                        inserted
+                    } else {
+                        client
+                            .query_opt(&insert, &parameters)
                             .await
                             .map_err(unavailable)?
-                            .get(0);
-                        Ok(CreateOutcome::OverQuota { queued_work })
+                    };
+                    if let Some(row) = inserted {
+                        return Ok(CreateOutcome::Created(fractal_from_row(&row)?));
                     }
-                }
+                    let existing = client
+                        .query_opt(
+                            &format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"),
+                            &[&new.uuid],
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    match existing {
+                        Some(row) => Ok(CreateOutcome::Existing(fractal_from_row(&row)?)),
+                        None => {
+                            let queued_work: f64 = client
+                                .query_one(&unfinished_work("$1"), &[&new.client])
+                                .await
+                                .map_err(unavailable)?
+                                .get(0);
+                            Ok(CreateOutcome::OverQuota { queued_work })
+                        }
+                    }
+                })
             })
-        })
-        .await
+            .await?;
+        if let CreateOutcome::Created(_) = outcome {
+            self.announce(1);
+        }
+        Ok(outcome)
     }
 
     async fn get(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError> {
@@ -877,8 +1014,10 @@ impl Store for PostgresStore {
                 fenced_write(
                     client,
                     uuid,
-                    "UPDATE fractals SET lease_expires_at = faafo_now_ms() + $3 \
-                     WHERE uuid = $1 AND lease_token = $2 AND state = 'running'",
+                    &format!(
+                        "UPDATE fractals SET lease_expires_at = faafo_now_ms() + $3 \
+                     WHERE {HELD}"
+                    ),
                     &[&uuid, &token.0, &millis(lease)],
                 )
                 .await
@@ -891,10 +1030,14 @@ impl Store for PostgresStore {
         self.run(move |client| {
             Box::pin(async move {
                 let statement = client
-                    .prepare_cached(&format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1 AND lease_token = $2 AND state = 'running'"))
+                    .prepare_cached(&format!("SELECT {COLUMNS} FROM fractals WHERE {HELD}"))
                     .await
                     .map_err(unavailable)?;
-                match client.query_opt(&statement, &[&uuid, &token.0]).await.map_err(unavailable)? {
+                match client
+                    .query_opt(&statement, &[&uuid, &token.0])
+                    .await
+                    .map_err(unavailable)?
+                {
                     Some(row) => fractal_from_row(&row),
                     None => Err(lease_refusal(client, uuid).await),
                 }
@@ -914,34 +1057,39 @@ impl Store for PostgresStore {
             next.map(|(worker, lease)| (worker.to_owned(), millis(lease), LeaseToken::generate()));
         self.run(move |client| {
             Box::pin(async move {
-                let complete = format!(
-                    "UPDATE fractals SET state = 'done', checksum = $3, size = $4, duration = $5, generated_by = $6, \
-                     finished_at = faafo_now_ms(), error = NULL, lease_token = NULL, lease_expires_at = NULL \
-                     WHERE uuid = $1 AND lease_token = $2 AND state = 'running' RETURNING {COLUMNS}"
-                );
                 let size = result.size as i64;
-                let completion: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                    [&uuid, &token.0, &result.checksum, &size, &result.duration, &result.generated_by];
+                let completion: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+                    &uuid,
+                    &token.0,
+                    &result.checksum,
+                    &size,
+                    &result.duration,
+                    &result.generated_by,
+                ];
                 let next_token = next.as_ref().map(|(_, _, token)| *token);
                 let rows = match &next {
                     None => {
-                        let statement = client.prepare_cached(&complete).await.map_err(unavailable)?;
-                        client.query(&statement, &completion).await.map_err(unavailable)?
-                    }
-                    Some((worker, lease_ms, next_token)) => {
-                        // One statement: the claim runs only if the completion changed a
-                        // row, and both commit together. The last column tells them apart.
                         let statement = client
-                            .prepare_cached(&format!(
-                                "WITH done AS ({complete}), next AS ({}) \
-                                 SELECT *, false FROM done UNION ALL SELECT *, true FROM next",
-                                claim_statement(["$7", "$8", "$9"], "AND EXISTS (SELECT FROM done)")
-                            ))
+                            .prepare_cached(&completion_statement())
                             .await
                             .map_err(unavailable)?;
-                        let claim: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&next_token.0, lease_ms, worker];
+                        client
+                            .query(&statement, &completion)
+                            .await
+                            .map_err(unavailable)?
+                    }
+                    Some((worker, lease_ms, next_token)) => {
+                        let statement = client
+                            .prepare_cached(&completion_and_claim_statement())
+                            .await
+                            .map_err(unavailable)?;
+                        let claim: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                            [&next_token.0, lease_ms, worker];
                         let parameters = [completion.as_slice(), &claim].concat();
-                        client.query(&statement, &parameters).await.map_err(unavailable)?
+                        client
+                            .query(&statement, &parameters)
+                            .await
+                            .map_err(unavailable)?
                     }
                 };
                 let mut done = None;
@@ -970,8 +1118,10 @@ impl Store for PostgresStore {
                 fenced_write(
                     client,
                     uuid,
-                    "UPDATE fractals SET state = 'failed', error = $3, finished_at = faafo_now_ms(), lease_token = NULL, \
-                     lease_expires_at = NULL WHERE uuid = $1 AND lease_token = $2 AND state = 'running'",
+                    &format!(
+                        "UPDATE fractals SET state = 'failed', error = $3, finished_at = faafo_now_ms(), lease_token = NULL, \
+                     lease_expires_at = NULL WHERE {HELD}"
+                    ),
                     &[&uuid, &token.0, &reason],
                 )
                 .await
@@ -981,29 +1131,27 @@ impl Store for PostgresStore {
     }
 
     async fn release(&self, uuid: Uuid, token: LeaseToken) -> Result<(), StoreError> {
-        let notify = self.wakeups == Wakeups::ListenNotify;
         self.run_lease(move |client| {
             Box::pin(async move {
                 fenced_write(
                     client,
                     uuid,
-                    "UPDATE fractals SET state = 'queued', attempts = greatest(attempts - 1, 0), lease_token = NULL, \
-                     lease_expires_at = NULL, leased_by = NULL WHERE uuid = $1 AND lease_token = $2 AND state = 'running'",
+                    &format!(
+                        "UPDATE fractals SET state = 'queued', attempts = greatest(attempts - 1, 0), lease_token = NULL, \
+                     lease_expires_at = NULL, leased_by = NULL WHERE {HELD}"
+                    ),
                     &[&uuid, &token.0],
                 )
-                .await?;
-                if notify {
-                    client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
-                }
-                Ok(())
+                .await
             })
         })
-        .await
+        .await?;
+        self.announce(1);
+        Ok(())
     }
 
     async fn expire_leases(&self) -> Result<ExpiredLeases, StoreError> {
-        let notify = self.wakeups == Wakeups::ListenNotify;
-        self.run_lease(move |client| {
+        let expired = self.run_lease(move |client| {
             Box::pin(async move {
                 // One statement decides both outcomes, so a lease that expires while the
                 // sweep runs cannot be requeued past its last attempt.
@@ -1026,13 +1174,12 @@ impl Store for PostgresStore {
                 let rows = client.query(&statement, &[]).await.map_err(unavailable)?;
                 let failed = rows.iter().filter(|row| row.get::<_, &str>(0) == "failed").count() as u64;
                 let requeued = rows.len() as u64 - failed;
-                if requeued > 0 && notify {
-                    client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await.map_err(unavailable)?;
-                }
                 Ok(ExpiredLeases { requeued, failed })
             })
         })
-        .await
+        .await?;
+        self.announce(expired.requeued);
+        Ok(expired)
     }
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
@@ -1226,11 +1373,137 @@ impl Store for PostgresStore {
         }
     }
 
-    fn work_hints(&self) -> Option<Arc<Notify>> {
+    fn work_hints(&self) -> Option<Arc<WorkHints>> {
         (self.wakeups == Wakeups::ListenNotify).then(|| Arc::clone(&self.hints))
     }
 
     fn deletions(&self) -> Option<Arc<Deletions>> {
         (self.wakeups == Wakeups::ListenNotify).then(|| Arc::clone(&self.deletions))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan PostgreSQL keeps for `sql` as a prepared statement on a table without
+    /// statistics (a new database, before autovacuum's first analyze).
+    async fn generic_plan(client: &tokio_postgres::Client, sql: &str) -> String {
+        let parameters = (1..=15)
+            .rev()
+            .find(|n| sql.contains(&format!("${n}")))
+            .unwrap_or(0);
+        client.batch_execute("DEALLOCATE ALL").await.unwrap();
+        client
+            .batch_execute(&format!("PREPARE statement AS {sql}"))
+            .await
+            .unwrap();
+        let nulls = vec!["NULL"; parameters].join(", ");
+        let rows = client
+            .simple_query(&format!("EXPLAIN EXECUTE statement({nulls})"))
+            .await
+            .unwrap();
+        rows.iter()
+            .filter_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The statements every task runs find their rows through one index entry, whatever
+    /// the table's statistics: a create reads one entry of each queue index, not every
+    /// queued row, and a lease holder's writes look the uuid up rather than scan the
+    /// running rows.
+    #[tokio::test]
+    async fn every_task_statement_looks_up_its_rows_on_a_new_table() {
+        let server = faafo_testkit::PostgresServer::start();
+        let url = server.create_database().await;
+        // Migrates.
+        let store = PostgresStore::connect(&url, Wakeups::PollOnly)
+            .await
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await
+            .unwrap();
+
+        // A table in use, not analyzed yet.
+        let uuid = match store
+            .create(NewFractal {
+                uuid: Uuid::new_v4(),
+                spec: FractalSpec::parse(
+                    &faafo_core::wire::CreateFractal {
+                        uuid: None,
+                        width: 8,
+                        height: 8,
+                        iterations: 8,
+                        xa: -2.0,
+                        xb: 2.0,
+                        ya: -2.0,
+                        yb: 2.0,
+                        cx: None,
+                        cy: None,
+                    },
+                    &faafo_core::Limits::default(),
+                    0,
+                )
+                .unwrap(),
+                max_attempts: 3,
+                client: String::new(),
+                max_queued_work: None,
+            })
+            .await
+            .unwrap()
+        {
+            CreateOutcome::Created(fractal) => fractal.uuid,
+            other => panic!("not created: {other:?}"),
+        };
+
+        for quota in [false, true] {
+            let plan = generic_plan(&client, &create_statement(quota)).await;
+            assert_eq!(plan.matches("Limit").count(), 2, "{plan}");
+            assert!(
+                plan.contains("Index Only Scan Backward using fractals_client_queued"),
+                "{plan}"
+            );
+            assert!(
+                plan.contains("Index Only Scan using fractals_fair_queue"),
+                "{plan}"
+            );
+        }
+        let held = format!("SELECT {COLUMNS} FROM fractals WHERE {HELD}");
+        for sql in [
+            held,
+            completion_statement(),
+            completion_and_claim_statement(),
+        ] {
+            let plan = generic_plan(&client, &sql).await;
+            assert!(
+                plan.contains("Index Scan using fractals_uuid_key"),
+                "{sql}\n{plan}"
+            );
+            assert!(!plan.contains("fractals_leased"), "{sql}\n{plan}");
+        }
+
+        // What lets those writes leave `state = 'running'` out: no other row holds a token.
+        let error = client
+            .execute(
+                "UPDATE fractals SET lease_token = gen_random_uuid() WHERE uuid = $1",
+                &[&uuid],
+            )
+            .await
+            .unwrap_err();
+        let constraint = error.as_db_error().and_then(|error| error.constraint());
+        assert_eq!(
+            constraint,
+            Some("fractals_token_while_running"),
+            "{error:?}"
+        );
     }
 }

@@ -20,7 +20,7 @@ use faafo_core::node::ProbeOutcome;
 
 use crate::{
     CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord,
-    PROBE_HISTORY, Page, QueueStats, Store, StoreError, node_record,
+    PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, node_record,
 };
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
@@ -156,7 +156,7 @@ pub struct SqliteStore {
     connection: Arc<ConnectionThread>,
     path: PathBuf,
     /// Woken when another connection (another API process) commits.
-    hints: Arc<tokio::sync::Notify>,
+    hints: Arc<WorkHints>,
     /// Bumped by this store's deletes, and by the watcher when the file's count moves.
     deletions: Arc<Deletions>,
     /// Stops the commit watcher when the last clone goes.
@@ -179,7 +179,7 @@ struct CommitWatcher {
 impl CommitWatcher {
     fn start(
         path: &Path,
-        hints: Arc<tokio::sync::Notify>,
+        hints: Arc<WorkHints>,
         deletions: Arc<Deletions>,
     ) -> rusqlite::Result<CommitWatcher> {
         use std::sync::atomic::Ordering;
@@ -210,7 +210,8 @@ impl CommitWatcher {
                         && now != seen
                     {
                         seen = now;
-                        hints.notify_waiters();
+                        // A commit elsewhere: the watcher cannot tell how many tasks it made.
+                        hints.add(1);
                         match deletion_count(&connection) {
                             Ok(count) if count == deletions_seen => {}
                             Ok(count) => {
@@ -266,7 +267,7 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let opened = path.clone();
-        let hints = Arc::new(tokio::sync::Notify::new());
+        let hints = Arc::new(WorkHints::default());
         let watched = Arc::clone(&hints);
         let deletions = Arc::new(Deletions::new(true));
         let counted = Arc::clone(&deletions);
@@ -508,7 +509,7 @@ fn fenced_write(
 
 #[async_trait]
 impl Store for SqliteStore {
-    fn work_hints(&self) -> Option<Arc<tokio::sync::Notify>> {
+    fn work_hints(&self) -> Option<Arc<WorkHints>> {
         Some(Arc::clone(&self.hints))
     }
 
