@@ -9,8 +9,11 @@ cd "$(dirname "$0")"
 # servers, Patroni members, etcd members and OpenStack Swift clusters (S3 through s3api)
 # from the installed programs; the multi-host tests make hosts of network namespaces
 # (ip, from iproute2) and run PostgreSQL as its own user (setpriv, from util-linux);
-# `faafo bench http` drives wrk and compares with haproxy.
+# `faafo bench http` drives wrk and compares with haproxy; gcc and make build the C code
+# of some crates (SQLite, jemalloc).
 declare -A needs=(
+  [gcc]=/usr/bin/gcc
+  [make]=/usr/bin/make
   [python3]=/usr/bin/python3
   [chromium]=/usr/bin/chromium
   [postgresql]=/usr/lib/postgresql
