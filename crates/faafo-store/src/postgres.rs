@@ -99,8 +99,13 @@ CREATE TABLE probe_rounds (
 );
 "#,
     // A lease token is held by a running row and by no other: the lease holder's writes
-    // find their row by uuid and token alone (see `HELD`).
+    // find their row by uuid and token alone (see `HELD`). Every write has kept to that
+    // since the first schema; the updates only make sure that the constraint can be added.
     r#"
+UPDATE fractals SET lease_token = NULL, lease_expires_at = NULL
+    WHERE state <> 'running' AND lease_token IS NOT NULL;
+UPDATE fractals SET state = 'queued', lease_expires_at = NULL, leased_by = NULL
+    WHERE state = 'running' AND lease_token IS NULL;
 ALTER TABLE fractals ADD CONSTRAINT fractals_token_while_running
     CHECK ((lease_token IS NOT NULL) = (state = 'running'));
 "#,
