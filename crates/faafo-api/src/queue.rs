@@ -28,7 +28,7 @@ impl WorkSignal {
     }
 }
 
-/// Passes the store's cross-process wake-ups (PostgreSQL's NOTIFY, SQLite's commit
+/// Passes the store's cross-process wake-ups (PostgreSQL's announcements, SQLite's commit
 /// watcher) on to waiting lease requests in this process: one waiter for each task the
 /// store heard of. Tasks nobody heard of are found by polling.
 pub async fn forward_store_hints(state: Arc<AppState>, hints: Arc<WorkHints>) {

@@ -338,3 +338,31 @@ pub(crate) fn node_record(
         left,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_hints_count_every_task_added_before_or_during_a_take() {
+        let hints = std::sync::Arc::new(WorkHints::default());
+        hints.add(2);
+        hints.add(0);
+        hints.add(3);
+        assert_eq!(hints.take().await, 5);
+        // Taken: nothing is left.
+        assert!(
+            tokio::time::timeout(Duration::ZERO, hints.take())
+                .await
+                .is_err()
+        );
+        let adder = std::sync::Arc::clone(&hints);
+        let waiting = tokio::spawn(async move { hints.take().await });
+        adder.add(1);
+        let taken = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("a take waiting when a task is added returns")
+            .unwrap();
+        assert_eq!(taken, 1);
+    }
+}
