@@ -1021,7 +1021,7 @@ impl Store for PostgresStore {
                     uuid,
                     &format!(
                         "UPDATE fractals SET lease_expires_at = faafo_now_ms() + $3 \
-                     WHERE {HELD}"
+                         WHERE {HELD}"
                     ),
                     &[&uuid, &token.0, &millis(lease)],
                 )
@@ -1125,7 +1125,7 @@ impl Store for PostgresStore {
                     uuid,
                     &format!(
                         "UPDATE fractals SET state = 'failed', error = $3, finished_at = faafo_now_ms(), lease_token = NULL, \
-                     lease_expires_at = NULL WHERE {HELD}"
+                         lease_expires_at = NULL WHERE {HELD}"
                     ),
                     &[&uuid, &token.0, &reason],
                 )
@@ -1143,7 +1143,7 @@ impl Store for PostgresStore {
                     uuid,
                     &format!(
                         "UPDATE fractals SET state = 'queued', attempts = greatest(attempts - 1, 0), lease_token = NULL, \
-                     lease_expires_at = NULL, leased_by = NULL WHERE {HELD}"
+                         lease_expires_at = NULL, leased_by = NULL WHERE {HELD}"
                     ),
                     &[&uuid, &token.0],
                 )
@@ -1426,7 +1426,7 @@ mod tests {
         let server = faafo_testkit::PostgresServer::start();
         let url = server.create_database().await;
         // Migrates.
-        let store = PostgresStore::connect(&url, Wakeups::PollOnly)
+        let _store = PostgresStore::connect(&url, Wakeups::PollOnly)
             .await
             .unwrap();
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -1439,36 +1439,16 @@ mod tests {
             .unwrap();
 
         // A table in use, not analyzed yet.
-        let uuid = match store
-            .create(NewFractal {
-                uuid: Uuid::new_v4(),
-                spec: FractalSpec::parse(
-                    &faafo_core::wire::CreateFractal {
-                        uuid: None,
-                        width: 8,
-                        height: 8,
-                        iterations: 8,
-                        xa: -2.0,
-                        xb: 2.0,
-                        ya: -2.0,
-                        yb: 2.0,
-                        cx: None,
-                        cy: None,
-                    },
-                    &faafo_core::Limits::default(),
-                    0,
-                )
-                .unwrap(),
-                max_attempts: 3,
-                client: String::new(),
-                max_queued_work: None,
-            })
+        let uuid: Uuid = client
+            .query_one(
+                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                 state, max_attempts) \
+                 VALUES (gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, 'queued', 3) RETURNING uuid",
+                &[],
+            )
             .await
             .unwrap()
-        {
-            CreateOutcome::Created(fractal) => fractal.uuid,
-            other => panic!("not created: {other:?}"),
-        };
+            .get(0);
 
         for quota in [false, true] {
             let plan = generic_plan(&client, &create_statement(quota)).await;
