@@ -30,6 +30,9 @@ use crate::upstream::Upstream;
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a serving thread's idle timer fires (see [`keep_a_timer_pending`]).
+const IDLE_TIMER_PERIOD: Duration = Duration::from_millis(250);
+
 /// Serves `listener` (over TLS with `tls`) until `shutdown`, then lets the requests in
 /// flight finish.
 pub(crate) async fn serve(
@@ -110,6 +113,7 @@ impl ServingThread {
     /// in flight.
     async fn run(self, mut accepted: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>) {
         let graceful = GracefulShutdown::new();
+        tokio::spawn(keep_a_timer_pending(self.shutdown.clone()));
         loop {
             let (stream, peer) = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -148,6 +152,24 @@ impl ServingThread {
             });
         }
         graceful.shutdown().await;
+    }
+}
+
+/// Keeps a timer that expires within [`IDLE_TIMER_PERIOD`] pending on this thread.
+///
+/// A thread's tokio driver plans its next wake-up when it parks, and a timer set to expire
+/// before that wake-up makes it wake itself (a write to its eventfd, then one more
+/// `epoll_wait`). With no other timer pending it plans none, so every proxied request's
+/// timeout cost those two system calls, 2 of the 8 a request makes here. This timer keeps
+/// the planned wake-up sooner than any request's timeout.
+async fn keep_a_timer_pending(shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(IDLE_TIMER_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
     }
 }
 
