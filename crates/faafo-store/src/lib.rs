@@ -96,6 +96,27 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
+    /// The counts as the stores keep them: queued and running rows counted through their
+    /// indexes, every fractal and the failed ones from tallies; the rest are done.
+    pub(crate) fn from_counts(
+        queued: u64,
+        running: u64,
+        all: u64,
+        failed: u64,
+        oldest_queued_age: Option<Duration>,
+    ) -> QueueStats {
+        let done = all.saturating_sub(queued + running + failed);
+        QueueStats {
+            by_state: vec![
+                (FractalState::Queued, queued),
+                (FractalState::Running, running),
+                (FractalState::Done, done),
+                (FractalState::Failed, failed),
+            ],
+            oldest_queued_age,
+        }
+    }
+
     pub fn count(&self, state: FractalState) -> u64 {
         self.by_state
             .iter()

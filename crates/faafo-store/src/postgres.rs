@@ -109,7 +109,53 @@ UPDATE fractals SET state = 'queued', lease_expires_at = NULL, leased_by = NULL
 ALTER TABLE fractals ADD CONSTRAINT fractals_token_while_running
     CHECK ((lease_token IS NOT NULL) = (state = 'running'));
 "#,
+    // Counts kept by a trigger, so that a list's total and the state counts are not scans
+    // of the whole table: every fractal, and the failed ones. (Queued and running rows
+    // are counted through their own indexes, done ones by difference, so that neither a
+    // claim nor a completion pays for a count.) Each server process adds to its own row
+    // of the 64, so that concurrent writes do not wait on one row; a statement touches
+    // one row only, so that they cannot deadlock. The lock keeps writers out between the
+    // first count and the trigger.
+    r#"
+LOCK TABLE fractals IN SHARE ROW EXCLUSIVE MODE;
+CREATE TABLE fractal_tallies (
+    slot     integer PRIMARY KEY,
+    fractals bigint  NOT NULL,
+    failed   bigint  NOT NULL
+) WITH (fillfactor = 20);
+INSERT INTO fractal_tallies (slot, fractals, failed)
+    SELECT slot, 0, 0 FROM generate_series(0, 63) AS slot;
+UPDATE fractal_tallies SET fractals = (SELECT count(*) FROM fractals),
+                           failed = (SELECT count(*) FROM fractals WHERE state = 'failed')
+    WHERE slot = 0;
+CREATE FUNCTION fractals_tally() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE fractal_tallies SET fractals = fractals + 1,
+                                   failed = failed + (NEW.state = 'failed')::integer
+            WHERE slot = pg_backend_pid() % 64;
+    ELSIF TG_OP = 'DELETE' THEN
+        UPDATE fractal_tallies SET fractals = fractals - 1,
+                                   failed = failed - (OLD.state = 'failed')::integer
+            WHERE slot = pg_backend_pid() % 64;
+    ELSE
+        UPDATE fractal_tallies
+            SET failed = failed + (NEW.state = 'failed')::integer - (OLD.state = 'failed')::integer
+            WHERE slot = pg_backend_pid() % 64;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER fractals_counted AFTER INSERT OR DELETE ON fractals
+    FOR EACH ROW EXECUTE FUNCTION fractals_tally();
+CREATE TRIGGER fractals_failures_counted AFTER UPDATE OF state ON fractals
+    FOR EACH ROW WHEN ((OLD.state = 'failed') <> (NEW.state = 'failed'))
+    EXECUTE FUNCTION fractals_tally();
+"#,
 ];
+
+/// Every fractal and the failed ones (see the migration that adds `fractal_tallies`).
+const TALLIES: &str = "SELECT sum(fractals)::bigint, sum(failed)::bigint FROM fractal_tallies";
 
 /// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
 const MIGRATION_LOCK: i64 = 0x6661_6166_6f00;
@@ -926,7 +972,7 @@ impl Store for PostgresStore {
         self.run(move |client| {
             Box::pin(async move {
                 let total: i64 = client
-                    .query_one("SELECT count(*) FROM fractals", &[])
+                    .query_one(TALLIES, &[])
                     .await
                     .map_err(unavailable)?
                     .get(0);
@@ -1190,25 +1236,32 @@ impl Store for PostgresStore {
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         self.run(move |client| {
             Box::pin(async move {
-                let rows =
-                    client.query("SELECT state, count(*) FROM fractals GROUP BY state", &[]).await.map_err(unavailable)?;
-                let mut by_state = Vec::new();
-                for row in rows {
-                    let state: FractalState = row
-                        .get::<_, &str>(0)
-                        .parse()
-                        .map_err(|e: faafo_core::fractal::UnknownState| StoreError::Corrupt(e.to_string()))?;
-                    by_state.push((state, row.get::<_, i64>(1) as u64));
-                }
-                let age: Option<i64> = client
+                // One statement, one snapshot: the counts add up. Queued and running rows
+                // through their partial indexes, the rest from the tallies.
+                let row = client
                     .query_one(
-                        "SELECT faafo_now_ms() - (SELECT created_at FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1)",
+                        &format!(
+                            "SELECT (SELECT count(*) FROM fractals WHERE state = 'queued'), \
+                                    (SELECT count(*) FROM fractals WHERE state = 'running'), \
+                                    tallies.*, \
+                                    faafo_now_ms() - (SELECT created_at FROM fractals \
+                                        WHERE state = 'queued' ORDER BY id LIMIT 1) \
+                             FROM ({TALLIES}) AS tallies"
+                        ),
                         &[],
                     )
                     .await
-                    .map_err(unavailable)?
-                    .get(0);
-                Ok(QueueStats { by_state, oldest_queued_age: age.map(|ms| Duration::from_millis(ms.max(0) as u64)) })
+                    .map_err(unavailable)?;
+                let count =
+                    |column: usize| row.get::<_, Option<i64>>(column).unwrap_or(0).max(0) as u64;
+                let age: Option<i64> = row.get(4);
+                Ok(QueueStats::from_counts(
+                    count(0),
+                    count(1),
+                    count(2),
+                    count(3),
+                    age.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+                ))
             })
         })
         .await
@@ -1393,6 +1446,58 @@ mod tests {
 
     /// The plan PostgreSQL keeps for `sql` as a prepared statement on a table without
     /// statistics (a new database, before autovacuum's first analyze).
+    /// A database made before the tallies, with fractals in every state, has them all
+    /// counted once migrated.
+    #[tokio::test]
+    async fn the_tallies_start_from_the_fractals_already_there() {
+        let server = faafo_testkit::PostgresServer::start();
+        let url = server.create_database().await;
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("CREATE TABLE faafo_schema (version integer NOT NULL)")
+            .await
+            .unwrap();
+        let before_tallies = MIGRATIONS.len() - 1;
+        for (version, migration) in (1i32..).zip(&MIGRATIONS[..before_tallies]) {
+            client.batch_execute(migration).await.unwrap();
+            client
+                .execute(
+                    "INSERT INTO faafo_schema (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await
+                .unwrap();
+        }
+        client
+            .batch_execute(
+                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                 state, max_attempts, lease_token) \
+                 SELECT gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, state, 3, \
+                        CASE WHEN state = 'running' THEN gen_random_uuid() END \
+                 FROM unnest(ARRAY['queued', 'queued', 'running', 'done', 'done', 'done', \
+                                   'failed', 'failed']) AS state",
+            )
+            .await
+            .unwrap();
+
+        let store = PostgresStore::connect(&url, Wakeups::PollOnly)
+            .await
+            .unwrap();
+        let stats = store.stats().await.unwrap();
+        let states = [
+            FractalState::Queued,
+            FractalState::Running,
+            FractalState::Done,
+            FractalState::Failed,
+        ];
+        assert_eq!(states.map(|state| stats.count(state)), [2, 1, 3, 2]);
+        let page = store.list(ListOrder::OldestFirst, 0, 1).await.unwrap();
+        assert_eq!(page.total, 8);
+    }
+
     async fn generic_plan(client: &tokio_postgres::Client, sql: &str) -> String {
         let parameters = (1..=15)
             .rev()

@@ -132,6 +132,25 @@ CREATE TRIGGER fractals_deleted_counted AFTER DELETE ON fractals BEGIN
     UPDATE tallies SET fractals = fractals - 1, deletions = deletions + 1;
 END;
 "#,
+    // Failed fractals counted too, for the state counts without a scan of the table
+    // (queued and running rows are counted through their own indexes, done ones by
+    // difference).
+    r#"
+ALTER TABLE tallies ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+UPDATE tallies SET failed = (SELECT count(*) FROM fractals WHERE state = 'failed');
+CREATE TRIGGER fractals_inserted_failed AFTER INSERT ON fractals
+WHEN NEW.state = 'failed' BEGIN
+    UPDATE tallies SET failed = failed + 1;
+END;
+CREATE TRIGGER fractals_failures_counted AFTER UPDATE OF state ON fractals
+WHEN (OLD.state = 'failed') <> (NEW.state = 'failed') BEGIN
+    UPDATE tallies SET failed = failed + (NEW.state = 'failed') - (OLD.state = 'failed');
+END;
+CREATE TRIGGER fractals_deleted_failed AFTER DELETE ON fractals
+WHEN OLD.state = 'failed' BEGIN
+    UPDATE tallies SET failed = failed - 1;
+END;
+"#,
 ];
 
 // The fair queue's statements name their indexes: without statistics SQLite would pick
@@ -771,38 +790,37 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         self.run(move |connection| {
-            let tx = connection.transaction().map_err(unavailable)?;
-            let mut by_state = Vec::new();
-            {
-                let mut statement = tx
-                    .prepare_cached("SELECT state, count(*) FROM fractals GROUP BY state")
-                    .map_err(unavailable)?;
-                let mut rows = statement.query([]).map_err(unavailable)?;
-                while let Some(row) = rows.next().map_err(unavailable)? {
-                    let state: String = row.get(0).map_err(unavailable)?;
-                    let count: i64 = row.get(1).map_err(unavailable)?;
-                    let state = state
-                        .parse()
-                        .map_err(|e: faafo_core::fractal::UnknownState| {
-                            StoreError::Corrupt(e.to_string())
-                        })?;
-                    by_state.push((state, count as u64));
-                }
-            }
-            let oldest: Option<i64> = tx
-                .query_row(
-                    "SELECT created_at FROM fractals WHERE state = 'queued' ORDER BY id LIMIT 1",
-                    [],
-                    |row| row.get(0),
+            // One statement, one snapshot: the counts add up. Queued and running rows
+            // through their partial indexes, the rest from the tallies.
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT (SELECT count(*) FROM fractals INDEXED BY fractals_fair_queue \
+                             WHERE state = 'queued'), \
+                            (SELECT count(*) FROM fractals INDEXED BY fractals_leased \
+                             WHERE state = 'running'), \
+                            fractals, failed, \
+                            (SELECT created_at FROM fractals \
+                             WHERE state = 'queued' ORDER BY id LIMIT 1) \
+                     FROM tallies",
                 )
-                .optional()
                 .map_err(unavailable)?;
-            let oldest_queued_age =
-                oldest.map(|created| Duration::from_millis((now_ms() - created).max(0) as u64));
-            Ok(QueueStats {
-                by_state,
-                oldest_queued_age,
-            })
+            statement
+                .query_row([], |row| {
+                    let count = |column: usize| -> rusqlite::Result<u64> {
+                        Ok(row.get::<_, i64>(column)?.max(0) as u64)
+                    };
+                    let oldest: Option<i64> = row.get(4)?;
+                    Ok(QueueStats::from_counts(
+                        count(0)?,
+                        count(1)?,
+                        count(2)?,
+                        count(3)?,
+                        oldest.map(|created| {
+                            Duration::from_millis((now_ms() - created).max(0) as u64)
+                        }),
+                    ))
+                })
+                .map_err(unavailable)
         })
         .await
     }
@@ -976,5 +994,49 @@ mod tests {
         // The same connection, on the same thread, answers the next operation.
         let stats = store.stats().await.unwrap();
         assert_eq!(stats.count(faafo_core::FractalState::Queued), 0);
+    }
+
+    /// A file made before failed fractals were counted, with fractals in every state,
+    /// has them all counted once migrated.
+    #[tokio::test]
+    async fn the_failed_tally_starts_from_the_fractals_already_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faafo.db");
+        {
+            let mut connection = Connection::open(&path).unwrap();
+            let tx = connection.transaction().unwrap();
+            let before_tally = MIGRATIONS.len() - 1;
+            for (version, migration) in (1i64..).zip(&MIGRATIONS[..before_tally]) {
+                tx.execute_batch(migration).unwrap();
+                tx.pragma_update(None, "user_version", version).unwrap();
+            }
+            for (index, state) in [
+                "queued", "queued", "running", "done", "done", "done", "failed", "failed",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                tx.execute(
+                    "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                     state, max_attempts, created_at) \
+                     VALUES (?1, 8, 8, 8, -2, 2, -2, 2, 0, 0, ?2, 3, 0)",
+                    (format!("00000000-0000-0000-0000-00000000000{index}"), state),
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let stats = store.stats().await.unwrap();
+        let states = [
+            FractalState::Queued,
+            FractalState::Running,
+            FractalState::Done,
+            FractalState::Failed,
+        ];
+        assert_eq!(states.map(|state| stats.count(state)), [2, 1, 3, 2]);
+        let page = store.list(ListOrder::OldestFirst, 0, 1).await.unwrap();
+        assert_eq!(page.total, 8);
     }
 }

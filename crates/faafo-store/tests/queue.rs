@@ -608,6 +608,103 @@ async fn count_moves_from(deletions: &faafo_store::Deletions, before: Option<u64
     }
 }
 
+/// The state counts and the list's total (kept by tallies, not counted on each call) agree
+/// with the fractals themselves through every change: creates, claims, completions,
+/// failures (by a worker and by the lease sweep), releases and deletes in every state,
+/// through two handles (two API processes).
+async fn counts_follow_every_change_of_state(t: TestStore) {
+    let other = t.reopen().await;
+    let handles = [Arc::clone(&t.store), other];
+    // The lease sweep fails a task out of attempts once its lease of 1 ms runs out.
+    let single_attempt = create(&*t.store, 1).await;
+    let lease = t
+        .store
+        .claim("w2", Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.fractal.uuid, single_attempt);
+    expire_until(&*t.store, |expired| expired.failed == 1).await;
+    for index in 0..10 {
+        create(&*handles[index % 2], 5).await;
+    }
+    for round in 0..3 {
+        let store = &handles[round % 2];
+        let lease = store.claim("w1", LEASE).await.unwrap().unwrap();
+        store
+            .complete(lease.fractal.uuid, lease.token, result())
+            .await
+            .unwrap();
+    }
+    for store in &handles {
+        let lease = store.claim("w1", LEASE).await.unwrap().unwrap();
+        store
+            .fail(lease.fractal.uuid, lease.token, "bad")
+            .await
+            .unwrap();
+    }
+    let released = t.store.claim("w1", LEASE).await.unwrap().unwrap();
+    t.store
+        .release(released.fractal.uuid, released.token)
+        .await
+        .unwrap();
+    for store in &handles {
+        store.claim("w1", LEASE).await.unwrap().unwrap();
+    }
+    assert_counts_match_the_fractals(&handles).await;
+
+    // One deleted in each state, through either handle.
+    let page = t.store.list(ListOrder::OldestFirst, 0, 100).await.unwrap();
+    for (index, state) in [
+        FractalState::Queued,
+        FractalState::Running,
+        FractalState::Done,
+        FractalState::Failed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let victim = page
+            .fractals
+            .iter()
+            .find(|fractal| fractal.state == state)
+            .unwrap_or_else(|| panic!("no {state:?} fractal: {:?}", page.fractals));
+        handles[index % 2]
+            .delete(victim.uuid)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_counts_match_the_fractals(&handles).await;
+}
+
+/// Asserts that every handle's state counts and list total are those of the fractals
+/// the list shows.
+async fn assert_counts_match_the_fractals(handles: &[Arc<dyn Store>]) {
+    for store in handles {
+        let page = store.list(ListOrder::OldestFirst, 0, 1000).await.unwrap();
+        let stats = store.stats().await.unwrap();
+        let states = [
+            FractalState::Queued,
+            FractalState::Running,
+            FractalState::Done,
+            FractalState::Failed,
+        ];
+        let truth = states.map(|state| {
+            page.fractals
+                .iter()
+                .filter(|fractal| fractal.state == state)
+                .count() as u64
+        });
+        assert_eq!(states.map(|state| stats.count(state)), truth);
+        assert_eq!(page.total, page.fractals.len() as u64);
+        assert!(
+            truth.iter().all(|&count| count > 0),
+            "every state occurs: {truth:?}"
+        );
+    }
+}
+
 async fn deletions_through_any_handle_are_heard(t: TestStore) {
     let other = t.reopen().await;
     let deletions = t.store.deletions().expect("both stores hear deletions");
@@ -652,6 +749,7 @@ on_every_store!(
     fail_and_release,
     delete_cancels_a_running_task,
     stats_count_states_and_the_oldest_queued,
+    counts_follow_every_change_of_state,
     two_handles_on_one_store_never_claim_the_same_task,
 );
 
