@@ -109,13 +109,15 @@ UPDATE fractals SET state = 'queued', lease_expires_at = NULL, leased_by = NULL
 ALTER TABLE fractals ADD CONSTRAINT fractals_token_while_running
     CHECK ((lease_token IS NOT NULL) = (state = 'running'));
 "#,
-    // Counts kept by a trigger, so that a list's total and the state counts are not scans
+    // Counts kept by triggers, so that a list's total and the state counts are not scans
     // of the whole table: every fractal, and the failed ones. (Queued and running rows
     // are counted through their own indexes, done ones by difference, so that neither a
     // claim nor a completion pays for a count.) Each server process adds to its own row
     // of the 64, so that concurrent writes do not wait on one row; a statement touches
-    // one row only, so that they cannot deadlock. The lock keeps writers out between the
-    // first count and the trigger.
+    // one row only, so that they cannot deadlock. Inserts and deletes are counted once
+    // per statement: a row updated once per inserted row would pile up versions in a
+    // large transaction, each update slower than the last. The lock keeps writers out
+    // between the first count and the triggers.
     r#"
 LOCK TABLE fractals IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE fractal_tallies (
@@ -130,24 +132,33 @@ UPDATE fractal_tallies SET fractals = (SELECT count(*) FROM fractals),
     WHERE slot = 0;
 CREATE FUNCTION fractals_tally() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        UPDATE fractal_tallies SET fractals = fractals + 1,
-                                   failed = failed + (NEW.state = 'failed')::integer
-            WHERE slot = pg_backend_pid() % 64;
-    ELSIF TG_OP = 'DELETE' THEN
-        UPDATE fractal_tallies SET fractals = fractals - 1,
-                                   failed = failed - (OLD.state = 'failed')::integer
-            WHERE slot = pg_backend_pid() % 64;
-    ELSE
+    IF TG_LEVEL = 'ROW' THEN
+        -- A row's state changed to or from failed.
         UPDATE fractal_tallies
             SET failed = failed + (NEW.state = 'failed')::integer - (OLD.state = 'failed')::integer
             WHERE slot = pg_backend_pid() % 64;
+    ELSIF TG_OP = 'INSERT' THEN
+        UPDATE fractal_tallies AS tally
+            SET fractals = tally.fractals + added.fractals, failed = tally.failed + added.failed
+            FROM (SELECT count(*) AS fractals, count(*) FILTER (WHERE state = 'failed') AS failed
+                  FROM added_fractals) AS added
+            WHERE tally.slot = pg_backend_pid() % 64 AND added.fractals > 0;
+    ELSE
+        UPDATE fractal_tallies AS tally
+            SET fractals = tally.fractals - removed.fractals, failed = tally.failed - removed.failed
+            FROM (SELECT count(*) AS fractals, count(*) FILTER (WHERE state = 'failed') AS failed
+                  FROM removed_fractals) AS removed
+            WHERE tally.slot = pg_backend_pid() % 64 AND removed.fractals > 0;
     END IF;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER fractals_counted AFTER INSERT OR DELETE ON fractals
-    FOR EACH ROW EXECUTE FUNCTION fractals_tally();
+CREATE TRIGGER fractals_added AFTER INSERT ON fractals
+    REFERENCING NEW TABLE AS added_fractals
+    FOR EACH STATEMENT EXECUTE FUNCTION fractals_tally();
+CREATE TRIGGER fractals_removed AFTER DELETE ON fractals
+    REFERENCING OLD TABLE AS removed_fractals
+    FOR EACH STATEMENT EXECUTE FUNCTION fractals_tally();
 CREATE TRIGGER fractals_failures_counted AFTER UPDATE OF state ON fractals
     FOR EACH ROW WHEN ((OLD.state = 'failed') <> (NEW.state = 'failed'))
     EXECUTE FUNCTION fractals_tally();
