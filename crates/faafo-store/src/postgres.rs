@@ -1507,6 +1507,47 @@ mod tests {
         assert_eq!(states.map(|state| stats.count(state)), [2, 1, 3, 2]);
         let page = store.list(ListOrder::OldestFirst, 0, 1).await.unwrap();
         assert_eq!(page.total, 8);
+
+        // Statements of several rows, and of none, as an operator's import or purge would.
+        client
+            .batch_execute(
+                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                 state, max_attempts) \
+                 SELECT gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, state, 3 \
+                 FROM unnest(ARRAY['done', 'failed', 'failed', 'queued']) AS state; \
+                 INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                 state, max_attempts) \
+                 SELECT uuid, 8, 8, 8, -2, 2, -2, 2, 0, 0, 'failed', 3 FROM fractals \
+                 ON CONFLICT (uuid) DO NOTHING; \
+                 DELETE FROM fractals WHERE state IN ('done', 'failed') AND id % 2 = 0; \
+                 DELETE FROM fractals WHERE false;",
+            )
+            .await
+            .unwrap();
+        let truth: Vec<i64> = client
+            .query(
+                "SELECT count(*) FILTER (WHERE state = s) FROM fractals, \
+                 unnest(ARRAY['queued', 'running', 'done', 'failed']) WITH ORDINALITY AS s(s, n) \
+                 GROUP BY n ORDER BY n",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let stats = store.stats().await.unwrap();
+        let counted: Vec<i64> = states
+            .iter()
+            .map(|&state| stats.count(state) as i64)
+            .collect();
+        assert_eq!(counted, truth);
+        let total = store
+            .list(ListOrder::OldestFirst, 0, 1)
+            .await
+            .unwrap()
+            .total;
+        assert_eq!(total as i64, truth.iter().sum::<i64>());
     }
 
     async fn generic_plan(client: &tokio_postgres::Client, sql: &str) -> String {
