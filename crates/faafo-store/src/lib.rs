@@ -117,6 +117,11 @@ impl QueueStats {
         }
     }
 
+    /// Every state's count, in the order of [`FractalState::ALL`].
+    pub fn counts(&self) -> [u64; 4] {
+        FractalState::ALL.map(|state| self.count(state))
+    }
+
     pub fn count(&self, state: FractalState) -> u64 {
         self.by_state
             .iter()
