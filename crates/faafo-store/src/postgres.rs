@@ -1455,8 +1455,6 @@ impl Store for PostgresStore {
 mod tests {
     use super::*;
 
-    /// The plan PostgreSQL keeps for `sql` as a prepared statement on a table without
-    /// statistics (a new database, before autovacuum's first analyze).
     /// A database made before the tallies, with fractals in every state, has them all
     /// counted once migrated.
     #[tokio::test]
@@ -1544,6 +1542,8 @@ mod tests {
         assert_eq!(total as i64, truth.iter().sum::<i64>());
     }
 
+    /// The plan PostgreSQL keeps for `sql` as a prepared statement on a table without
+    /// statistics (a new database, before autovacuum's first analyze).
     async fn generic_plan(client: &tokio_postgres::Client, sql: &str) -> String {
         let parameters = (1..=15)
             .rev()
