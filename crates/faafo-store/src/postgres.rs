@@ -171,6 +171,30 @@ const TALLIES: &str = "SELECT sum(fractals)::bigint, sum(failed)::bigint FROM fr
 /// Arbitrary, fixed: the advisory lock that serializes migrations across processes.
 const MIGRATION_LOCK: i64 = 0x6661_6166_6f00;
 
+/// Applies those of `migrations` that `faafo_schema` does not record as applied.
+async fn apply_migrations(
+    client: &impl tokio_postgres::GenericClient,
+    migrations: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS faafo_schema (version integer NOT NULL)")
+        .await?;
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM faafo_schema", &[])
+        .await?
+        .get(0);
+    for (version, migration) in (1i32..).zip(migrations).skip(applied as usize) {
+        client.batch_execute(migration).await?;
+        client
+            .execute(
+                "INSERT INTO faafo_schema (version) VALUES ($1)",
+                &[&version],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 /// A client's unfinished work (width × height × iterations), for its quota; `client` is
 /// the parameter that holds the client.
 fn unfinished_work(client: &str) -> String {
@@ -554,25 +578,9 @@ impl PostgresStore {
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                     .await
                     .map_err(unavailable)?;
-                tx.batch_execute(
-                    "CREATE TABLE IF NOT EXISTS faafo_schema (version integer NOT NULL)",
-                )
-                .await
-                .map_err(unavailable)?;
-                let applied: i64 = tx
-                    .query_one("SELECT count(*) FROM faafo_schema", &[])
-                    .await
-                    .map_err(unavailable)?
-                    .get(0);
-                for (version, migration) in (1i32..).zip(MIGRATIONS).skip(applied as usize) {
-                    tx.batch_execute(migration).await.map_err(unavailable)?;
-                    tx.execute(
-                        "INSERT INTO faafo_schema (version) VALUES ($1)",
-                        &[&version],
-                    )
+                apply_migrations(&*tx, MIGRATIONS)
                     .await
                     .map_err(unavailable)?;
-                }
                 tx.commit().await.map_err(unavailable)
             })
         })
@@ -982,11 +990,12 @@ impl Store for PostgresStore {
         };
         self.run(move |client| {
             Box::pin(async move {
-                let total: i64 = client
+                let total = client
                     .query_one(TALLIES, &[])
                     .await
                     .map_err(unavailable)?
-                    .get(0);
+                    .get::<_, Option<i64>>(0)
+                    .unwrap_or(0);
                 let statement = client
                     .prepare_cached(&format!(
                         "SELECT {COLUMNS} FROM fractals ORDER BY id {direction} LIMIT $1 OFFSET $2"
@@ -1465,21 +1474,9 @@ mod tests {
             .await
             .unwrap();
         tokio::spawn(connection);
-        client
-            .batch_execute("CREATE TABLE faafo_schema (version integer NOT NULL)")
+        apply_migrations(&client, &MIGRATIONS[..MIGRATIONS.len() - 1])
             .await
             .unwrap();
-        let before_tallies = MIGRATIONS.len() - 1;
-        for (version, migration) in (1i32..).zip(&MIGRATIONS[..before_tallies]) {
-            client.batch_execute(migration).await.unwrap();
-            client
-                .execute(
-                    "INSERT INTO faafo_schema (version) VALUES ($1)",
-                    &[&version],
-                )
-                .await
-                .unwrap();
-        }
         client
             .batch_execute(
                 "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \

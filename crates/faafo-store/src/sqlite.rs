@@ -380,13 +380,19 @@ fn open_and_migrate(path: &Path) -> rusqlite::Result<Connection> {
     // IMMEDIATE takes the write lock first, so two processes starting at once apply each
     // migration exactly once: the second waits, then sees the new version.
     let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let applied: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    for (version, migration) in (1i64..).zip(MIGRATIONS).skip(applied as usize) {
-        tx.execute_batch(migration)?;
-        tx.pragma_update(None, "user_version", version)?;
-    }
+    apply_migrations(&tx, MIGRATIONS)?;
     tx.commit()?;
     Ok(connection)
+}
+
+/// Applies those of `migrations` that `PRAGMA user_version` does not count as applied.
+fn apply_migrations(connection: &Connection, migrations: &[&str]) -> rusqlite::Result<()> {
+    let applied: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (version, migration) in (1i64..).zip(migrations).skip(applied as usize) {
+        connection.execute_batch(migration)?;
+        connection.pragma_update(None, "user_version", version)?;
+    }
+    Ok(())
 }
 
 fn unavailable(error: rusqlite::Error) -> StoreError {
@@ -1005,11 +1011,7 @@ mod tests {
         {
             let mut connection = Connection::open(&path).unwrap();
             let tx = connection.transaction().unwrap();
-            let before_tally = MIGRATIONS.len() - 1;
-            for (version, migration) in (1i64..).zip(&MIGRATIONS[..before_tally]) {
-                tx.execute_batch(migration).unwrap();
-                tx.pragma_update(None, "user_version", version).unwrap();
-            }
+            apply_migrations(&tx, &MIGRATIONS[..MIGRATIONS.len() - 1]).unwrap();
             for (index, state) in [
                 "queued", "queued", "running", "done", "done", "done", "failed", "failed",
             ]
