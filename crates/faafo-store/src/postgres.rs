@@ -1556,8 +1556,8 @@ mod tests {
         assert_eq!(total as i64, truth.iter().sum::<i64>());
     }
 
-    /// The plan PostgreSQL keeps for `sql` as a prepared statement on a table without
-    /// statistics (a new database, before autovacuum's first analyze).
+    /// The plan PostgreSQL keeps for `sql` as a prepared statement, under the statistics
+    /// the table has (none on a new database, before autovacuum's first analyze).
     async fn generic_plan(client: &tokio_postgres::Client, sql: &str) -> String {
         let parameters = (1..=15)
             .rev()
@@ -1615,19 +1615,7 @@ mod tests {
             .unwrap()
             .get(0);
 
-        for quota in [false, true] {
-            let plan = generic_plan(&client, &create_statement(quota)).await;
-            assert_eq!(plan.matches("Limit").count(), 2, "{plan}");
-            assert!(
-                plan.contains("Index Only Scan Backward using fractals_client_queued"),
-                "{plan}"
-            );
-            assert!(
-                plan.contains("Index Only Scan using fractals_fair_queue"),
-                "{plan}"
-            );
-        }
-        claims_read_the_queue_in_order(&client).await;
+        queue_statements_read_the_queue_in_order(&client).await;
         let held = format!("SELECT {COLUMNS} FROM fractals WHERE {HELD}");
         for sql in [
             held,
@@ -1659,10 +1647,10 @@ mod tests {
     }
 
     /// Autovacuum analyzes a table whenever enough of it changed, often while nothing is
-    /// queued; the statistics then say that no row is queued. A claim must still read the
-    /// queue in its order rather than every queued row.
+    /// queued; the statistics then say that no row is queued. Creates and claims must
+    /// still read the queue in its order rather than every queued row.
     #[tokio::test]
-    async fn a_claim_reads_the_queue_in_order_after_an_analyze_found_none_queued() {
+    async fn the_queue_is_read_in_order_after_an_analyze_found_none_queued() {
         let server = faafo_testkit::PostgresServer::start();
         let url = server.create_database().await;
         let store = PostgresStore::connect(&url, Wakeups::PollOnly)
@@ -1684,7 +1672,7 @@ mod tests {
             )
             .await
             .unwrap();
-        claims_read_the_queue_in_order(&client).await;
+        queue_statements_read_the_queue_in_order(&client).await;
 
         // What that plan does with a backlog: the claim takes the first in fair order,
         // reading a handful of pages, not the 5,000 queued rows.
@@ -1724,9 +1712,22 @@ mod tests {
         assert!(buffers < 50, "{plan}");
     }
 
-    /// Both statements that claim a task read fractals_fair_queue in its order, under the
-    /// statistics `client`'s table has now, and sort nothing.
-    async fn claims_read_the_queue_in_order(client: &tokio_postgres::Client) {
+    /// Under the statistics `client`'s table has now: a create reads one entry of each
+    /// queue index (the client's latest rank, the lowest rank), and both statements that
+    /// claim a task read fractals_fair_queue in its order and sort nothing.
+    async fn queue_statements_read_the_queue_in_order(client: &tokio_postgres::Client) {
+        for quota in [false, true] {
+            let plan = generic_plan(client, &create_statement(quota)).await;
+            assert_eq!(plan.matches("Limit").count(), 2, "{plan}");
+            assert!(
+                plan.contains("Index Only Scan Backward using fractals_client_queued"),
+                "{plan}"
+            );
+            assert!(
+                plan.contains("Index Only Scan using fractals_fair_queue"),
+                "{plan}"
+            );
+        }
         for sql in [
             claim_statement(["$1", "$2", "$3"], ""),
             completion_and_claim_statement(),
