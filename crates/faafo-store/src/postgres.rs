@@ -167,9 +167,10 @@ CREATE TRIGGER fractals_failures_counted AFTER UPDATE OF state ON fractals
     // lock. Once autovacuum has analyzed a table while nothing was queued, PostgreSQL
     // expects one queued row, and every other index of queued rows then looked as cheap:
     // the claim read all the queued rows through one of them and sorted them, a cost
-    // that grew with the backlog (3 ms a claim with 5,000 queued). fractals_queued served
-    // nothing fractals_fair_queue does not; `client IS NOT NULL`, always true, keeps the
-    // client index to statements that name a client, which a claim does not.
+    // that grew with the backlog (3 ms a claim with 5,000 queued). fractals_queued is no
+    // longer needed (the state counts find the oldest queued task in fractals_fair_queue);
+    // `client IS NOT NULL`, always true, keeps the client index to statements that name a
+    // client, which a claim does not.
     r#"
 DROP INDEX fractals_queued;
 DROP INDEX fractals_client_queued;
@@ -292,6 +293,19 @@ fn completion_and_claim_statement() -> String {
          SELECT *, false FROM done UNION ALL SELECT *, true FROM next",
         completion_statement(),
         claim_statement(["$7", "$8", "$9"], "AND EXISTS (SELECT FROM done)")
+    )
+}
+
+/// The state counts and the age of the oldest queued task, in one statement so that the
+/// counts add up: queued and running rows through their partial indexes, the rest from
+/// the tallies. One read of fractals_fair_queue counts the queued rows and finds the
+/// oldest (its key holds the id), so that no other index of queued rows is needed.
+fn stats_statement() -> String {
+    format!(
+        "SELECT queued.rows, (SELECT count(*) FROM fractals WHERE state = 'running'), tallies.*, \
+                faafo_now_ms() - (SELECT created_at FROM fractals WHERE id = queued.oldest) \
+         FROM (SELECT count(*) AS rows, min(id) AS oldest FROM fractals WHERE state = 'queued') AS queued, \
+              ({TALLIES}) AS tallies"
     )
 }
 
@@ -1269,20 +1283,8 @@ impl Store for PostgresStore {
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         self.run(move |client| {
             Box::pin(async move {
-                // One statement, one snapshot: the counts add up. Queued and running rows
-                // through their partial indexes, the rest from the tallies.
                 let row = client
-                    .query_one(
-                        &format!(
-                            "SELECT (SELECT count(*) FROM fractals WHERE state = 'queued'), \
-                                    (SELECT count(*) FROM fractals WHERE state = 'running'), \
-                                    tallies.*, \
-                                    faafo_now_ms() - (SELECT created_at FROM fractals \
-                                        WHERE state = 'queued' ORDER BY id LIMIT 1) \
-                             FROM ({TALLIES}) AS tallies"
-                        ),
-                        &[],
-                    )
+                    .query_one(&stats_statement(), &[])
                     .await
                     .map_err(unavailable)?;
                 let count =
@@ -1568,9 +1570,12 @@ mod tests {
             .batch_execute(&format!("PREPARE statement AS {sql}"))
             .await
             .unwrap();
-        let nulls = vec!["NULL"; parameters].join(", ");
+        let arguments = match parameters {
+            0 => String::new(),
+            n => format!("({})", vec!["NULL"; n].join(", ")),
+        };
         let rows = client
-            .simple_query(&format!("EXPLAIN EXECUTE statement({nulls})"))
+            .simple_query(&format!("EXPLAIN EXECUTE statement{arguments}"))
             .await
             .unwrap();
         rows.iter()
@@ -1713,8 +1718,9 @@ mod tests {
     }
 
     /// Under the statistics `client`'s table has now: a create reads one entry of each
-    /// queue index (the client's latest rank, the lowest rank), and both statements that
-    /// claim a task read fractals_fair_queue in its order and sort nothing.
+    /// queue index (the client's latest rank, the lowest rank), both statements that
+    /// claim a task read fractals_fair_queue in its order, and the state counts read it
+    /// once; none sorts.
     async fn queue_statements_read_the_queue_in_order(client: &tokio_postgres::Client) {
         for quota in [false, true] {
             let plan = generic_plan(client, &create_statement(quota)).await;
@@ -1739,6 +1745,12 @@ mod tests {
             );
             assert!(!plan.contains("Sort"), "{sql}\n{plan}");
         }
+        let plan = generic_plan(client, &stats_statement()).await;
+        assert!(
+            plan.contains("Index Only Scan using fractals_fair_queue"),
+            "{plan}"
+        );
+        assert!(!plan.contains("Sort"), "{plan}");
     }
 
     /// `EXPLAIN (ANALYZE, BUFFERS)` of `sql`, rolled back.

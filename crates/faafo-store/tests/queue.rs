@@ -405,6 +405,21 @@ async fn stats_count_states_and_the_oldest_queued(t: TestStore) {
         [1, 1, 1, 0]
     );
     assert!(stats.oldest_queued_age.is_some());
+
+    // The age is the oldest queued task's, not the newest's.
+    let aged = Duration::from_millis(50);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while t.store.stats().await.unwrap().oldest_queued_age < Some(aged) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue never aged"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    create(&*t.store, 5).await;
+    let stats = t.store.stats().await.unwrap();
+    assert_eq!(stats.count(FractalState::Queued), 2);
+    assert!(stats.oldest_queued_age >= Some(aged), "{stats:?}");
     t.store.ping().await.unwrap();
 }
 
