@@ -1574,11 +1574,14 @@ mod tests {
             0 => String::new(),
             n => format!("({})", vec!["NULL"; n].join(", ")),
         };
-        let rows = client
-            .simple_query(&format!("EXPLAIN EXECUTE statement{arguments}"))
-            .await
-            .unwrap();
-        rows.iter()
+        plan_text(client, &format!("EXPLAIN EXECUTE statement{arguments}")).await
+    }
+
+    /// The lines of the plan that `explain`, a batch with one EXPLAIN in it, prints.
+    async fn plan_text(client: &tokio_postgres::Client, explain: &str) -> String {
+        let messages = client.simple_query(explain).await.unwrap();
+        messages
+            .iter()
             .filter_map(|message| match message {
                 tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
                 _ => None,
@@ -1755,18 +1758,10 @@ mod tests {
 
     /// `EXPLAIN (ANALYZE, BUFFERS)` of `sql`, rolled back.
     async fn explain_analyze(client: &tokio_postgres::Client, sql: &str) -> String {
-        let rows = client
-            .simple_query(&format!(
-                "BEGIN; EXPLAIN (ANALYZE, BUFFERS) {sql}; ROLLBACK"
-            ))
-            .await
-            .unwrap();
-        rows.iter()
-            .filter_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        plan_text(
+            client,
+            &format!("BEGIN; EXPLAIN (ANALYZE, BUFFERS) {sql}; ROLLBACK"),
+        )
+        .await
     }
 }
