@@ -1558,6 +1558,25 @@ mod tests {
         assert_eq!(total as i64, truth.iter().sum::<i64>());
     }
 
+    /// A throwaway server with a new database, migrated by the store returned, and a
+    /// client of its own on the database.
+    async fn migrated_database() -> (
+        faafo_testkit::PostgresServer,
+        PostgresStore,
+        tokio_postgres::Client,
+    ) {
+        let server = faafo_testkit::PostgresServer::start();
+        let url = server.create_database().await;
+        let store = PostgresStore::connect(&url, Wakeups::PollOnly)
+            .await
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        (server, store, client)
+    }
+
     /// The plan PostgreSQL keeps for `sql` as a prepared statement, under the statistics
     /// the table has (none on a new database, before autovacuum's first analyze).
     async fn generic_plan(client: &tokio_postgres::Client, sql: &str) -> String {
@@ -1596,16 +1615,7 @@ mod tests {
     /// running rows.
     #[tokio::test]
     async fn every_task_statement_looks_up_its_rows_on_a_new_table() {
-        let server = faafo_testkit::PostgresServer::start();
-        let url = server.create_database().await;
-        // Migrates.
-        let _store = PostgresStore::connect(&url, Wakeups::PollOnly)
-            .await
-            .unwrap();
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let (_server, _store, client) = migrated_database().await;
         client
             .batch_execute("SET plan_cache_mode = force_generic_plan")
             .await
@@ -1659,15 +1669,7 @@ mod tests {
     /// still read the queue in its order rather than every queued row.
     #[tokio::test]
     async fn the_queue_is_read_in_order_after_an_analyze_found_none_queued() {
-        let server = faafo_testkit::PostgresServer::start();
-        let url = server.create_database().await;
-        let store = PostgresStore::connect(&url, Wakeups::PollOnly)
-            .await
-            .unwrap();
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let (_server, store, client) = migrated_database().await;
         client
             .batch_execute(
                 "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
