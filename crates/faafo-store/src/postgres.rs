@@ -172,8 +172,8 @@ CREATE TRIGGER fractals_failures_counted AFTER UPDATE OF state ON fractals
     // `client IS NOT NULL`, always true, keeps the client index to statements that name a
     // client, which a claim does not.
     r#"
-DROP INDEX fractals_queued;
-DROP INDEX fractals_client_queued;
+DROP INDEX IF EXISTS fractals_queued;
+DROP INDEX IF EXISTS fractals_client_queued;
 CREATE INDEX fractals_client_queued ON fractals (client, fair_rank)
     WHERE state = 'queued' AND client IS NOT NULL;
 "#,
