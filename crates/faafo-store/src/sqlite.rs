@@ -159,9 +159,10 @@ DROP INDEX IF EXISTS fractals_state;
 "#,
 ];
 
-// The fair queue's statements name their indexes: without statistics SQLite would pick
-// the index on `state` and sort every queued row on each claim. (A partial index is used
-// only when the query repeats its condition.)
+// The fair queue's statements name their indexes: without statistics SQLite picked the
+// index on `state` (dropped since) and sorted every queued row on each claim, and it could
+// pick another index of queued rows the same way. (A partial index is used only when the
+// query repeats its condition.)
 
 /// Takes the client's next rank (one past its latest, never below the lowest rank still
 /// queued) and adds the new task's work to its unfinished work; returns both.
