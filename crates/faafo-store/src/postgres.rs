@@ -1485,10 +1485,7 @@ mod tests {
     async fn the_tallies_start_from_the_fractals_already_there() {
         let server = faafo_testkit::PostgresServer::start();
         let url = server.create_database().await;
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let client = connect(&url).await;
         let tallies = MIGRATIONS
             .iter()
             .position(|sql| sql.contains("CREATE TABLE fractal_tallies"))
@@ -1570,11 +1567,16 @@ mod tests {
         let store = PostgresStore::connect(&url, Wakeups::PollOnly)
             .await
             .unwrap();
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        (server, store, connect(&url).await)
+    }
+
+    /// A plain client on the database at `url`, beside the store's pools.
+    async fn connect(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(connection);
-        (server, store, client)
+        client
     }
 
     /// The plan PostgreSQL keeps for `sql` as a prepared statement, under the statistics
@@ -1665,8 +1667,9 @@ mod tests {
     }
 
     /// Autovacuum analyzes a table whenever enough of it changed, often while nothing is
-    /// queued; the statistics then say that no row is queued. Creates and claims must
-    /// still read the queue in its order rather than every queued row.
+    /// queued; the statistics then say that no row is queued. Creates, claims and the
+    /// state counts must still read the queue in its order rather than sort every queued
+    /// row.
     #[tokio::test]
     async fn the_queue_is_read_in_order_after_an_analyze_found_none_queued() {
         let (_server, store, client) = migrated_database().await;
