@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use faafo_core::Fractal;
 use faafo_core::wire::FractalView;
-use faafo_store::Deletions;
+use faafo_store::{Deletions, ListCursor};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -51,6 +51,7 @@ impl FractalJson {
         num_results: u64,
         page: u64,
         total_pages: u64,
+        next: Option<ListCursor>,
     ) -> Response {
         use std::io::Write;
         let size = objects.iter().map(|o| o.body.len() + 1).sum::<usize>() + 96;
@@ -62,7 +63,15 @@ impl FractalJson {
             }
             body.extend_from_slice(&object.body);
         }
-        let _ = write!(body, "],\"page\":{page},\"total_pages\":{total_pages}}}");
+        let _ = write!(
+            body,
+            "],\"page\":{page},\"total_pages\":{total_pages},\"next\":"
+        );
+        // A cursor is a number: nothing in it needs escaping.
+        let _ = match next {
+            Some(cursor) => write!(body, "\"{cursor}\"}}"),
+            None => write!(body, "null}}"),
+        };
         (
             [(
                 header::CONTENT_TYPE,
@@ -225,13 +234,17 @@ mod tests {
             objects: fractals.iter().map(FractalView::new).collect(),
             page: 2,
             total_pages: 4,
+            next: Some("31".to_owned()),
         };
         let jsons: Vec<FractalJson> = fractals.iter().map(FractalJson::of).collect();
-        let framed = body_of(FractalJson::page(&jsons, 14, 2, 4)).await;
+        let cursor = "31".parse().unwrap();
+        let framed = body_of(FractalJson::page(&jsons, 14, 2, 4, Some(cursor))).await;
         assert_eq!(framed, serde_json::to_vec(&expected).unwrap());
-        let empty = body_of(FractalJson::page(&[], 0, 1, 0)).await;
-        let parsed: FractalPage = serde_json::from_slice(&empty).unwrap();
-        assert_eq!((parsed.objects.len(), parsed.num_results), (0, 0));
+        let empty = body_of(FractalJson::page(&[], 0, 1, 0, None)).await;
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&empty).unwrap(),
+            serde_json::json!({"num_results": 0, "objects": [], "page": 1, "total_pages": 0, "next": null})
+        );
     }
 
     #[test]

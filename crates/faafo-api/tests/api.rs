@@ -316,6 +316,76 @@ async fn list_pages_like_flask_restless() {
     app.stop().await;
 }
 
+/// A walk by cursor goes on where the page before ended, even once the fractals there
+/// are deleted; a cursor the API never gave, or one beside a page number, is refused.
+#[tokio::test]
+async fn list_walks_by_cursor_across_deletions() {
+    let app = TestApp::start().await;
+    let mut uuids = Vec::new();
+    for _ in 0..23 {
+        uuids.push(app.create(spec()).await.uuid);
+    }
+    let page = |value: Value| -> FractalPage { serde_json::from_value(value).unwrap() };
+    let listed = |page: &FractalPage| page.objects.iter().map(|f| f.uuid).collect::<Vec<_>>();
+    let first = page(app.get("/v1/fractal").await.1);
+    assert_eq!(listed(&first), uuids[..10]);
+    let after = |page: &FractalPage| format!("/v1/fractal?after={}", page.next.as_ref().unwrap());
+    let (status, second) = app.get(&after(&first)).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let second = page(second);
+    assert_eq!(listed(&second), uuids[10..20]);
+    assert_eq!((second.page, second.num_results), (0, 23));
+    // The fractal the second page ended with goes, and the one after it.
+    for gone in [uuids[19], uuids[20]] {
+        let response = app
+            .http
+            .delete(app.url(&format!("/v1/fractal/{gone}")))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{response:?}");
+    }
+    let third = page(app.get(&after(&second)).await.1);
+    assert_eq!(listed(&third), uuids[21..]);
+    assert_eq!((third.num_results, third.next.as_deref()), (21, None));
+
+    for (query, says) in [
+        ("after=abc", "after must be the next of a page"),
+        ("after=-1", "after must be the next of a page"),
+        ("after=", "after must be the next of a page"),
+        ("after=1&page=2", "give one"),
+    ] {
+        let (status, body) = app.get(&format!("/v1/fractal?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(says),
+            "{query}: {body}"
+        );
+        assert_eq!(body["field"], "after", "{query}: {body}");
+    }
+    app.stop().await;
+}
+
+/// The client lists every fractal in order across pages of 100.
+#[tokio::test]
+async fn the_client_lists_every_fractal_across_pages() {
+    let app = TestApp::start().await;
+    let mut uuids = Vec::new();
+    for _ in 0..205 {
+        uuids.push(app.create(spec()).await.uuid);
+    }
+    let listed: Vec<Uuid> = app
+        .worker
+        .list_all()
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.uuid)
+        .collect();
+    assert_eq!(listed, uuids);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_the_service_keeps_rendering() {
     let app = TestApp::start().await;

@@ -106,6 +106,31 @@ pub enum LeaseOutcome {
 
 /// How often a client with discovery on asks for the deployment's endpoints.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
+/// What a walk of the list by cursor does after an answer.
+#[derive(Debug, PartialEq)]
+enum ListStep {
+    After(String),
+    Done,
+    /// The answer came from a release from before cursors: a first page of several has
+    /// no `next`, or `after` was answered with page 1 (unknown parameters are ignored,
+    /// as flask-restless does).
+    OlderApi,
+}
+
+impl ListStep {
+    /// The step after `answer`, the answer to a request by cursor when `by_cursor`.
+    fn after(answer: &FractalPage, by_cursor: bool) -> ListStep {
+        match &answer.next {
+            _ if by_cursor && answer.page != 0 => ListStep::OlderApi,
+            Some(cursor) => ListStep::After(cursor.clone()),
+            None if !by_cursor && answer.page < answer.total_pages => ListStep::OlderApi,
+            None => ListStep::Done,
+        }
+    }
+}
+
+/// Fractals per page when [`Client::list_all`] walks the list: the API's largest page.
+const LIST_ALL_PAGE: u64 = 100;
 
 #[derive(Debug)]
 pub struct Client {
@@ -363,10 +388,67 @@ impl Client {
     }
 
     pub async fn list_page(&self, page: u64, per_page: u64) -> Result<FractalPage, ClientError> {
-        let path = format!("/v1/fractal?page={page}&results_per_page={per_page}");
+        self.list_at(&format!("page={page}"), per_page).await
+    }
+
+    /// The page after the one whose `next` is `cursor`.
+    pub async fn list_after(
+        &self,
+        cursor: &str,
+        per_page: u64,
+    ) -> Result<FractalPage, ClientError> {
+        let cursor: String = url::form_urlencoded::byte_serialize(cursor.as_bytes()).collect();
+        self.list_at(&format!("after={cursor}"), per_page).await
+    }
+
+    async fn list_at(&self, start: &str, per_page: u64) -> Result<FractalPage, ClientError> {
+        let path = format!("/v1/fractal?{start}&results_per_page={per_page}");
         decode(expect_success(
             self.send(Method::GET, &path, Body::Empty, None).await?,
         )?)
+    }
+
+    /// Every fractal, oldest first. The walk goes by cursor, so each page costs the API
+    /// one index lookup however long the list is, and fractals created or deleted during
+    /// the walk neither skip nor repeat any. Behind endpoints of a release from before
+    /// cursors it walks by page number instead.
+    pub async fn list_all(&self) -> Result<Vec<FractalView>, ClientError> {
+        match self.list_by_cursor().await? {
+            Some(all) => Ok(all),
+            None => self.list_by_page_number().await,
+        }
+    }
+
+    /// `None` once an answer shows an API that does not know cursors (see [`ListStep`]).
+    async fn list_by_cursor(&self) -> Result<Option<Vec<FractalView>>, ClientError> {
+        let mut all = Vec::new();
+        let mut answer = self.list_page(1, LIST_ALL_PAGE).await?;
+        let mut by_cursor = false;
+        loop {
+            let step = ListStep::after(&answer, by_cursor);
+            all.append(&mut answer.objects);
+            match step {
+                ListStep::After(cursor) => {
+                    answer = self.list_after(&cursor, LIST_ALL_PAGE).await?;
+                    by_cursor = true;
+                }
+                ListStep::Done => return Ok(Some(all)),
+                ListStep::OlderApi => return Ok(None),
+            }
+        }
+    }
+
+    async fn list_by_page_number(&self) -> Result<Vec<FractalView>, ClientError> {
+        let mut all = Vec::new();
+        let mut page = 1;
+        loop {
+            let mut answer = self.list_page(page, LIST_ALL_PAGE).await?;
+            all.append(&mut answer.objects);
+            if page >= answer.total_pages {
+                return Ok(all);
+            }
+            page += 1;
+        }
     }
 
     /// Deletes a fractal. A 404 after an attempt that may have gone through counts as done.
@@ -896,5 +978,44 @@ mod tests {
         };
         assert_eq!(tried.len(), 2);
         assert!(error.to_string().contains("http://127.0.0.1:9"), "{error}");
+    }
+
+    fn answer(page: u64, total_pages: u64, next: Option<&str>) -> FractalPage {
+        FractalPage {
+            num_results: total_pages * 100,
+            objects: Vec::new(),
+            page,
+            total_pages,
+            next: next.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_walk_follows_cursors_to_the_end() {
+        assert_eq!(
+            ListStep::after(&answer(1, 3, Some("100")), false),
+            ListStep::After("100".to_owned())
+        );
+        assert_eq!(
+            ListStep::after(&answer(0, 3, Some("200")), true),
+            ListStep::After("200".to_owned())
+        );
+        assert_eq!(ListStep::after(&answer(0, 3, None), true), ListStep::Done);
+        assert_eq!(ListStep::after(&answer(1, 1, None), false), ListStep::Done);
+        assert_eq!(ListStep::after(&answer(1, 0, None), false), ListStep::Done);
+    }
+
+    /// Answers as a release from before cursors gives them: never a `next`, and page 1
+    /// again for a request by cursor, as it ignores `after`.
+    #[test]
+    fn an_older_api_is_told_by_its_answers() {
+        assert_eq!(
+            ListStep::after(&answer(1, 3, None), false),
+            ListStep::OlderApi
+        );
+        assert_eq!(
+            ListStep::after(&answer(1, 3, None), true),
+            ListStep::OlderApi
+        );
     }
 }

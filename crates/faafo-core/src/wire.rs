@@ -112,13 +112,18 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// `GET /v1/fractal`: one page, in flask-restless's shape.
+/// `GET /v1/fractal`: one page, in flask-restless's shape, and a cursor to the next.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FractalPage {
     pub num_results: u64,
     pub objects: Vec<FractalView>,
+    /// The page number asked for; 0 for a page asked for by cursor (`after`).
     pub page: u64,
     pub total_pages: u64,
+    /// The page after this one starts after this cursor (`?after=`); null when this page
+    /// ends the list. Missing from the answers of releases before cursors.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// The body of every error answer.

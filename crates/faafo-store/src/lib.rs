@@ -63,13 +63,72 @@ pub struct Lease {
     pub token: LeaseToken,
 }
 
-/// One page of the fractal list, oldest first.
+/// One page of the fractal list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
     pub fractals: Vec<Fractal>,
     /// All fractals, not just this page.
     pub total: u64,
+    /// Where the page after this one starts, or `None` when this page ends the list.
+    pub next: Option<ListCursor>,
 }
+
+impl Page {
+    /// The page made of `rows` (each fractal with its row id), fetched with a limit one
+    /// above the page's `limit`: a row past `limit` only tells that another page follows.
+    fn from_rows(mut rows: Vec<(Fractal, i64)>, limit: u64, total: u64) -> Page {
+        let more = rows.len() as u64 > limit;
+        rows.truncate(limit as usize);
+        let next = match rows.last() {
+            Some(&(_, id)) if more => Some(ListCursor(id)),
+            _ => None,
+        };
+        Page {
+            fractals: rows.into_iter().map(|(fractal, _)| fractal).collect(),
+            total,
+            next,
+        }
+    }
+}
+
+/// Where a page of the list starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListStart {
+    /// After this many fractals (page numbers). The store reads every fractal it skips,
+    /// and a fractal deleted from an earlier page shifts the later ones back by one.
+    Offset(u64),
+    /// Right after the fractal a page ended with (its `next`): an index lookup however
+    /// deep into the list, and fractals created or deleted elsewhere move nothing.
+    After(ListCursor),
+}
+
+/// A place in the list: the row id of the fractal a page ended with, which stays in the
+/// list's order even once that fractal is deleted. Clients see it as an opaque string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor(i64);
+
+impl std::fmt::Display for ListCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for ListCursor {
+    type Err = NotACursor;
+
+    /// What [`Display`](std::fmt::Display) wrote: a row id, digits only.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+            return Err(NotACursor);
+        }
+        text.parse().map(ListCursor).map_err(|_| NotACursor)
+    }
+}
+
+/// A string that no page gave as its `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a list cursor")]
+pub struct NotACursor;
 
 /// Which end of the creation order a list starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,8 +230,13 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
 
     async fn get(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError>;
 
-    /// Fractals in creation order (or its reverse), skipping `offset`, at most `limit`.
-    async fn list(&self, order: ListOrder, offset: u64, limit: u64) -> Result<Page, StoreError>;
+    /// At most `limit` fractals in creation order (or its reverse), from `start`.
+    async fn list(
+        &self,
+        order: ListOrder,
+        start: ListStart,
+        limit: u64,
+    ) -> Result<Page, StoreError>;
 
     /// Removes a fractal, cancelling its task; returns what was removed.
     async fn delete(&self, uuid: Uuid) -> Result<Option<Fractal>, StoreError>;

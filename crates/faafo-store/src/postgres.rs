@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::patroni::{self, Leader, PatroniFence};
 use crate::postgres_tls::{self, PostgresTls};
 use crate::{
-    CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord,
+    CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, ListStart, NewFractal, NodeRecord,
     PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, node_record,
 };
 
@@ -240,6 +240,24 @@ fn claim_statement([token, lease_ms, worker]: [&str; 3], condition: &str) -> Str
          WHERE id = (SELECT id FROM fractals WHERE state = 'queued' {condition} ORDER BY fair_rank, id LIMIT 1 \
                      FOR UPDATE SKIP LOCKED) \
          RETURNING {COLUMNS}"
+    )
+}
+
+/// Up to `$1` fractals in `order` and their ids, after `$2` of them or, `by_cursor`,
+/// after the one whose id is `$2` (in the order's direction, so that the primary key
+/// finds the place at once).
+fn list_statement(order: ListOrder, by_cursor: bool) -> String {
+    let (direction, past) = match order {
+        ListOrder::OldestFirst => ("ASC", ">"),
+        ListOrder::NewestFirst => ("DESC", "<"),
+    };
+    let (condition, offset) = if by_cursor {
+        (format!("WHERE id {past} $2"), "")
+    } else {
+        (String::new(), "OFFSET $2")
+    };
+    format!(
+        "SELECT {COLUMNS}, id FROM fractals {condition} ORDER BY id {direction} LIMIT $1 {offset}"
     )
 }
 
@@ -1010,10 +1028,15 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn list(&self, order: ListOrder, offset: u64, limit: u64) -> Result<Page, StoreError> {
-        let direction = match order {
-            ListOrder::OldestFirst => "ASC",
-            ListOrder::NewestFirst => "DESC",
+    async fn list(
+        &self,
+        order: ListOrder,
+        start: ListStart,
+        limit: u64,
+    ) -> Result<Page, StoreError> {
+        let (by_cursor, from) = match start {
+            ListStart::Offset(offset) => (false, offset.min(i64::MAX as u64) as i64),
+            ListStart::After(cursor) => (true, cursor.0),
         };
         self.run(move |client| {
             Box::pin(async move {
@@ -1024,27 +1047,19 @@ impl Store for PostgresStore {
                     .get::<_, Option<i64>>(0)
                     .unwrap_or(0);
                 let statement = client
-                    .prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM fractals ORDER BY id {direction} LIMIT $1 OFFSET $2"
-                    ))
+                    .prepare_cached(&list_statement(order, by_cursor))
                     .await
                     .map_err(unavailable)?;
-                let (limit, offset) = (
-                    limit.min(i64::MAX as u64) as i64,
-                    offset.min(i64::MAX as u64) as i64,
-                );
+                let fetch = limit.saturating_add(1).min(i64::MAX as u64) as i64;
                 let rows = client
-                    .query(&statement, &[&limit, &offset])
+                    .query(&statement, &[&fetch, &from])
                     .await
-                    .map_err(unavailable)?;
-                let fractals = rows
+                    .map_err(unavailable)?
                     .iter()
-                    .map(fractal_from_row)
-                    .collect::<Result<_, _>>()?;
-                Ok(Page {
-                    fractals,
-                    total: total as u64,
-                })
+                    // The id follows the 21 columns of COLUMNS.
+                    .map(|row| Ok((fractal_from_row(row)?, row.get::<_, i64>(21))))
+                    .collect::<Result<_, StoreError>>()?;
+                Ok(Page::from_rows(rows, limit, total as u64))
             })
         })
         .await
@@ -1509,7 +1524,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.stats().await.unwrap().counts(), [2, 1, 3, 2]);
-        let page = store.list(ListOrder::OldestFirst, 0, 1).await.unwrap();
+        let page = store
+            .list(ListOrder::OldestFirst, ListStart::Offset(0), 1)
+            .await
+            .unwrap();
         assert_eq!(page.total, 8);
 
         // Statements of several rows, and of none, as an operator's import or purge would.
@@ -1548,7 +1566,7 @@ mod tests {
             .map(|count| count as i64);
         assert_eq!(counted[..], truth[..]);
         let total = store
-            .list(ListOrder::OldestFirst, 0, 1)
+            .list(ListOrder::OldestFirst, ListStart::Offset(0), 1)
             .await
             .unwrap()
             .total;
@@ -1717,12 +1735,61 @@ mod tests {
             &claim_statement(["gen_random_uuid()", "60000", "'worker'"], ""),
         )
         .await;
-        let buffers: u64 = plan
-            .lines()
+        assert!(buffers_hit(&plan) < 50, "{plan}");
+    }
+
+    /// A page after a cursor starts at the cursor's place in the primary key, however
+    /// deep into the list, where an offset reads every row it skips.
+    #[tokio::test]
+    async fn a_page_after_a_cursor_reads_its_own_rows_alone() {
+        let (_server, _store, client) = migrated_database().await;
+        client
+            .batch_execute(
+                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                 state, max_attempts) \
+                 SELECT gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, 'done', 3 \
+                 FROM generate_series(1, 10000); \
+                 ANALYZE fractals; \
+                 SET plan_cache_mode = force_generic_plan;",
+            )
+            .await
+            .unwrap();
+        let (first, last): (i64, i64) = {
+            let row = client
+                .query_one("SELECT min(id), max(id) FROM fractals", &[])
+                .await
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        for (order, from) in [
+            (ListOrder::OldestFirst, last - 20),
+            (ListOrder::NewestFirst, first + 20),
+        ] {
+            let plan = generic_plan(&client, &list_statement(order, true)).await;
+            assert!(plan.contains("using fractals_pkey"), "{order:?}\n{plan}");
+            assert!(!plan.contains("Sort"), "{order:?}\n{plan}");
+            // The eleven rows of a page of ten, 20 rows from the far end.
+            let run = format!("EXPLAIN (ANALYZE, BUFFERS) EXECUTE statement(11, {from})");
+            let plan = plan_text(&client, &run).await;
+            assert!(plan.contains("rows=11 "), "{order:?}\n{plan}");
+            assert!(buffers_hit(&plan) < 20, "{order:?}\n{plan}");
+        }
+        // The same page by offset, for contrast: every row before it is read.
+        generic_plan(&client, &list_statement(ListOrder::OldestFirst, false)).await;
+        let plan = plan_text(
+            &client,
+            "EXPLAIN (ANALYZE, BUFFERS) EXECUTE statement(11, 9980)",
+        )
+        .await;
+        assert!(buffers_hit(&plan) > 100, "{plan}");
+    }
+
+    /// The shared buffers the top node of an `EXPLAIN (ANALYZE, BUFFERS)` hit.
+    fn buffers_hit(plan: &str) -> u64 {
+        plan.lines()
             .find_map(|line| line.trim().strip_prefix("Buffers: shared hit="))
             .and_then(|hits| hits.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no buffer counts in\n{plan}"));
-        assert!(buffers < 50, "{plan}");
+            .unwrap_or_else(|| panic!("no buffer counts in\n{plan}"))
     }
 
     /// Under the statistics `client`'s table has now: a create reads one entry of each

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use faafo_core::node::ProbeOutcome;
 
 use crate::{
-    CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, NewFractal, NodeRecord,
+    CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, ListStart, NewFractal, NodeRecord,
     PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, node_record,
 };
 
@@ -410,6 +410,25 @@ fn now_ms() -> i64 {
     faafo_core::unix_millis()
 }
 
+/// Up to `?1` fractals in `order`, each with the total and its id, after `?2` of them
+/// or, `by_cursor`, after the one whose id is `?2` (in the order's direction, so that the
+/// rowid finds the place at once).
+fn list_statement(order: ListOrder, by_cursor: bool) -> String {
+    let (direction, past) = match order {
+        ListOrder::OldestFirst => ("ASC", ">"),
+        ListOrder::NewestFirst => ("DESC", "<"),
+    };
+    let (condition, offset) = if by_cursor {
+        (format!("WHERE id {past} ?2"), "")
+    } else {
+        (String::new(), "OFFSET ?2")
+    };
+    format!(
+        "SELECT {COLUMNS}, (SELECT fractals FROM tallies), id FROM fractals {condition} \
+         ORDER BY id {direction} LIMIT ?1 {offset}"
+    )
+}
+
 fn fractal_from_row(row: &Row<'_>) -> rusqlite::Result<Fractal> {
     let conversion = |index: usize, message: String| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -607,24 +626,27 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn list(&self, order: ListOrder, offset: u64, limit: u64) -> Result<Page, StoreError> {
-        let direction = match order {
-            ListOrder::OldestFirst => "ASC",
-            ListOrder::NewestFirst => "DESC",
+    async fn list(
+        &self,
+        order: ListOrder,
+        start: ListStart,
+        limit: u64,
+    ) -> Result<Page, StoreError> {
+        let (by_cursor, from) = match start {
+            ListStart::Offset(offset) => (false, offset.min(i64::MAX as u64) as i64),
+            ListStart::After(cursor) => (true, cursor.0),
         };
         self.run(move |connection| {
             // One statement, so the total and the page agree without a transaction.
             let mut total = None;
-            let fractals = connection
-                .prepare_cached(&format!(
-                    "SELECT {COLUMNS}, (SELECT fractals FROM tallies) FROM fractals \
-                     ORDER BY id {direction} LIMIT ?1 OFFSET ?2"
-                ))
+            let fetch = limit.saturating_add(1).min(i64::MAX as u64) as i64;
+            let rows = connection
+                .prepare_cached(&list_statement(order, by_cursor))
                 .and_then(|mut statement| {
                     statement
-                        .query_map(params![limit as i64, offset as i64], |row| {
+                        .query_map(params![fetch, from], |row| {
                             total = Some(row.get::<_, i64>(21)?);
-                            fractal_from_row(row)
+                            Ok((fractal_from_row(row)?, row.get::<_, i64>(22)?))
                         })?
                         .collect::<rusqlite::Result<Vec<_>>>()
                 })
@@ -637,10 +659,7 @@ impl Store for SqliteStore {
                     .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
                     .map_err(unavailable)?,
             };
-            Ok(Page {
-                fractals,
-                total: total.max(0) as u64,
-            })
+            Ok(Page::from_rows(rows, limit, total.max(0) as u64))
         })
         .await
     }
@@ -1011,6 +1030,43 @@ mod tests {
         assert_eq!(stats.count(faafo_core::FractalState::Queued), 0);
     }
 
+    /// A page after a cursor starts at the cursor's rowid, in either order, rather than
+    /// stepping over the rows before it.
+    #[test]
+    fn a_page_after_a_cursor_is_found_by_its_rowid() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        let tx = connection.transaction().unwrap();
+        apply_migrations(&tx, MIGRATIONS).unwrap();
+        tx.commit().unwrap();
+        for order in [ListOrder::OldestFirst, ListOrder::NewestFirst] {
+            let plan: Vec<String> = connection
+                .prepare(&format!(
+                    "EXPLAIN QUERY PLAN {}",
+                    list_statement(order, true)
+                ))
+                .unwrap()
+                .query_map(params![11, 5], |row| row.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let seek = if order == ListOrder::OldestFirst {
+                "rowid>?"
+            } else {
+                "rowid<?"
+            };
+            assert!(
+                plan.contains(&format!(
+                    "SEARCH fractals USING INTEGER PRIMARY KEY ({seek})"
+                )),
+                "{order:?}: {plan:?}"
+            );
+            assert!(
+                !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+                "{plan:?}"
+            );
+        }
+    }
+
     /// A file made before failed fractals were counted, with fractals in every state,
     /// has them all counted once migrated.
     #[tokio::test]
@@ -1044,7 +1100,10 @@ mod tests {
 
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.stats().await.unwrap().counts(), [2, 1, 3, 2]);
-        let page = store.list(ListOrder::OldestFirst, 0, 1).await.unwrap();
+        let page = store
+            .list(ListOrder::OldestFirst, ListStart::Offset(0), 1)
+            .await
+            .unwrap();
         assert_eq!(page.total, 8);
     }
 }

@@ -9,7 +9,8 @@ use faafo_core::node::ProbeOutcome;
 use faafo_core::wire::CreateFractal;
 use faafo_core::{FractalSpec, FractalState, LeaseToken, Limits};
 use faafo_store::{
-    CreateOutcome, ListOrder, NewFractal, PostgresStore, SqliteStore, Store, StoreError, Wakeups,
+    CreateOutcome, ListCursor, ListOrder, ListStart, NewFractal, Page, PostgresStore, SqliteStore,
+    Store, StoreError, Wakeups,
 };
 use uuid::Uuid;
 
@@ -175,25 +176,93 @@ async fn list_is_oldest_first_with_a_total(t: TestStore) {
     for _ in 0..5 {
         uuids.push(create(&*t.store, 5).await);
     }
-    let page = t.store.list(ListOrder::OldestFirst, 1, 3).await.unwrap();
+    let page = t
+        .store
+        .list(ListOrder::OldestFirst, ListStart::Offset(1), 3)
+        .await
+        .unwrap();
     assert_eq!(page.total, 5);
     assert_eq!(
         page.fractals.iter().map(|f| f.uuid).collect::<Vec<_>>(),
         uuids[1..4]
     );
-    let newest = t.store.list(ListOrder::NewestFirst, 0, 2).await.unwrap();
+    let newest = t
+        .store
+        .list(ListOrder::NewestFirst, ListStart::Offset(0), 2)
+        .await
+        .unwrap();
     assert_eq!(
         newest.fractals.iter().map(|f| f.uuid).collect::<Vec<_>>(),
         [uuids[4], uuids[3]]
     );
     assert!(
         t.store
-            .list(ListOrder::OldestFirst, 10, 3)
+            .list(ListOrder::OldestFirst, ListStart::Offset(10), 3)
             .await
             .unwrap()
             .fractals
             .is_empty()
     );
+}
+
+/// A walk by cursor goes on from where the page before ended, in either order, even
+/// once the fractals around that place are deleted; the last page has no cursor.
+async fn a_walk_by_cursor_neither_skips_nor_repeats_across_deletions(t: TestStore) {
+    let mut uuids = Vec::new();
+    for _ in 0..7 {
+        uuids.push(create(&*t.store, 5).await);
+    }
+    let listed = |page: &Page| page.fractals.iter().map(|f| f.uuid).collect::<Vec<_>>();
+    let first = t
+        .store
+        .list(ListOrder::OldestFirst, ListStart::Offset(0), 3)
+        .await
+        .unwrap();
+    assert_eq!(listed(&first), uuids[0..3]);
+    // The cursor's own fractal and the one after it go.
+    for gone in [uuids[2], uuids[3]] {
+        t.store.delete(gone).await.unwrap().unwrap();
+    }
+    let after = ListStart::After(first.next.expect("a page of 3 out of 7 has a next"));
+    let second = t
+        .store
+        .list(ListOrder::OldestFirst, after, 3)
+        .await
+        .unwrap();
+    assert_eq!(listed(&second), uuids[4..7]);
+    assert_eq!(second.total, 5);
+    assert_eq!(second.next, None, "the list ends with this page");
+
+    let mut newest_first = Vec::new();
+    let mut start = ListStart::Offset(0);
+    loop {
+        let page = t
+            .store
+            .list(ListOrder::NewestFirst, start, 2)
+            .await
+            .unwrap();
+        newest_first.extend(listed(&page));
+        match page.next {
+            Some(cursor) => start = ListStart::After(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(
+        newest_first,
+        [uuids[6], uuids[5], uuids[4], uuids[1], uuids[0]]
+    );
+}
+
+/// A cursor is the string the store gave, and nothing else parses as one.
+#[test]
+fn a_cursor_reads_back_from_its_text_alone() {
+    for text in ["0", "17", "9223372036854775807"] {
+        let cursor: ListCursor = text.parse().unwrap();
+        assert_eq!(cursor.to_string(), text);
+    }
+    for text in ["", "-1", "+1", " 1", "1.5", "x", "9223372036854775808"] {
+        assert!(text.parse::<ListCursor>().is_err(), "{text:?} parsed");
+    }
 }
 
 async fn claim_gives_the_oldest_task_once(t: TestStore) {
@@ -669,7 +738,11 @@ async fn counts_follow_every_change_of_state(t: TestStore) {
     assert_counts_match_the_fractals(&handles).await;
 
     // One deleted in each state, through either handle.
-    let page = t.store.list(ListOrder::OldestFirst, 0, 100).await.unwrap();
+    let page = t
+        .store
+        .list(ListOrder::OldestFirst, ListStart::Offset(0), 100)
+        .await
+        .unwrap();
     for (index, state) in FractalState::ALL.into_iter().enumerate() {
         let victim = page
             .fractals
@@ -689,7 +762,10 @@ async fn counts_follow_every_change_of_state(t: TestStore) {
 /// the list shows.
 async fn assert_counts_match_the_fractals(handles: &[Arc<dyn Store>]) {
     for store in handles {
-        let page = store.list(ListOrder::OldestFirst, 0, 1000).await.unwrap();
+        let page = store
+            .list(ListOrder::OldestFirst, ListStart::Offset(0), 1000)
+            .await
+            .unwrap();
         let stats = store.stats().await.unwrap();
         let truth = FractalState::ALL.map(|state| {
             page.fractals
@@ -742,6 +818,7 @@ on_every_store!(
     nodes_are_remembered_updated_and_marked_when_they_leave,
     create_is_idempotent_by_uuid,
     list_is_oldest_first_with_a_total,
+    a_walk_by_cursor_neither_skips_nor_repeats_across_deletions,
     claim_gives_the_oldest_task_once,
     complete_records_the_result_and_only_the_holder_may,
     a_completion_can_claim_the_next_task_with_it,

@@ -272,19 +272,7 @@ async fn wait_until_finished(
 }
 
 pub async fn list(client: &Client, output: &Output) -> anyhow::Result<()> {
-    let mut all = Vec::new();
-    let mut page = 1;
-    loop {
-        let found = client
-            .list_page(page, 100)
-            .await
-            .context("listing fractals")?;
-        all.extend(found.objects);
-        if page >= found.total_pages {
-            break;
-        }
-        page += 1;
-    }
+    let all = client.list_all().await.context("listing fractals")?;
     print_fractals(&all, output)
 }
 

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use faafo_core::FractalSpec;
 use faafo_core::wire::{CreateFractal, ErrorBody, FractalPage, FractalView};
-use faafo_store::{CreateOutcome, ListOrder, NewFractal};
+use faafo_store::{CreateOutcome, ListCursor, ListOrder, ListStart, NewFractal};
 use uuid::Uuid;
 
 use super::parse_uuid;
@@ -24,44 +24,70 @@ const QUOTA_RETRY_AFTER_S: u64 = 5;
 
 #[utoipa::path(get, path = "/v1/fractal", tag = "fractals",
     summary = "List fractals, oldest first",
+    description = "By page number (`page`), as flask-restless does, or by cursor: `after` set to the `next` of the page before. A cursor costs the same however deep into the list it is, and fractals created or deleted meanwhile neither skip nor repeat any; a walk by page number reads every fractal it skips, and a deletion from an earlier page shifts the later pages by one.",
     params(
         ("page" = Option<u32>, Query, minimum = 1, description = "Page number, from 1"),
+        ("after" = Option<String>, Query, description = "The page after the one whose `next` this is (not with `page`)"),
         ("results_per_page" = Option<u32>, Query, minimum = 1, description = "Page size (default 10; more than 100 counts as 100)"),
     ),
     responses(
         (status = 200, body = FractalPage),
-        (status = 400, description = "A page parameter is not a whole number from 1 to 2147483647", body = ErrorBody),
+        (status = 400, description = "A page parameter is not a whole number from 1 to 2147483647, `after` is not a page's `next`, or both `page` and `after` are given", body = ErrorBody),
         (status = 503, description = "The store is unavailable; retry", body = ErrorBody),
     ))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let mut page = 1;
+    let mut page = None;
+    let mut after = None;
     let mut per_page = DEFAULT_PER_PAGE;
     for (key, value) in form_pairs(query.as_deref().unwrap_or("")) {
+        let bad = |message: String| ApiError::BadRequest {
+            message,
+            field: Some(key.clone()),
+        };
         let number = || {
-            super::parse_page_number(&value).ok_or_else(|| ApiError::BadRequest {
-                message: format!(
+            super::parse_page_number(&value).ok_or_else(|| {
+                bad(format!(
                     "{key} must be a whole number from 1 to {}, got {value:?}",
                     super::MAX_PAGE_NUMBER
-                ),
-                field: Some(key.clone()),
+                ))
             })
         };
         match key.as_str() {
-            "page" => page = number()?,
+            "page" => page = Some(number()?),
+            "after" => {
+                let cursor: ListCursor = value.parse().map_err(|_| {
+                    bad(format!(
+                        "after must be the next of a page of this list, got {value:?}"
+                    ))
+                })?;
+                after = Some(cursor);
+            }
             // flask-restless caps the page size silently; so does this.
             "results_per_page" => per_page = number()?.min(MAX_PER_PAGE),
             // Other flask-restless parameters (such as `q`) are accepted and ignored.
             _ => {}
         }
     }
-    let offset = (page - 1).saturating_mul(per_page);
+    let (start, page) = match (after, page) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest {
+                message: "page and after each say where the page starts: give one".to_owned(),
+                field: Some("after".to_owned()),
+            });
+        }
+        (Some(cursor), None) => (ListStart::After(cursor), 0),
+        (None, page) => {
+            let page = page.unwrap_or(1);
+            (ListStart::Offset((page - 1).saturating_mul(per_page)), page)
+        }
+    };
     let stamp = state.finished.stamp();
     let found = state
         .store
-        .list(ListOrder::OldestFirst, offset, per_page)
+        .list(ListOrder::OldestFirst, start, per_page)
         .await?;
     let objects: Vec<FractalJson> = found
         .fractals
@@ -73,6 +99,7 @@ pub async fn list(
         found.total,
         page,
         found.total.div_ceil(per_page),
+        found.next,
     ))
 }
 

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use faafo_core::wire::FractalView;
 use faafo_core::{Fractal, FractalState};
-use faafo_store::{ListOrder, Page};
+use faafo_store::{ListOrder, ListStart, Page};
 use sha2::{Digest, Sha256};
 
 use crate::{ApiError, AppState};
@@ -171,7 +171,7 @@ async fn load_page(state: &AppState, page: u64) -> Result<Page, PageError> {
         .store
         .list(
             ListOrder::NewestFirst,
-            (page - 1).saturating_mul(PER_PAGE),
+            ListStart::Offset((page - 1).saturating_mul(PER_PAGE)),
             PER_PAGE,
         )
         .await?)

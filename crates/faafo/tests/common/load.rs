@@ -247,16 +247,13 @@ pub async fn assert_listed_once(client: &Client, created: &[Uuid]) {
     let created: HashSet<Uuid> = created.iter().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut listed = Vec::new();
-        let mut page = 1;
-        loop {
-            let answer = client.list_page(page, 100).await.unwrap();
-            listed.extend(answer.objects.iter().map(|f| f.uuid));
-            if page >= answer.total_pages {
-                break;
-            }
-            page += 1;
-        }
+        let listed: Vec<Uuid> = client
+            .list_all()
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| f.uuid)
+            .collect();
         let unique: HashSet<Uuid> = listed.iter().copied().collect();
         assert_eq!(unique.len(), listed.len(), "a fractal is listed twice");
         let missing: Vec<_> = created.difference(&unique).collect();
