@@ -137,6 +137,22 @@ pub enum ListOrder {
     NewestFirst,
 }
 
+/// The end of a statement that lists fractals in `order`: at most `limit` rows (a
+/// placeholder), after `from` of them or, `by_cursor`, after the one whose id is `from`.
+/// A cursor is compared in the order's direction, so that the primary key finds its place
+/// at once.
+fn list_clauses(order: ListOrder, by_cursor: bool, [limit, from]: [&str; 2]) -> String {
+    let (direction, past) = match order {
+        ListOrder::OldestFirst => ("ASC", ">"),
+        ListOrder::NewestFirst => ("DESC", "<"),
+    };
+    if by_cursor {
+        format!("WHERE id {past} {from} ORDER BY id {direction} LIMIT {limit}")
+    } else {
+        format!("ORDER BY id {direction} LIMIT {limit} OFFSET {from}")
+    }
+}
+
 /// What a sweep of expired leases did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExpiredLeases {

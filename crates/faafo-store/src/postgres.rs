@@ -28,7 +28,7 @@ use crate::patroni::{self, Leader, PatroniFence};
 use crate::postgres_tls::{self, PostgresTls};
 use crate::{
     CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, ListStart, NewFractal, NodeRecord,
-    PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, node_record,
+    PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, list_clauses, node_record,
 };
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
@@ -243,22 +243,10 @@ fn claim_statement([token, lease_ms, worker]: [&str; 3], condition: &str) -> Str
     )
 }
 
-/// Up to `$1` fractals in `order` and their ids, after `$2` of them or, `by_cursor`,
-/// after the one whose id is `$2` (in the order's direction, so that the primary key
-/// finds the place at once).
+/// Up to `$1` fractals in `order` and their ids, from `$2` (see [`list_clauses`]).
 fn list_statement(order: ListOrder, by_cursor: bool) -> String {
-    let (direction, past) = match order {
-        ListOrder::OldestFirst => ("ASC", ">"),
-        ListOrder::NewestFirst => ("DESC", "<"),
-    };
-    let (condition, offset) = if by_cursor {
-        (format!("WHERE id {past} $2"), "")
-    } else {
-        (String::new(), "OFFSET $2")
-    };
-    format!(
-        "SELECT {COLUMNS}, id FROM fractals {condition} ORDER BY id {direction} LIMIT $1 {offset}"
-    )
+    let clauses = list_clauses(order, by_cursor, ["$1", "$2"]);
+    format!("SELECT {COLUMNS}, id FROM fractals {clauses}")
 }
 
 /// The insert of a new task (`$1`-`$13`: its uuid, spec, attempts and client), which

@@ -20,7 +20,7 @@ use faafo_core::node::ProbeOutcome;
 
 use crate::{
     CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, ListStart, NewFractal, NodeRecord,
-    PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, node_record,
+    PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, list_clauses, node_record,
 };
 
 /// Schema versions in order; `PRAGMA user_version` records how many have been applied.
@@ -410,23 +410,11 @@ fn now_ms() -> i64 {
     faafo_core::unix_millis()
 }
 
-/// Up to `?1` fractals in `order`, each with the total and its id, after `?2` of them
-/// or, `by_cursor`, after the one whose id is `?2` (in the order's direction, so that the
-/// rowid finds the place at once).
+/// Up to `?1` fractals in `order`, each with the total and its id, from `?2` (see
+/// [`list_clauses`]).
 fn list_statement(order: ListOrder, by_cursor: bool) -> String {
-    let (direction, past) = match order {
-        ListOrder::OldestFirst => ("ASC", ">"),
-        ListOrder::NewestFirst => ("DESC", "<"),
-    };
-    let (condition, offset) = if by_cursor {
-        (format!("WHERE id {past} ?2"), "")
-    } else {
-        (String::new(), "OFFSET ?2")
-    };
-    format!(
-        "SELECT {COLUMNS}, (SELECT fractals FROM tallies), id FROM fractals {condition} \
-         ORDER BY id {direction} LIMIT ?1 {offset}"
-    )
+    let clauses = list_clauses(order, by_cursor, ["?1", "?2"]);
+    format!("SELECT {COLUMNS}, (SELECT fractals FROM tallies), id FROM fractals {clauses}")
 }
 
 fn fractal_from_row(row: &Row<'_>) -> rusqlite::Result<Fractal> {
