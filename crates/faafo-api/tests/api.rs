@@ -350,9 +350,9 @@ async fn list_walks_by_cursor_across_deletions() {
     assert_eq!((third.num_results, third.next.as_deref()), (21, None));
 
     for (query, says) in [
-        ("after=abc", "after must be the next of a page"),
-        ("after=-1", "after must be the next of a page"),
-        ("after=", "after must be the next of a page"),
+        ("after=abc", "after must be the `next` of an earlier page"),
+        ("after=-1", "after must be the `next` of an earlier page"),
+        ("after=", "after must be the `next` of an earlier page"),
         ("after=1&page=2", "give one"),
     ] {
         let (status, body) = app.get(&format!("/v1/fractal?{query}")).await;

@@ -60,7 +60,7 @@ pub async fn list(
             "after" => {
                 let cursor: ListCursor = value.parse().map_err(|_| {
                     bad(format!(
-                        "after must be the next of a page of this list, got {value:?}"
+                        "after must be the `next` of an earlier page, got {value:?}"
                     ))
                 })?;
                 after = Some(cursor);
