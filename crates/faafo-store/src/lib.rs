@@ -102,6 +102,17 @@ pub enum ListStart {
     After(ListCursor),
 }
 
+impl ListStart {
+    /// Whether the page starts after a cursor, and the list statement's `from` (see
+    /// [`list_clauses`]): the offset, or the cursor's id.
+    fn bound(self) -> (bool, i64) {
+        match self {
+            ListStart::Offset(offset) => (false, offset.min(i64::MAX as u64) as i64),
+            ListStart::After(cursor) => (true, cursor.0),
+        }
+    }
+}
+
 /// A place in the list: the row id of the fractal a page ended with, which stays in the
 /// list's order even once that fractal is deleted. Clients see it as an opaque string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

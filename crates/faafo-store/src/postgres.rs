@@ -1022,10 +1022,7 @@ impl Store for PostgresStore {
         start: ListStart,
         limit: u64,
     ) -> Result<Page, StoreError> {
-        let (by_cursor, from) = match start {
-            ListStart::Offset(offset) => (false, offset.min(i64::MAX as u64) as i64),
-            ListStart::After(cursor) => (true, cursor.0),
-        };
+        let (by_cursor, from) = start.bound();
         self.run(move |client| {
             Box::pin(async move {
                 let total = client
@@ -1679,18 +1676,7 @@ mod tests {
     #[tokio::test]
     async fn the_queue_is_read_in_order_after_an_analyze_found_none_queued() {
         let (_server, store, client) = migrated_database().await;
-        client
-            .batch_execute(
-                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
-                 state, max_attempts) \
-                 SELECT gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, 'done', 3 \
-                 FROM generate_series(1, 10000); \
-                 ANALYZE fractals; \
-                 ALTER TABLE fractals SET (autovacuum_enabled = false); \
-                 SET plan_cache_mode = force_generic_plan;",
-            )
-            .await
-            .unwrap();
+        analyzed_done_fractals(&client).await;
         queue_statements_read_the_queue_in_order(&client).await;
 
         // What that plan does with a backlog: the claim takes the first in fair order,
@@ -1731,17 +1717,7 @@ mod tests {
     #[tokio::test]
     async fn a_page_after_a_cursor_reads_its_own_rows_alone() {
         let (_server, _store, client) = migrated_database().await;
-        client
-            .batch_execute(
-                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
-                 state, max_attempts) \
-                 SELECT gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, 'done', 3 \
-                 FROM generate_series(1, 10000); \
-                 ANALYZE fractals; \
-                 SET plan_cache_mode = force_generic_plan;",
-            )
-            .await
-            .unwrap();
+        analyzed_done_fractals(&client).await;
         let (first, last): (i64, i64) = {
             let row = client
                 .query_one("SELECT min(id), max(id) FROM fractals", &[])
@@ -1770,6 +1746,23 @@ mod tests {
         )
         .await;
         assert!(buffers_hit(&plan) > 100, "{plan}");
+    }
+
+    /// Fills the table with 10,000 done fractals and analyzes it, with autovacuum off so
+    /// that those statistics stay, and has `client` plan every statement generically.
+    async fn analyzed_done_fractals(client: &tokio_postgres::Client) {
+        client
+            .batch_execute(
+                "INSERT INTO fractals (uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, \
+                 state, max_attempts) \
+                 SELECT gen_random_uuid(), 8, 8, 8, -2, 2, -2, 2, 0, 0, 'done', 3 \
+                 FROM generate_series(1, 10000); \
+                 ANALYZE fractals; \
+                 ALTER TABLE fractals SET (autovacuum_enabled = false); \
+                 SET plan_cache_mode = force_generic_plan;",
+            )
+            .await
+            .unwrap();
     }
 
     /// The shared buffers the top node of an `EXPLAIN (ANALYZE, BUFFERS)` hit.

@@ -620,10 +620,7 @@ impl Store for SqliteStore {
         start: ListStart,
         limit: u64,
     ) -> Result<Page, StoreError> {
-        let (by_cursor, from) = match start {
-            ListStart::Offset(offset) => (false, offset.min(i64::MAX as u64) as i64),
-            ListStart::After(cursor) => (true, cursor.0),
-        };
+        let (by_cursor, from) = start.bound();
         self.run(move |connection| {
             // One statement, so the total and the page agree without a transaction.
             let mut total = None;
