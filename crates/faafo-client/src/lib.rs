@@ -106,6 +106,10 @@ pub enum LeaseOutcome {
 
 /// How often a client with discovery on asks for the deployment's endpoints.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Fractals per page when [`Client::list_all`] walks the list: the API's largest page.
+const LIST_ALL_PAGE: u64 = 100;
+
 /// What a walk of the list by cursor does after an answer.
 #[derive(Debug, PartialEq)]
 enum ListStep {
@@ -128,9 +132,6 @@ impl ListStep {
         }
     }
 }
-
-/// Fractals per page when [`Client::list_all`] walks the list: the API's largest page.
-const LIST_ALL_PAGE: u64 = 100;
 
 #[derive(Debug)]
 pub struct Client {
