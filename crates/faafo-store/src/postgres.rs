@@ -243,10 +243,15 @@ fn claim_statement([token, lease_ms, worker]: [&str; 3], condition: &str) -> Str
     )
 }
 
-/// Up to `$1` fractals in `order` and their ids, from `$2` (see [`list_clauses`]).
+/// Up to `$1` fractals in `order`, each with its id and the total, from `$2` (see
+/// [`list_clauses`]). The total comes in the same statement, so that it agrees with the
+/// page and costs no round trip of its own.
 fn list_statement(order: ListOrder, by_cursor: bool) -> String {
     let clauses = list_clauses(order, by_cursor, ["$1", "$2"]);
-    format!("SELECT {COLUMNS}, id FROM fractals {clauses}")
+    format!(
+        "SELECT {COLUMNS}, id, (SELECT sum(fractals)::bigint FROM fractal_tallies) \
+         FROM fractals {clauses}"
+    )
 }
 
 /// The insert of a new task (`$1`-`$13`: its uuid, spec, attempts and client), which
@@ -1025,12 +1030,6 @@ impl Store for PostgresStore {
         let (by_cursor, from) = start.bound();
         self.run(move |client| {
             Box::pin(async move {
-                let total = client
-                    .query_one(TALLIES, &[])
-                    .await
-                    .map_err(unavailable)?
-                    .get::<_, Option<i64>>(0)
-                    .unwrap_or(0);
                 let statement = client
                     .prepare_cached(&list_statement(order, by_cursor))
                     .await
@@ -1039,12 +1038,23 @@ impl Store for PostgresStore {
                 let rows = client
                     .query(&statement, &[&fetch, &from])
                     .await
-                    .map_err(unavailable)?
+                    .map_err(unavailable)?;
+                let total = match rows.first() {
+                    Some(row) => row.get::<_, Option<i64>>(22),
+                    // Past the last page: no row carried the total.
+                    None => client
+                        .query_one(TALLIES, &[])
+                        .await
+                        .map_err(unavailable)?
+                        .get::<_, Option<i64>>(0),
+                }
+                .unwrap_or(0);
+                let rows = rows
                     .iter()
-                    // The id follows the 21 columns of COLUMNS.
+                    // The id and the total follow the 21 columns of COLUMNS.
                     .map(|row| Ok((fractal_from_row(row)?, row.get::<_, i64>(21))))
                     .collect::<Result<_, StoreError>>()?;
-                Ok(Page::from_rows(rows, limit, total as u64))
+                Ok(Page::from_rows(rows, limit, total.max(0) as u64))
             })
         })
         .await

@@ -195,14 +195,13 @@ async fn list_is_oldest_first_with_a_total(t: TestStore) {
         newest.fractals.iter().map(|f| f.uuid).collect::<Vec<_>>(),
         [uuids[4], uuids[3]]
     );
-    assert!(
-        t.store
-            .list(ListOrder::OldestFirst, ListStart::Offset(10), 3)
-            .await
-            .unwrap()
-            .fractals
-            .is_empty()
-    );
+    // Past the end: no fractal, and still the total.
+    let past = t
+        .store
+        .list(ListOrder::OldestFirst, ListStart::Offset(10), 3)
+        .await
+        .unwrap();
+    assert_eq!((past.fractals.len(), past.total, past.next), (0, 5, None));
 }
 
 /// A walk by cursor goes on from where the page before ended, in either order, even
