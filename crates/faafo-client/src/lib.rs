@@ -133,6 +133,62 @@ impl ListStep {
     }
 }
 
+/// Every fractal, oldest first, a page at a time, so that a long list need not be held in
+/// memory. The walk goes by cursor: each page costs the API one index lookup however long
+/// the list is, and fractals created or deleted during the walk neither skip nor repeat
+/// any. Behind an endpoint of a release from before cursors it goes on by page number.
+#[derive(Debug)]
+pub struct ListWalk<'a> {
+    client: &'a Client,
+    position: WalkPosition,
+    /// Fractals given so far.
+    listed: u64,
+}
+
+#[derive(Debug)]
+enum WalkPosition {
+    Start,
+    After(String),
+    PageNumber(u64),
+    Done,
+}
+
+impl ListWalk<'_> {
+    /// The next page's fractals, or `None` once the list is done.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<FractalView>>, ClientError> {
+        loop {
+            let answer = match &self.position {
+                WalkPosition::Done => return Ok(None),
+                WalkPosition::Start => self.client.list_page(1, LIST_ALL_PAGE).await?,
+                WalkPosition::After(cursor) => {
+                    self.client.list_after(cursor, LIST_ALL_PAGE).await?
+                }
+                WalkPosition::PageNumber(page) => {
+                    self.client.list_page(*page, LIST_ALL_PAGE).await?
+                }
+            };
+            let by_cursor = matches!(self.position, WalkPosition::After(_));
+            self.position = match (&self.position, ListStep::after(&answer, by_cursor)) {
+                (WalkPosition::PageNumber(page), _) if *page < answer.total_pages => {
+                    WalkPosition::PageNumber(page + 1)
+                }
+                (WalkPosition::PageNumber(_), _) => WalkPosition::Done,
+                (_, ListStep::After(cursor)) => WalkPosition::After(cursor),
+                (_, ListStep::Done) => WalkPosition::Done,
+                // An older API answered a cursor with page 1 again: drop it and go on by
+                // page number after the pages given, all full ones.
+                (_, ListStep::OlderApi) if by_cursor => {
+                    self.position = WalkPosition::PageNumber(self.listed / LIST_ALL_PAGE + 1);
+                    continue;
+                }
+                (_, ListStep::OlderApi) => WalkPosition::PageNumber(2),
+            };
+            self.listed += answer.objects.len() as u64;
+            return Ok(Some(answer.objects));
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Client {
     /// The endpoints given at construction: always kept, whatever discovery says.
@@ -409,46 +465,22 @@ impl Client {
         )?)
     }
 
-    /// Every fractal, oldest first. The walk goes by cursor, so each page costs the API
-    /// one index lookup however long the list is, and fractals created or deleted during
-    /// the walk neither skip nor repeat any. Behind endpoints of a release from before
-    /// cursors it walks by page number instead.
+    /// Every fractal, oldest first (see [`ListWalk`]).
     pub async fn list_all(&self) -> Result<Vec<FractalView>, ClientError> {
-        match self.list_by_cursor().await? {
-            Some(all) => Ok(all),
-            None => self.list_by_page_number().await,
+        let mut all = Vec::new();
+        let mut walk = self.list_walk();
+        while let Some(mut page) = walk.next_page().await? {
+            all.append(&mut page);
         }
+        Ok(all)
     }
 
-    /// `None` once an answer shows an API that does not know cursors (see [`ListStep`]).
-    async fn list_by_cursor(&self) -> Result<Option<Vec<FractalView>>, ClientError> {
-        let mut all = Vec::new();
-        let mut answer = self.list_page(1, LIST_ALL_PAGE).await?;
-        let mut by_cursor = false;
-        loop {
-            let step = ListStep::after(&answer, by_cursor);
-            all.append(&mut answer.objects);
-            match step {
-                ListStep::After(cursor) => {
-                    answer = self.list_after(&cursor, LIST_ALL_PAGE).await?;
-                    by_cursor = true;
-                }
-                ListStep::Done => return Ok(Some(all)),
-                ListStep::OlderApi => return Ok(None),
-            }
-        }
-    }
-
-    async fn list_by_page_number(&self) -> Result<Vec<FractalView>, ClientError> {
-        let mut all = Vec::new();
-        let mut page = 1;
-        loop {
-            let mut answer = self.list_page(page, LIST_ALL_PAGE).await?;
-            all.append(&mut answer.objects);
-            if page >= answer.total_pages {
-                return Ok(all);
-            }
-            page += 1;
+    /// A walk of the whole list, a page at a time (see [`ListWalk`]).
+    pub fn list_walk(&self) -> ListWalk<'_> {
+        ListWalk {
+            client: self,
+            position: WalkPosition::Start,
+            listed: 0,
         }
     }
 

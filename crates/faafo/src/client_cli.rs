@@ -272,8 +272,31 @@ async fn wait_until_finished(
 }
 
 pub async fn list(client: &Client, output: &Output) -> anyhow::Result<()> {
-    let all = client.list_all().await.context("listing fractals")?;
-    print_fractals(&all, output)
+    if !output.json {
+        // The table needs every row for its column widths.
+        let all = client.list_all().await.context("listing fractals")?;
+        return print_fractals(&all, output);
+    }
+    // JSON goes out a page at a time, in the layout print_json gives a whole array, so
+    // that a long list is never held in memory.
+    let mut walk = client.list_walk();
+    let mut listed = 0;
+    while let Some(page) = walk.next_page().await.context("listing fractals")? {
+        let mut stdout = std::io::stdout().lock();
+        for fractal in &page {
+            stdout.write_all(if listed == 0 { b"[\n" } else { b",\n" })?;
+            for (index, line) in serde_json::to_string_pretty(fractal)?.lines().enumerate() {
+                if index > 0 {
+                    stdout.write_all(b"\n")?;
+                }
+                write!(stdout, "  {line}")?;
+            }
+            listed += 1;
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(if listed == 0 { b"[]\n" } else { b"\n]\n" })?;
+    Ok(())
 }
 
 pub async fn show(client: &Client, uuid: Uuid, output: &Output) -> anyhow::Result<()> {

@@ -50,6 +50,7 @@ fn create_wait_list_show_get_delete() {
     let dir = tempfile::tempdir().unwrap();
     let up = up(dir.path());
     let url = up.url();
+    assert_eq!(succeeded(&faafo(url, &["--json", "list"])), "[]\n");
 
     let created = succeeded(&faafo(
         url,
@@ -66,9 +67,11 @@ fn create_wait_list_show_get_delete() {
         "{created}"
     );
 
-    let listed: Vec<FractalView> =
-        serde_json::from_str(&succeeded(&faafo(url, &["--json", "list"]))).unwrap();
+    let json = succeeded(&faafo(url, &["--json", "list"]));
+    let listed: Vec<FractalView> = serde_json::from_str(&json).unwrap();
     assert_eq!(listed.len(), 3);
+    // Streamed a page at a time, laid out as one pretty-printed array.
+    assert_eq!(json, serde_json::to_string_pretty(&listed).unwrap() + "\n");
     assert!(listed.iter().all(|f| f.state == FractalState::Done));
     let table = succeeded(&faafo(url, &["list"]));
     assert!(table.starts_with("+---"), "{table}");
