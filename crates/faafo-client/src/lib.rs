@@ -110,29 +110,6 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
 /// Fractals per page when [`Client::list_all`] walks the list: the API's largest page.
 const LIST_ALL_PAGE: u64 = 100;
 
-/// What a walk of the list by cursor does after an answer.
-#[derive(Debug, PartialEq)]
-enum ListStep {
-    After(String),
-    Done,
-    /// The answer came from a release from before cursors: a first page of several has
-    /// no `next`, or `after` was answered with page 1 (unknown parameters are ignored,
-    /// as flask-restless does).
-    OlderApi,
-}
-
-impl ListStep {
-    /// The step after `answer`, the answer to a request by cursor when `by_cursor`.
-    fn after(answer: &FractalPage, by_cursor: bool) -> ListStep {
-        match &answer.next {
-            _ if by_cursor && answer.page != 0 => ListStep::OlderApi,
-            Some(cursor) => ListStep::After(cursor.clone()),
-            None if !by_cursor && answer.page < answer.total_pages => ListStep::OlderApi,
-            None => ListStep::Done,
-        }
-    }
-}
-
 /// Every fractal, oldest first, a page at a time, so that a long list need not be held in
 /// memory. The walk goes by cursor: each page costs the API one index lookup however long
 /// the list is, and fractals created or deleted during the walk neither skip nor repeat
@@ -145,12 +122,37 @@ pub struct ListWalk<'a> {
     listed: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 enum WalkPosition {
     Start,
     After(String),
     PageNumber(u64),
     Done,
+}
+
+impl WalkPosition {
+    /// Where the walk goes after `answer`, the answer at this position once `listed`
+    /// fractals were given, and whether the answer's fractals are given.
+    ///
+    /// An API from before cursors shows itself: it gives no `next` on a first page of
+    /// several, and it ignores `after` (as flask-restless ignores unknown parameters), so
+    /// it answers a cursor with page 1 again. That answer is dropped and the walk goes on
+    /// by page number after the pages given, which were all full ones.
+    fn after(&self, answer: &FractalPage, listed: u64) -> (WalkPosition, bool) {
+        let next = match (self, &answer.next) {
+            (WalkPosition::After(_), _) if answer.page != 0 => {
+                return (WalkPosition::PageNumber(listed / LIST_ALL_PAGE + 1), false);
+            }
+            (WalkPosition::PageNumber(page), _) if *page < answer.total_pages => {
+                WalkPosition::PageNumber(page + 1)
+            }
+            (WalkPosition::PageNumber(_), _) => WalkPosition::Done,
+            (_, Some(cursor)) => WalkPosition::After(cursor.clone()),
+            (WalkPosition::Start, None) if answer.total_pages > 1 => WalkPosition::PageNumber(2),
+            (_, None) => WalkPosition::Done,
+        };
+        (next, true)
+    }
 }
 
 impl ListWalk<'_> {
@@ -167,24 +169,12 @@ impl ListWalk<'_> {
                     self.client.list_page(*page, LIST_ALL_PAGE).await?
                 }
             };
-            let by_cursor = matches!(self.position, WalkPosition::After(_));
-            self.position = match (&self.position, ListStep::after(&answer, by_cursor)) {
-                (WalkPosition::PageNumber(page), _) if *page < answer.total_pages => {
-                    WalkPosition::PageNumber(page + 1)
-                }
-                (WalkPosition::PageNumber(_), _) => WalkPosition::Done,
-                (_, ListStep::After(cursor)) => WalkPosition::After(cursor),
-                (_, ListStep::Done) => WalkPosition::Done,
-                // An older API answered a cursor with page 1 again: drop it and go on by
-                // page number after the pages given, all full ones.
-                (_, ListStep::OlderApi) if by_cursor => {
-                    self.position = WalkPosition::PageNumber(self.listed / LIST_ALL_PAGE + 1);
-                    continue;
-                }
-                (_, ListStep::OlderApi) => WalkPosition::PageNumber(2),
-            };
-            self.listed += answer.objects.len() as u64;
-            return Ok(Some(answer.objects));
+            let (next, given) = self.position.after(&answer, self.listed);
+            self.position = next;
+            if given {
+                self.listed += answer.objects.len() as u64;
+                return Ok(Some(answer.objects));
+            }
         }
     }
 }
@@ -1025,30 +1015,50 @@ mod tests {
 
     #[test]
     fn a_walk_follows_cursors_to_the_end() {
+        let after = |cursor: &str| WalkPosition::After(cursor.to_owned());
         assert_eq!(
-            ListStep::after(&answer(1, 3, Some("100")), false),
-            ListStep::After("100".to_owned())
+            WalkPosition::Start.after(&answer(1, 3, Some("100")), 0),
+            (after("100"), true)
         );
         assert_eq!(
-            ListStep::after(&answer(0, 3, Some("200")), true),
-            ListStep::After("200".to_owned())
+            after("100").after(&answer(0, 3, Some("200")), 100),
+            (after("200"), true)
         );
-        assert_eq!(ListStep::after(&answer(0, 3, None), true), ListStep::Done);
-        assert_eq!(ListStep::after(&answer(1, 1, None), false), ListStep::Done);
-        assert_eq!(ListStep::after(&answer(1, 0, None), false), ListStep::Done);
+        assert_eq!(
+            after("200").after(&answer(0, 3, None), 200),
+            (WalkPosition::Done, true)
+        );
+        for total_pages in [0, 1] {
+            assert_eq!(
+                WalkPosition::Start.after(&answer(1, total_pages, None), 0),
+                (WalkPosition::Done, true)
+            );
+        }
     }
 
     /// Answers as a release from before cursors gives them: never a `next`, and page 1
     /// again for a request by cursor, as it ignores `after`.
     #[test]
-    fn an_older_api_is_told_by_its_answers() {
+    fn behind_an_older_api_the_walk_goes_on_by_page_number() {
+        // Its first page: kept, then page 2.
         assert_eq!(
-            ListStep::after(&answer(1, 3, None), false),
-            ListStep::OlderApi
+            WalkPosition::Start.after(&answer(1, 3, None), 0),
+            (WalkPosition::PageNumber(2), true)
+        );
+        // Page 1 again for a cursor, after 300 fractals from newer APIs: dropped, and
+        // the walk goes on at page 4.
+        assert_eq!(
+            WalkPosition::After("300".to_owned()).after(&answer(1, 5, None), 300),
+            (WalkPosition::PageNumber(4), false)
+        );
+        // By page number to the last page, whatever the answers carry.
+        assert_eq!(
+            WalkPosition::PageNumber(4).after(&answer(4, 5, Some("400")), 300),
+            (WalkPosition::PageNumber(5), true)
         );
         assert_eq!(
-            ListStep::after(&answer(1, 3, None), true),
-            ListStep::OlderApi
+            WalkPosition::PageNumber(5).after(&answer(5, 5, None), 400),
+            (WalkPosition::Done, true)
         );
     }
 }
