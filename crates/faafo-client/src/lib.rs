@@ -107,7 +107,7 @@ pub enum LeaseOutcome {
 /// How often a client with discovery on asks for the deployment's endpoints.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Fractals per page when [`Client::list_all`] walks the list: the API's largest page.
+/// Fractals per page when a [`ListWalk`] walks the list: the API's largest page.
 const LIST_ALL_PAGE: u64 = 100;
 
 /// Every fractal, oldest first, a page at a time, so that a long list need not be held in

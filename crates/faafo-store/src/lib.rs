@@ -74,8 +74,14 @@ pub struct Page {
 }
 
 impl Page {
-    /// The page made of `rows` (each fractal with its row id), fetched with a limit one
-    /// above the page's `limit`: a row past `limit` only tells that another page follows.
+    /// The rows a store fetches for a page of `limit`: one more, which only tells that
+    /// another page follows (see [`Page::from_rows`]).
+    fn rows_to_fetch(limit: u64) -> i64 {
+        limit.saturating_add(1).min(i64::MAX as u64) as i64
+    }
+
+    /// The page made of `rows` (each fractal with its row id), fetched with
+    /// [`Page::rows_to_fetch`]: a row past `limit` only tells that another page follows.
     fn from_rows(mut rows: Vec<(Fractal, i64)>, limit: u64, total: u64) -> Page {
         let more = rows.len() as u64 > limit;
         rows.truncate(limit as usize);

@@ -1034,7 +1034,7 @@ impl Store for PostgresStore {
                     .prepare_cached(&list_statement(order, by_cursor))
                     .await
                     .map_err(unavailable)?;
-                let fetch = limit.saturating_add(1).min(i64::MAX as u64) as i64;
+                let fetch = Page::rows_to_fetch(limit);
                 let rows = client
                     .query(&statement, &[&fetch, &from])
                     .await
@@ -1748,7 +1748,8 @@ mod tests {
             assert!(plan.contains("rows=11 "), "{order:?}\n{plan}");
             assert!(buffers_hit(&plan) < 20, "{order:?}\n{plan}");
         }
-        // The same page by offset, for contrast: every row before it is read.
+        // The same page by offset, for contrast: every row before it is read. (Planning
+        // it prepares it as `statement`.)
         generic_plan(&client, &list_statement(ListOrder::OldestFirst, false)).await;
         let plan = plan_text(
             &client,

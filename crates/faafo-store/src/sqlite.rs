@@ -624,7 +624,7 @@ impl Store for SqliteStore {
         self.run(move |connection| {
             // One statement, so the total and the page agree without a transaction.
             let mut total = None;
-            let fetch = limit.saturating_add(1).min(i64::MAX as u64) as i64;
+            let fetch = Page::rows_to_fetch(limit);
             let rows = connection
                 .prepare_cached(&list_statement(order, by_cursor))
                 .and_then(|mut statement| {
