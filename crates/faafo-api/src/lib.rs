@@ -7,6 +7,7 @@
 mod clients;
 mod error;
 mod finished;
+mod granted;
 mod images;
 mod json;
 mod membership;
@@ -102,6 +103,8 @@ pub(crate) struct AppState {
     create_rate: Option<clients::RateLimiter>,
     /// Done and failed fractals' JSON, served without asking the store.
     finished: finished::FinishedFractals,
+    /// Leases granted here, so that uploads under them skip the store's lease read.
+    granted: granted::GrantedLeases,
 }
 
 impl AppState {
@@ -144,6 +147,7 @@ where
     let config_rate = config.clients.create_rate;
     let state = Arc::new(AppState {
         finished: finished::FinishedFractals::new(store.deletions()),
+        granted: granted::GrantedLeases::new(store.deletions()),
         store,
         images,
         config: std::sync::RwLock::new(Arc::new(config)),

@@ -29,6 +29,8 @@ pub struct Metrics {
     oldest_queued_seconds: prometheus::Gauge,
     /// Creates refused by a client limit, by limit.
     limited: IntCounterVec,
+    /// Uploads' lease checks, by what answered.
+    lease_checks: IntCounterVec,
     /// Configuration reloads, by outcome.
     reloads: IntCounterVec,
     /// Every request answered, for the membership heartbeat's load figure.
@@ -94,6 +96,14 @@ impl Metrics {
             &["limit"],
         )
         .expect("static metric definition");
+        let lease_checks = IntCounterVec::new(
+            Opts::new(
+                "upload_lease_checks_total",
+                "Uploads' lease checks, by what answered: memory (a lease this process granted) or the store",
+            ),
+            &["answered_by"],
+        )
+        .expect("static metric definition");
         let reloads = IntCounterVec::new(
             Opts::new(
                 "config_reloads_total",
@@ -114,6 +124,7 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(oldest_queued_seconds.clone()),
             Box::new(limited.clone()),
+            Box::new(lease_checks.clone()),
         ] {
             registry
                 .register(collector)
@@ -125,6 +136,9 @@ impl Metrics {
         }
         for outcome in ["applied", "failed"] {
             reloads.with_label_values(&[outcome]);
+        }
+        for answer in ["memory", "store"] {
+            lease_checks.with_label_values(&[answer]);
         }
         Metrics {
             registry,
@@ -138,6 +152,7 @@ impl Metrics {
             queue_depth,
             oldest_queued_seconds,
             limited,
+            lease_checks,
             reloads,
             served: std::sync::atomic::AtomicU64::new(0),
         }
@@ -152,6 +167,12 @@ impl Metrics {
     /// A create refused by the client limit `limit`.
     pub fn record_limited(&self, limit: &str) {
         self.limited.with_label_values(&[limit]).inc();
+    }
+
+    /// An upload's lease check, answered from memory or by the store.
+    pub fn record_lease_check(&self, from_memory: bool) {
+        let answer = if from_memory { "memory" } else { "store" };
+        self.lease_checks.with_label_values(&[answer]).inc();
     }
 
     /// Requests answered since the process started.

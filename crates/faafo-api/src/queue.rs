@@ -52,6 +52,7 @@ pub async fn sweep_expired_leases(state: Arc<AppState>) {
             _ = state.shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        state.granted.forget_ended(std::time::Instant::now());
         match state.store.expire_leases().await {
             Ok(expired) => {
                 let total = expired.requeued + expired.failed;

@@ -808,6 +808,91 @@ async fn a_worker_takes_its_next_task_with_the_upload() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn an_upload_under_a_lease_granted_here_is_checked_without_the_store() {
+    let app = TestApp::start().await;
+    let other = app.beside().await;
+    let fractals: Vec<Uuid> = {
+        let mut created = Vec::new();
+        for _ in 0..3 {
+            created.push(app.create(spec()).await.uuid);
+        }
+        created
+    };
+
+    // Leased here, uploaded here: the lease is known held, and so is the image's size.
+    let first = app.lease().await;
+    let png = render(&first);
+    let (outcome, second) = app
+        .worker
+        .upload_and_take_next(&upload_of(&first, &png))
+        .await
+        .unwrap();
+    assert_eq!(outcome, LeaseOutcome::Held);
+    assert_eq!(lease_checks(&app).await, (1, 0));
+    let (image, _) = fetch(&app, &format!("/fractal/{}", first.uuid)).await;
+    assert_eq!(image, png.bytes);
+
+    // The next task came with that answer, from this instance; uploaded to another one,
+    // which granted nothing, the store is asked.
+    let second = second.expect("a queued task comes with the answer");
+    let png = render(&second);
+    assert_eq!(
+        other
+            .worker
+            .upload(&upload_of(&second, &png))
+            .await
+            .unwrap(),
+        LeaseOutcome::Held
+    );
+    assert_eq!(lease_checks(&other).await, (0, 1));
+
+    // A deletion heard since the grant, even of another fractal, sends the check to the
+    // store; a wrong size is refused as before.
+    let third = app.lease().await;
+    let (status, body) = raw_upload(&app, &third, b"x".to_vec(), &"0".repeat(64)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(lease_checks(&app).await, (2, 0));
+    app.worker.delete(first.uuid).await.unwrap();
+    let png = render(&third);
+    assert_eq!(
+        app.worker.upload(&upload_of(&third, &png)).await.unwrap(),
+        LeaseOutcome::Held
+    );
+    assert_eq!(lease_checks(&app).await, (2, 1));
+    for uuid in &fractals[1..] {
+        assert_eq!(
+            app.worker.get(*uuid).await.unwrap().state,
+            FractalState::Done
+        );
+    }
+    other.stop().await;
+    app.stop().await;
+}
+
+/// How many uploads' lease checks `app` answered from memory and with the store.
+async fn lease_checks(app: &TestApp) -> (u64, u64) {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |answer: &str| {
+        let prefix = format!("faafo_upload_lease_checks_total{{answered_by=\"{answer}\"}}");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (count("memory"), count("store"))
+}
+
 /// The bytes and `ETag` of a `GET` that must succeed.
 async fn fetch(app: &TestApp, path: &str) -> (bytes::Bytes, String) {
     let response = app.http.get(app.url(path)).send().await.unwrap();
@@ -1059,6 +1144,8 @@ async fn deleting_a_running_fractal_cancels_its_lease() {
     let png = render(&grant);
     let (status, _) = raw_upload(&app, &grant, png.bytes, &png.checksum).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The deletion was heard: the store was asked, before anything was written.
+    assert_eq!(lease_checks(&app).await, (0, 1));
     app.stop().await;
 }
 
@@ -1295,6 +1382,8 @@ async fn a_stale_upload_is_refused_before_anything_is_stored() {
     let png = render(&stale);
     let (status, body) = raw_upload(&app, &stale, png.bytes, &png.checksum).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // The lease was granted here, but its term had come: the store was asked.
+    assert_eq!(lease_checks(&app).await, (0, 1));
     let uuid = created.uuid.to_string();
     let image = app
         ._dir

@@ -16,7 +16,7 @@ use faafo_core::wire::{
     ErrorBody, FailTask, FractalView, ImageTaken, LeaseGrant, LeaseHeld, LeaseRequest,
     upload_headers,
 };
-use faafo_core::{Fractal, FractalState, LeaseToken};
+use faafo_core::{FractalSpec, FractalState, LeaseToken};
 use faafo_store::{Lease, StoreError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -78,14 +78,13 @@ pub async fn lease(
                 "this instance is shutting down; ask another".into(),
             ));
         }
-        if let Some(lease) = state
-            .store
-            .claim(&request.worker, state.config().lease)
-            .await?
-        {
+        let lease_duration = state.config().lease;
+        let asking = state.granted.asking();
+        if let Some(lease) = state.store.claim(&request.worker, lease_duration).await? {
+            state.granted.granted(asking, &lease, lease_duration);
             state.metrics.leases_granted.inc();
             tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %request.worker, attempt = lease.fractal.attempts, "lease granted");
-            return Ok(Json(grant(&lease, state.config().lease)).into_response());
+            return Ok(Json(grant(&lease, lease_duration)).into_response());
         }
         let now = Instant::now();
         if now >= deadline {
@@ -159,13 +158,11 @@ pub async fn heartbeat(
     authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let held: LeaseHeld = json::read_json(body).await?;
-    state
-        .store
-        .renew(uuid, LeaseToken(held.lease_token), state.config().lease)
-        .await?;
-    Ok(Json(
-        json!({ "lease_ms": state.config().lease.as_millis() as u64 }),
-    ))
+    let (token, lease) = (LeaseToken(held.lease_token), state.config().lease);
+    let asking = state.granted.asking();
+    state.store.renew(uuid, token, lease).await?;
+    state.granted.renewed(asking, uuid, token, lease);
+    Ok(Json(json!({ "lease_ms": lease.as_millis() as u64 })))
 }
 
 #[utoipa::path(post, path = "/v1/worker/tasks/{uuid}/release", tag = "worker protocol",
@@ -191,6 +188,7 @@ pub async fn release(
     authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
     let held: LeaseHeld = json::read_json(body).await?;
+    state.granted.forget(uuid);
     state
         .store
         .release(uuid, LeaseToken(held.lease_token))
@@ -223,6 +221,7 @@ pub async fn fail(
     let uuid = parse_uuid(&uuid)?;
     let failure: FailTask = json::read_json(body).await?;
     let reason: String = failure.error.chars().take(MAX_ERROR_CHARS).collect();
+    state.granted.forget(uuid);
     state
         .store
         .fail(uuid, LeaseToken(failure.lease_token), &reason)
@@ -238,23 +237,29 @@ struct ReceivedPng {
     checksum: String,
 }
 
-/// Checks the lease before reading a possibly large body, then checks that the body is
-/// what the worker hashed, that it is a PNG and that it has the dimensions `expected`
+/// Checks the lease before reading a possibly large body (from memory for a lease
+/// granted here, see [`crate::granted`]; else with the store), then checks that the body
+/// is what the worker hashed, that it is a PNG and that it has the dimensions `expected`
 /// gives for the fractal.
 async fn receive_png(
     state: &AppState,
     uuid: Uuid,
     headers: &HeaderMap,
     body: Body,
-    expected: impl FnOnce(&Fractal) -> Result<(u32, u32), ApiError>,
+    expected: impl FnOnce(&FractalSpec) -> Result<(u32, u32), ApiError>,
 ) -> Result<ReceivedPng, ApiError> {
     let token = header_text(headers, upload_headers::LEASE_TOKEN)?;
     let token = Uuid::parse_str(token).map(LeaseToken).map_err(|_| {
         ApiError::bad_request(format!("{} is not a UUID", upload_headers::LEASE_TOKEN))
     })?;
     let claimed_checksum = header_text(headers, upload_headers::CHECKSUM)?.to_ascii_lowercase();
-    let fractal = state.store.leased(uuid, token).await?;
-    let expected = expected(&fractal)?;
+    let remembered = state.granted.held_spec(uuid, token, Instant::now());
+    state.metrics.record_lease_check(remembered.is_some());
+    let spec = match remembered {
+        Some(spec) => spec,
+        None => state.store.leased(uuid, token).await?.spec,
+    };
+    let expected = expected(&spec)?;
 
     let png = json::read_body(body, state.config().max_upload_bytes).await?;
     let checksum = hex::encode(Sha256::digest(&png));
@@ -329,11 +334,9 @@ pub async fn upload_preview(
 ) -> Result<StatusCode, ApiError> {
     authorize_member(&state, &headers)?;
     let uuid = parse_uuid(&uuid)?;
-    let received = receive_png(&state, uuid, &headers, body, |fractal| {
-        let (width, height) = (fractal.spec.width(), fractal.spec.height());
-        fractal
-            .spec
-            .render_params()
+    let received = receive_png(&state, uuid, &headers, body, |spec| {
+        let (width, height) = (spec.width(), spec.height());
+        spec.render_params()
             .preview()
             .map(|preview| (preview.width, preview.height))
             .ok_or_else(|| {
@@ -414,8 +417,8 @@ pub async fn upload(
         token,
         png,
         checksum,
-    } = receive_png(&state, uuid, &headers, body, |fractal| {
-        Ok((fractal.spec.width(), fractal.spec.height()))
+    } = receive_png(&state, uuid, &headers, body, |spec| {
+        Ok((spec.width(), spec.height()))
     })
     .await?;
 
@@ -433,15 +436,18 @@ pub async fn upload(
     };
     // The next task, if asked for, is leased in the completion's own transaction; none
     // while draining or for a worker name a lease request would refuse.
+    let lease_duration = state.config().lease;
     let next = (take_next
         && !state.shutdown.is_cancelled()
         && ApiError::check_name("worker", &generated_by).is_ok())
-    .then(|| (generated_by.as_str(), state.config().lease));
-    match state
+    .then_some((generated_by.as_str(), lease_duration));
+    let asking = state.granted.asking();
+    let completed = state
         .store
         .complete_and_claim(uuid, token, result, next)
-        .await
-    {
+        .await;
+    state.granted.forget(uuid);
+    match completed {
         Ok((done, next)) => {
             state
                 .metrics
@@ -450,9 +456,10 @@ pub async fn upload(
                 .observe(duration);
             tracing::info!(fractal.uuid = %uuid, worker = %generated_by, duration_s = duration, size_bytes = size, "fractal done");
             let next_task = next.map(|lease| {
+                state.granted.granted(asking, &lease, lease_duration);
                 state.metrics.leases_granted.inc();
                 tracing::debug!(fractal.uuid = %lease.fractal.uuid, worker = %generated_by, attempt = lease.fractal.attempts, "lease granted with an upload");
-                grant(&lease, state.config().lease)
+                grant(&lease, lease_duration)
             });
             Ok(Json(ImageTaken {
                 fractal: FractalView::new(&done),
