@@ -209,7 +209,11 @@ impl Images {
         tokio::fs::create_dir_all(directory)
             .await
             .map_err(directory_error)?;
+        // Each image and its directory entry are on disk before a put returns, as an S3
+        // store's answer promises: the fractal is marked done only after its image is
+        // written, and a power cut must not leave a done fractal without one.
         object_store::local::LocalFileSystem::new_with_prefix(directory)
+            .map(|store| store.with_fsync(true))
             .map_err(|e| directory_error(std::io::Error::other(e)))
     }
 
