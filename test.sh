@@ -49,14 +49,17 @@ command -v cargo-nextest >/dev/null || {
   exit 1
 }
 
-# Debian 12's Patroni (3.0.2) can lose acknowledged writes when a leader cut off from etcd
-# comes back (fixed in 3.0.3); the tests run 3.0.4 from PyPI, in a venv under target/.
+# Patroni before 3.1.2 can lose acknowledged writes in a failover (Debian 12 ships 3.0.2;
+# see SAFE_VERSION in crates/faafo-store/src/patroni.rs). The tests run the last 3.x
+# release from PyPI, in a venv under target/, replaced when it holds another version.
 patroni_venv=target/patroni-venv
-if [ ! -x "$patroni_venv/bin/patroni" ]; then
-  echo "test.sh: installing Patroni 3.0.4 from PyPI into $patroni_venv"
+patroni_version=3.3.11
+if [ "$("$patroni_venv/bin/patroni" --version 2>/dev/null)" != "patroni $patroni_version" ]; then
+  echo "test.sh: installing Patroni $patroni_version from PyPI into $patroni_venv"
+  rm -rf "$patroni_venv"
   # The system Python: Patroni runs as the postgres user, who may not reach another.
   /usr/bin/python3 -m venv "$patroni_venv"
-  "$patroni_venv/bin/pip" install --quiet 'patroni[etcd3]==3.0.4' psycopg2-binary
+  "$patroni_venv/bin/pip" install --quiet "patroni[etcd3]==$patroni_version" psycopg2-binary
 fi
 export FAAFO_PATRONI_PROGRAM="$PWD/$patroni_venv/bin/patroni"
 

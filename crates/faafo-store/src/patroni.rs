@@ -204,15 +204,29 @@ struct Server {
     port: u16,
 }
 
-/// The first Patroni release whose etcd3 code never overwrites another member's leader
-/// key. Before it, an old leader whose session had expired (a host cut off and back, or a
-/// stalled loop) put the key back unconditionally and promoted its own stale data,
-/// throwing away what the new leader had acknowledged (upstream commit d98d6d0b).
-pub const SAFE_VERSION: [u32; 3] = [3, 0, 3];
+/// The first Patroni release known not to lose acknowledged writes in a failover, with
+/// the bugs of the releases before it:
+/// - Before 3.0.3, an old leader whose etcd session had expired (a host cut off and back,
+///   or a stalled loop) put the leader key back unconditionally and promoted its own stale
+///   data, throwing away what the new leader had acknowledged (upstream commit d98d6d0b).
+/// - Before 3.1.2, a primary started again by a new Patroni process ("starting primary
+///   after failure") ran with `synchronous_standby_names` at `*` (or empty) while the
+///   `/sync` key still named the standby from before. Patroni saw no change to make and
+///   left it so; PostgreSQL let another standby, or none, confirm commits, and a failover
+///   then promoted the standby `/sync` named, without them (upstream commit c855b0bf).
+///   With 3.0.4, the Patroni failover test once lost an acknowledged create when a
+///   leader restarted this way was killed.
+pub const SAFE_VERSION: [u32; 3] = [3, 1, 2];
+
+/// A short reason to give with a refusal or a warning about a Patroni older than
+/// [`SAFE_VERSION`].
+pub const UNSAFE_VERSION_REASON: &str = "it can lose acknowledged writes in a failover (a stale \
+     leader taking its key back, fixed in 3.0.3; a failover to a standby that was not \
+     synchronous after a primary restarted, fixed in 3.1.2)";
 
 /// Whether the Patroni `version` ("3.0.2") is older than [`SAFE_VERSION`]; `None` when it
 /// cannot be read.
-pub fn loses_writes_after_partition(version: &str) -> Option<bool> {
+pub fn loses_acknowledged_writes(version: &str) -> Option<bool> {
     let parts: Vec<u32> = version
         .trim()
         .split('.')
@@ -240,8 +254,8 @@ async fn warn_of_old_members(http: reqwest::Client, endpoints: Vec<String>) {
             continue;
         };
         let version = status.patroni.version;
-        if loses_writes_after_partition(&version) == Some(true) {
-            tracing::warn!(%endpoint, %version, "this Patroni can lose acknowledged writes when a leader cut off from etcd comes back (fixed in 3.0.3): upgrade it");
+        if loses_acknowledged_writes(&version) == Some(true) {
+            tracing::warn!(%endpoint, %version, "upgrade this Patroni: {UNSAFE_VERSION_REASON}");
         }
     }
 }
@@ -397,14 +411,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patroni_before_3_0_3_is_known_to_lose_writes() {
-        assert_eq!(loses_writes_after_partition("3.0.2"), Some(true));
-        assert_eq!(loses_writes_after_partition("2.1.9"), Some(true));
-        assert_eq!(loses_writes_after_partition("3.0.3"), Some(false));
-        assert_eq!(loses_writes_after_partition("3.0.4"), Some(false));
-        assert_eq!(loses_writes_after_partition("4.0.4"), Some(false));
-        assert_eq!(loses_writes_after_partition("3.1"), Some(false));
-        assert_eq!(loses_writes_after_partition("unknown"), None);
+    fn patroni_before_3_1_2_is_known_to_lose_writes() {
+        for unsafe_version in ["2.1.9", "3.0.2", "3.0.4", "3.1.1", "3.1"] {
+            assert_eq!(
+                loses_acknowledged_writes(unsafe_version),
+                Some(true),
+                "{unsafe_version}"
+            );
+        }
+        for safe_version in ["3.1.2", "3.3.11", "4.0.4", "4.1.5", "10.0"] {
+            assert_eq!(
+                loses_acknowledged_writes(safe_version),
+                Some(false),
+                "{safe_version}"
+            );
+        }
+        assert_eq!(loses_acknowledged_writes("unknown"), None);
     }
 
     #[tokio::test]

@@ -70,7 +70,7 @@ impl Bed {
             Err(_) => panic!(
                 "no member but {old} led within 60 s:\n{:#?}\n{}",
                 self.members().await,
-                self.postgres_logs()
+                self.postgres_logs(20)
             ),
         }
     }
@@ -117,13 +117,13 @@ impl Bed {
             panic!(
                 "the cluster was not whole within 240 s:\n{}\n{}",
                 last.lock().unwrap(),
-                self.postgres_logs()
+                self.postgres_logs(20)
             );
         }
     }
 
-    /// The last lines of every postgres member's log, for failure messages.
-    fn postgres_logs(&self) -> String {
+    /// The last `count` lines of every postgres member's log, for failure messages.
+    fn postgres_logs(&self, count: usize) -> String {
         let logs = self.data.join("cluster").join("logs");
         (1..=3)
             .map(|i| {
@@ -133,7 +133,7 @@ impl Bed {
                 format!(
                     "--- {}\n{}",
                     path.display(),
-                    lines[lines.len().saturating_sub(20)..].join("\n")
+                    lines[lines.len().saturating_sub(count)..].join("\n")
                 )
             })
             .collect::<Vec<_>>()
@@ -163,6 +163,10 @@ impl Bed {
         // The load goes on after recovery, so its last operations ran on the new state.
         load.wait_for_creates(10).await;
         let unavailability = load.load.write_gap(faulted);
+        if load.load.failed() {
+            // The members' view of what happened, before `finish` fails the test.
+            eprintln!("{name}: operations failed\n{}", self.postgres_logs(80));
+        }
         let (client, created) = load.finish(name).await;
         let rerendered = assert_rendered(&client, &created).await;
         println!(

@@ -201,7 +201,7 @@ impl Programs {
         };
         let Some(patroni) = patroni else {
             anyhow::bail!(
-                "--postgres-nodes needs Patroni 3.0.3 or later, which is not installed. {INSTALL_PATRONI}"
+                "--postgres-nodes needs Patroni 3.1.2 or later, which is not installed. {INSTALL_PATRONI}"
             );
         };
         Ok(Programs {
@@ -217,14 +217,12 @@ pub const PATRONI_PROGRAM: &str = "FAAFO_PATRONI_PROGRAM";
 
 /// How to get a Patroni that is safe to run (Debian 12 ships 3.0.2).
 const INSTALL_PATRONI: &str = "Install one from PyPI, for example `/usr/bin/python3 -m venv \
-     /opt/patroni && /opt/patroni/bin/pip install 'patroni[etcd3]==3.0.4' psycopg2-binary`, \
+     /opt/patroni && /opt/patroni/bin/pip install 'patroni[etcd3]==3.3.11' psycopg2-binary`, \
      and name it with FAAFO_PATRONI_PROGRAM=/opt/patroni/bin/patroni";
 
-/// Refuses a Patroni whose etcd3 code can lose acknowledged writes: before 3.0.3 an old
-/// leader whose session expired (a host cut off and back, or a stalled loop) overwrote
-/// the leader key unconditionally and promoted itself again, without the writes the
-/// new leader had acknowledged meanwhile (Patroni commit d98d6d0b; seen here with
-/// Debian 12's 3.0.2 in the multi-host isolation test).
+/// Refuses a Patroni known to lose acknowledged writes in a failover (see
+/// [`faafo_store::patroni::SAFE_VERSION`]; both bugs were seen here, with Debian 12's
+/// 3.0.2 in the multi-host isolation test and with 3.0.4 in the Patroni failover test).
 fn check_patroni_version(patroni: &Path) -> anyhow::Result<()> {
     let output = std::process::Command::new(patroni)
         .arg("--version")
@@ -232,15 +230,15 @@ fn check_patroni_version(patroni: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("running {} --version", patroni.display()))?;
     let text = String::from_utf8_lossy(&output.stdout);
     let version = text.trim().trim_start_matches("patroni ");
-    match faafo_store::patroni::loses_writes_after_partition(version) {
+    match faafo_store::patroni::loses_acknowledged_writes(version) {
         None => anyhow::bail!(
             "cannot tell the version of {} from {text:?}",
             patroni.display()
         ),
         Some(true) => anyhow::bail!(
-            "{} is Patroni {version}, which can lose acknowledged writes when a leader cut off \
-             from etcd comes back (fixed in 3.0.3). {INSTALL_PATRONI}",
-            patroni.display()
+            "{} is Patroni {version}: {}. {INSTALL_PATRONI}",
+            patroni.display(),
+            faafo_store::patroni::UNSAFE_VERSION_REASON
         ),
         Some(false) => {}
     }

@@ -64,6 +64,11 @@ impl Load {
         true
     }
 
+    /// Whether any operation has failed so far.
+    pub fn failed(&self) -> bool {
+        !self.failures.lock().unwrap().is_empty()
+    }
+
     pub fn created(&self) -> Vec<Uuid> {
         self.created
             .lock()
