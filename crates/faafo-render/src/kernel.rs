@@ -11,7 +11,7 @@ pub enum Engine {
     Auto,
     /// The plain scalar loop, the reference for every other kernel.
     Scalar,
-    /// Vector instructions (x86-64 AVX2 and FMA); unavailable on other CPUs.
+    /// Vector instructions (x86-64 AVX2); unavailable on other CPUs.
     Simd,
 }
 
@@ -25,7 +25,7 @@ pub enum Kernel {
 
 /// The engine asked for cannot run on this CPU.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the {0:?} engine needs a CPU with AVX2 and FMA, which this one lacks")]
+#[error("the {0:?} engine needs a CPU with AVX2, which this one lacks")]
 pub struct EngineUnavailable(pub Engine);
 
 impl Engine {
@@ -36,9 +36,7 @@ impl Engine {
             Engine::Auto => Ok(Engine::Simd.kernel().unwrap_or(Kernel::Scalar)),
             Engine::Simd => {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if std::arch::is_x86_feature_detected!("avx2") {
                     return Ok(Kernel::Avx2);
                 }
                 Err(EngineUnavailable(self))
@@ -59,14 +57,38 @@ pub fn escape_step(z_re: f64, z_im: f64, c_re: f64, c_im: f64, iterations: u32) 
 /// The first `i` with `|z| > 2`, or `None` if `z` stays within 2 for all iterations.
 #[inline]
 fn escape(z_re: f64, z_im: f64, c_re: f64, c_im: f64, iterations: u32) -> Option<u32> {
+    escape_from(z_re, z_im, c_re, c_im, 0, iterations)
+}
+
+/// [`escape`] for a pixel already at step `from`, whose `z` is `(z_re, z_im)`: the first
+/// `i` in `from..iterations` with `|z| > 2`.
+#[inline]
+pub(crate) fn escape_from(
+    z_re: f64,
+    z_im: f64,
+    c_re: f64,
+    c_im: f64,
+    from: u32,
+    iterations: u32,
+) -> Option<u32> {
     let (mut re, mut im) = (z_re, z_im);
-    for i in 0..iterations {
+    for i in from..iterations {
         if magnitude_exceeds_two(re, im) {
             return Some(i);
         }
         (re, im) = advance(re, im, c_re, c_im);
     }
     None
+}
+
+/// A pixel's escape step and the `z` updates the original makes for it, given where its
+/// loop ended (`None`: it never escaped).
+#[inline]
+pub(crate) fn step_and_updates(escape: Option<u32>, iterations: u32) -> (u32, u32) {
+    match escape {
+        Some(step) => (step, step),
+        None => (iterations - 1, iterations),
+    }
 }
 
 /// One update `z -> z*z + c`: the complex multiply as CPython computes it, then the add;
@@ -141,7 +163,7 @@ pub fn render_rows(
             let ims: Vec<f64> = (first_row..first_row + rows)
                 .map(|y| params.row_im(y))
                 .collect();
-            // SAFETY: `Kernel::Avx2` is only handed out after detecting AVX2 and FMA.
+            // SAFETY: `Kernel::Avx2` is only handed out after detecting AVX2.
             unsafe { crate::simd::avx2::render_rows(columns, &ims, cx, cy, iterations, out) }
         }
     }
@@ -153,10 +175,7 @@ pub fn render_rows(
 fn scalar_row(columns: &[f64], im: f64, cx: f64, cy: f64, iterations: u32, out: &mut [u8]) -> u64 {
     let mut work = 0;
     for (pixel, &re) in out.iter_mut().zip(columns) {
-        let (step, updates) = match escape(re, im, cx, cy, iterations) {
-            Some(step) => (step, step),
-            None => (iterations - 1, iterations),
-        };
+        let (step, updates) = step_and_updates(escape(re, im, cx, cy, iterations), iterations);
         work += u64::from(updates);
         *pixel = palette_index(step);
     }

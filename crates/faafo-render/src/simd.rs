@@ -1,18 +1,23 @@
 //! Vector kernels. Each lane performs exactly the scalar kernel's operations, in the same
 //! order and without fused multiply-add, so pixels are bit-identical to the scalar path.
-//! (A fused multiply-add only filters which lanes to look at; it never decides a pixel.)
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::{
-        __m256d, _CMP_GT_OQ, _mm256_add_pd, _mm256_andnot_pd, _mm256_blendv_pd,
-        _mm256_castpd_si256, _mm256_castsi256_pd, _mm256_cmp_pd, _mm256_cmpeq_epi64,
-        _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_loadu_si256, _mm256_movemask_pd, _mm256_mul_pd,
-        _mm256_or_pd, _mm256_set1_epi64x, _mm256_set1_pd, _mm256_setzero_pd, _mm256_setzero_si256,
-        _mm256_storeu_pd, _mm256_storeu_si256, _mm256_sub_epi64, _mm256_sub_pd,
+        __m256d, __m256i, _CMP_GT_OQ, _CMP_NLE_UQ, _mm_cvtsi128_si32, _mm_setr_epi8,
+        _mm_shuffle_epi8, _mm256_add_epi64, _mm256_add_pd, _mm256_and_si256, _mm256_andnot_pd,
+        _mm256_castpd_ps, _mm256_castpd_si256, _mm256_castps_pd, _mm256_castsi256_pd,
+        _mm256_castsi256_si128, _mm256_cmp_pd, _mm256_cmpeq_epi64, _mm256_loadu_pd,
+        _mm256_loadu_si256, _mm256_max_epu32, _mm256_max_pd, _mm256_movemask_pd, _mm256_mul_pd,
+        _mm256_or_pd, _mm256_or_si256, _mm256_permutevar8x32_epi32, _mm256_permutevar8x32_ps,
+        _mm256_set1_epi64x, _mm256_set1_pd, _mm256_setr_epi32, _mm256_setr_epi64x,
+        _mm256_setzero_pd, _mm256_setzero_si256, _mm256_slli_epi64, _mm256_storeu_pd,
+        _mm256_storeu_si256, _mm256_sub_epi64, _mm256_sub_pd,
     };
+    use std::cell::RefCell;
+    use std::ops::Range;
 
-    use crate::kernel::{BAND, advance, magnitude_exceeds_two, palette_index};
+    use crate::kernel::{BAND, escape_from, palette_index, step_and_updates};
 
     /// Repeats `$body` with `$k` bound to each literal index in turn. Arrays of registers
     /// indexed this way stay in registers; a `for` loop over them would leave them in
@@ -26,32 +31,67 @@ pub(crate) mod avx2 {
         };
     }
 
+    /// Makes the four values (places of `__m256d`) computed before this point and read
+    /// after it. Between the steps of two registers, it keeps LLVM's scheduler from
+    /// moving every register's last additions to the end of the step, which kept all
+    /// their inputs alive at once, ran out of registers and spilled a `z` (the
+    /// processor reorders the steps anyway).
+    macro_rules! in_order {
+        ($($value:expr),*) => {
+            // SAFETY: an empty instruction sequence that leaves the registers as they
+            // are and touches no memory, stack or flags. Not `pure`, so that LLVM keeps
+            // these in program order.
+            unsafe {
+                std::arch::asm!(
+                    "/* {} {} {} {} */",
+                    $(inout(ymm_reg) $value),*,
+                    options(nomem, nostack, preserves_flags)
+                );
+            }
+        };
+    }
+
     /// f64 lanes in one AVX2 register.
     const LANES: usize = 4;
-    /// Registers iterated together: one iteration is a chain of about 9 cycles of latency
-    /// (multiply, subtract, add), so four independent chains keep the add units busy.
+    /// Registers iterated together: one step is a chain of about 9 cycles of latency
+    /// (multiply, subtract, add), so four independent chains keep the units busy.
     const SLOTS: usize = 4;
-    /// The start of a lane that has no pixel.
-    const IDLE: u64 = u64::MAX;
+    /// Pixels iterated together.
+    const BLOCK: usize = SLOTS * LANES;
 
-    /// Steps every pixel takes in the vector pre-pass before the survivor loop takes over.
-    /// The pre-pass wastes the lanes of pixels that escaped before their group's last, but
-    /// spends nothing per escape; measured on the typical mix and the heavy case, 24 to 48
-    /// steps did best (8 was 15% slower).
-    const PREPASS_STEPS: u32 = 24;
+    /// Steps of the first round, which every pixel within |z| = 2 takes straight from
+    /// its coordinates: most pixels of a typical image escape at step 0 or 1.
+    const FIRST_ROUND: u32 = 2;
+
+    /// Steps of a round that starts at `step`. A lane that escapes during a round idles
+    /// until the round ends, so rounds are short while many pixels escape and grow as
+    /// the pixels left live longer; each round also costs a pass over the queue.
+    fn round_steps(step: u32) -> u32 {
+        match step {
+            0..8 => 4,
+            8..32 => 16,
+            _ => 32,
+        }
+    }
+
+    /// The output index of a lane that holds no pixel: past any output, even shifted
+    /// into an ended record.
+    const NO_PIXEL: u64 = u64::MAX >> 8;
 
     /// Renders the rows whose imaginary parts are `ims`, one after another in `out`, each
     /// `columns.len()` pixels wide, and returns the `z` updates the original algorithm
     /// performs for them.
     ///
-    /// Most pixels of a typical image escape within a few steps, so every group of eight
-    /// pixels first runs up to `PREPASS_STEPS` steps in a short vector loop. The pixels
-    /// still iterating after that are gathered over all the rows and go on in
-    /// [`iterate_survivors`], whose lanes run dry only once, at the end.
+    /// Pixels go through rounds of a few steps, sixteen lanes at a time. Within a round
+    /// nothing branches on a pixel: every lane takes every step, counting the steps at
+    /// which it is outside |z| = 2, so that its escape step is known when the round ends.
+    /// The pixels still iterating then are packed into a queue for the next round, and
+    /// the others are written out. A lane that comes within a hair of |z| = 2 sends its
+    /// block to the scalar rule.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
     pub(crate) unsafe fn render_rows(
         columns: &[f64],
         ims: &[f64],
@@ -60,489 +100,544 @@ pub(crate) mod avx2 {
         iterations: u32,
         out: &mut [u8],
     ) -> u64 {
-        let width = columns.len();
-        debug_assert_eq!(out.len(), width * ims.len());
-        let prepass = iterations.min(PREPASS_STEPS);
-        let pass = Prepass {
-            c: (cr, ci),
-            steps: prepass,
+        assert_eq!(out.len(), columns.len() * ims.len(), "output is whole rows");
+        let rows = Rows {
+            columns,
+            ims,
+            c: Constant { re: cr, im: ci },
             iterations,
         };
-        let mut survivors = Vec::new();
-        let mut work = 0;
-        for (index, (row, &im)) in out.chunks_exact_mut(width).zip(ims).enumerate() {
-            work += pass.row(columns, im, row, index * width, &mut survivors);
-        }
-        if !survivors.is_empty() {
-            work += iterate_survivors(&survivors, cr, ci, prepass, iterations, out);
-        }
-        work
+        QUEUE.with_borrow_mut(|queue| {
+            if rows.c.keeps_escaped_outside() {
+                rows.render::<false>(queue, out)
+            } else {
+                rows.render::<true>(queue, out)
+            }
+        })
     }
 
-    /// The pre-pass of one image.
-    struct Prepass {
-        c: (f64, f64),
-        steps: u32,
+    thread_local! {
+        /// Each thread's queue, kept between calls: a piece of an image renders in a few
+        /// hundred microseconds, and fresh memory touched anew each time would cost a
+        /// tenth of that.
+        static QUEUE: RefCell<Queue> = RefCell::new(Queue::default());
+    }
+
+    /// The rows to render, with the fractal's constant and iteration count.
+    struct Rows<'a> {
+        columns: &'a [f64],
+        ims: &'a [f64],
+        c: Constant,
         iterations: u32,
     }
 
-    impl Prepass {
-        /// Runs the pre-pass over one row (its pixels start at `first_pixel` of the
-        /// output), writing the pixels it decides into `out` and pushing the others onto
-        /// `survivors`. Returns the `z` updates of the pixels it decided.
+    impl Rows<'_> {
+        /// Renders the rows into `out`; returns the `z` updates made. `POISON`: see
+        /// [`Block::run`].
         #[target_feature(enable = "avx2")]
-        fn row(
-            &self,
-            columns: &[f64],
-            im: f64,
-            out: &mut [u8],
-            first_pixel: usize,
-            survivors: &mut Vec<Survivor>,
-        ) -> u64 {
-            let (cr, ci) = self.c;
-            let mut work = 0;
-            let width = columns.len();
-            let mut first = 0;
-            while first < width {
-                let pixels = (width - first).min(PAIR);
-                let z_re = if pixels == PAIR {
-                    // SAFETY: 8 f64 from `first` are inside `columns`.
-                    unsafe {
-                        [
-                            _mm256_loadu_pd(columns.as_ptr().add(first)),
-                            _mm256_loadu_pd(columns.as_ptr().add(first + LANES)),
-                        ]
-                    }
-                } else {
-                    // The row's last pixels: spare lanes repeat the last one and are dropped.
-                    let mut re = [columns[width - 1]; PAIR];
-                    re[..pixels].copy_from_slice(&columns[first..]);
-                    // SAFETY: reads 8 f64 from an 8-element array.
-                    unsafe {
-                        [
-                            _mm256_loadu_pd(re.as_ptr()),
-                            _mm256_loadu_pd(re.as_ptr().add(LANES)),
-                        ]
-                    }
+        fn render<const POISON: bool>(&self, queue: &mut Queue, out: &mut [u8]) -> u64 {
+            let (columns, iterations) = (self.columns, self.iterations);
+            queue.clear(out.len());
+            let round = |step, steps| Round {
+                c: self.c,
+                step,
+                steps,
+                iterations,
+            };
+            let first = round(0, FIRST_ROUND.min(iterations));
+            let mut work = Work::default();
+            for (index, (row, &im)) in out
+                .chunks_exact_mut(columns.len())
+                .zip(self.ims)
+                .enumerate()
+            {
+                let inside = self.within_two(im);
+                row[..inside.start].fill(palette_index(0));
+                row[inside.end..].fill(palette_index(0));
+                let pixels = Pixels {
+                    re: &columns[inside.clone()],
+                    im,
+                    first: index * columns.len() + inside.start,
                 };
-                let outcome = prepass_pair(z_re, im, cr, ci, self.steps);
-                if outcome.still == 0 && pixels == PAIR {
-                    // The common case, without a branch per pixel.
-                    for (pixel, &step) in out[first..first + PAIR].iter_mut().zip(&outcome.steps) {
-                        *pixel = palette_index(step as u32);
-                    }
-                    work += outcome.steps.iter().sum::<u64>();
-                    first += PAIR;
-                    continue;
-                }
-                for lane in 0..pixels {
-                    let pixel = first + lane;
-                    if outcome.still & (1 << lane) == 0 {
-                        let step = outcome.steps[lane];
-                        out[pixel] = palette_index(step as u32);
-                        work += step;
-                    } else if self.iterations == self.steps {
-                        out[pixel] = palette_index(self.iterations - 1);
-                        work += u64::from(self.iterations);
-                    } else {
-                        survivors.push(Survivor {
-                            pixel: first_pixel + pixel,
-                            re: outcome.re[lane],
-                            im: outcome.im[lane],
-                        });
-                    }
-                }
-                first += pixels;
+                first.first::<POISON>(&pixels, &mut row[inside], queue, &mut work);
             }
-            work
-        }
-    }
-
-    /// Pixels the pre-pass iterates together: two registers, two independent chains.
-    const PAIR: usize = 2 * LANES;
-
-    /// What the pre-pass left of eight pixels.
-    struct Prepassed {
-        /// The lanes still iterating, one bit each.
-        still: u32,
-        /// The escape step of each lane that escaped (the `z` updates it made).
-        steps: [u64; PAIR],
-        /// `z` of the lanes still iterating.
-        re: [f64; PAIR],
-        im: [f64; PAIR],
-    }
-
-    /// Runs up to `steps` steps on eight pixels of a row. Each lane counts the steps it
-    /// has made without escaping (its escape step, once it has), with vector operations
-    /// rather than branches.
-    #[target_feature(enable = "avx2")]
-    fn prepass_pair(mut z_re: [__m256d; 2], im: f64, cr: f64, ci: f64, steps: u32) -> Prepassed {
-        let (c_re, c_im) = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
-        let (above, below) = (_mm256_set1_pd(4.0 + BAND), _mm256_set1_pd(4.0 - BAND));
-        let mut z_im = [_mm256_set1_pd(im); 2];
-        // All bits set in a lane that is still iterating: -1 as an integer.
-        let all = _mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_set1_pd(1.0), _mm256_setzero_pd());
-        let mut active = [all; 2];
-        let mut count = [_mm256_setzero_si256(); 2];
-        let mut still = 0;
-        // Lanes that were ever within the band around 4, where only the scalar rule decides.
-        // Lanes that escaped keep iterating and are not masked out of this: past 2, |z|
-        // grows (or becomes NaN, which compares false), so they hardly ever land in the
-        // band again, and if one did, the exact path would only redo the eight pixels.
-        let mut undecided = _mm256_setzero_pd();
-        let start = z_re;
-        for _ in 0..steps {
-            still = 0;
-            unrolled!(k in [0, 1] {
-                let rr = _mm256_mul_pd(z_re[k], z_re[k]);
-                let ii = _mm256_mul_pd(z_im[k], z_im[k]);
-                let squared = _mm256_add_pd(rr, ii);
-                let escaped = _mm256_cmp_pd::<_CMP_GT_OQ>(squared, above);
-                let near = _mm256_cmp_pd::<_CMP_GT_OQ>(squared, below);
-                undecided = _mm256_or_pd(undecided, _mm256_andnot_pd(escaped, near));
-                active[k] = _mm256_andnot_pd(escaped, active[k]);
-                // Subtracting -1 counts a step for each lane still going.
-                count[k] = _mm256_sub_epi64(count[k], _mm256_castpd_si256(active[k]));
-                still |= _mm256_movemask_pd(active[k]) << (k * LANES);
-                let ri = _mm256_mul_pd(z_re[k], z_im[k]);
-                z_re[k] = _mm256_add_pd(_mm256_sub_pd(rr, ii), c_re);
-                z_im[k] = _mm256_add_pd(_mm256_add_pd(ri, ri), c_im);
-            });
-            if still == 0 {
-                break;
+            let mut total = work.total(first.steps);
+            let mut step = first.steps;
+            while queue.len > 0 && step < iterations {
+                let steps = round_steps(step).min(iterations - step);
+                total += round(step, steps).queued::<POISON>(queue, out);
+                step += steps;
             }
+            total
         }
-        if _mm256_movemask_pd(undecided) != 0 {
-            // A lane came within a hair of |z| = 2 (rare): the scalar rule decides the
-            // eight pixels instead.
-            return prepass_pair_exactly(start, im, cr, ci, steps);
+
+        /// The columns of the row at `im` whose pixels may be within |z| = 2 at step 0:
+        /// all others escape there, with no update, by the scalar rule's first test.
+        /// Column coordinates are monotonic, so |z|^2 falls and then rises along the row
+        /// (as computed too: every operation rounds monotonically), and those columns
+        /// are one range, found by bisection.
+        fn within_two(&self, im: f64) -> Range<usize> {
+            let columns = self.columns;
+            let outside = |re: f64| re * re + im * im > 4.0 + BAND;
+            let rising = columns.first() <= columns.last();
+            // Where |z| stops falling: the first column at or past re = 0.
+            let turn = columns.partition_point(|&re| if rising { re < 0.0 } else { re > 0.0 });
+            let start = columns[..turn].partition_point(|&re| outside(re));
+            let end = turn + columns[turn..].partition_point(|&re| !outside(re));
+            start..end
         }
-        let mut lanes = Prepassed {
-            still: still as u32,
-            steps: [0; PAIR],
-            re: [0.0; PAIR],
-            im: [0.0; PAIR],
-        };
-        // SAFETY: each store writes 4 values into half of an 8-element array.
-        unsafe {
-            unrolled!(k in [0, 1] {
-                _mm256_storeu_si256(lanes.steps.as_mut_ptr().add(k * LANES).cast(), count[k]);
-                _mm256_storeu_pd(lanes.re.as_mut_ptr().add(k * LANES), z_re[k]);
-                _mm256_storeu_pd(lanes.im.as_mut_ptr().add(k * LANES), z_im[k]);
-            });
-        }
-        lanes
     }
 
-    /// What [`prepass_pair`] computes, pixel by pixel with the scalar rule.
-    #[cold]
-    #[target_feature(enable = "avx2")]
-    fn prepass_pair_exactly(
-        z_re: [__m256d; 2],
+    /// Consecutive pixels of one row: their real coordinates, the row's imaginary one,
+    /// and the first one's index in the output.
+    struct Pixels<'a> {
+        re: &'a [f64],
         im: f64,
-        cr: f64,
-        ci: f64,
-        steps: u32,
-    ) -> Prepassed {
-        let mut lanes = Prepassed {
-            still: 0,
-            steps: [0; PAIR],
-            re: [0.0; PAIR],
-            im: [0.0; PAIR],
-        };
-        // SAFETY: each store writes 4 f64 into half of an 8-element array.
-        unsafe {
-            _mm256_storeu_pd(lanes.re.as_mut_ptr(), z_re[0]);
-            _mm256_storeu_pd(lanes.re.as_mut_ptr().add(LANES), z_re[1]);
-        }
-        for lane in 0..PAIR {
-            let (mut re, mut im) = (lanes.re[lane], im);
-            let mut step = 0;
-            while step < steps && !magnitude_exceeds_two(re, im) {
-                (re, im) = advance(re, im, cr, ci);
-                step += 1;
-            }
-            lanes.steps[lane] = u64::from(step);
-            if step == steps {
-                lanes.still |= 1 << lane;
-            }
-            (lanes.re[lane], lanes.im[lane]) = (re, im);
-        }
-        lanes
+        first: usize,
     }
 
-    /// A pixel still iterating after the pre-pass: where it is in the output, and its `z`.
+    /// The pixels still iterating, in columns: `z` and the pixel's index in the output.
+    /// Each column has room for every pixel of a call, a block of padding and the spill
+    /// of a packed register.
+    #[derive(Default)]
+    struct Queue {
+        re: Vec<f64>,
+        im: Vec<f64>,
+        pixel: Vec<u64>,
+        len: usize,
+        /// The pixels a round ended: each its index in the output shifted left by 8 and
+        /// its palette index in the low byte, written out once the round is over.
+        ended: Vec<u64>,
+    }
+
+    impl Queue {
+        /// Empties the queue and makes room for `pixels` pixels.
+        fn clear(&mut self, pixels: usize) {
+            let room = pixels + BLOCK + LANES;
+            for column in [&mut self.re, &mut self.im] {
+                if column.len() < room {
+                    column.resize(room, f64::NAN);
+                }
+            }
+            for column in [&mut self.pixel, &mut self.ended] {
+                if column.len() < room {
+                    column.resize(room, NO_PIXEL);
+                }
+            }
+            self.len = 0;
+        }
+
+        /// Appends the lanes of `keep` (one bit each) with their `z` and pixels.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn push(&mut self, re: __m256d, im: __m256d, pixel: __m256i, keep: u32) {
+            // SAFETY: `clear` made room for every pixel of the call, and each is pushed
+            // once.
+            unsafe { self.columns().store(self.len, re, im, pixel, keep) };
+            self.len += keep.count_ones() as usize;
+        }
+
+        /// Pads the queue with lanes of no pixel up to a whole number of blocks, and
+        /// returns that number of lanes. A lane of no pixel holds NaN, which escapes at
+        /// once and so is never kept, and it counts no `z` update.
+        fn pad_to_blocks(&mut self) -> usize {
+            let padded = self.len.next_multiple_of(BLOCK);
+            self.re[self.len..padded].fill(f64::NAN);
+            self.im[self.len..padded].fill(f64::NAN);
+            self.pixel[self.len..padded].fill(NO_PIXEL);
+            padded
+        }
+
+        fn columns(&mut self) -> Columns {
+            Columns {
+                re: self.re.as_mut_ptr(),
+                im: self.im.as_mut_ptr(),
+                pixel: self.pixel.as_mut_ptr(),
+                ended: self.ended.as_mut_ptr(),
+            }
+        }
+    }
+
+    /// The queue's columns during a round, which reads each block and then packs what
+    /// goes on into the same columns, at or before the block: raw pointers, as slices
+    /// would check every access (a fifth of a round's instructions).
     #[derive(Clone, Copy)]
-    struct Survivor {
-        pixel: usize,
+    struct Columns {
+        re: *mut f64,
+        im: *mut f64,
+        pixel: *mut u64,
+        ended: *mut u64,
+    }
+
+    impl Columns {
+        /// Reads the block at `at`.
+        ///
+        /// # Safety
+        /// `at + BLOCK` must be within the columns.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn block(self, at: usize) -> (Block, [__m256i; SLOTS]) {
+            // SAFETY: the caller's promise: each load reads 4 elements within the block.
+            unsafe {
+                let block = Block {
+                    re: std::array::from_fn(|k| _mm256_loadu_pd(self.re.add(at + k * LANES))),
+                    im: std::array::from_fn(|k| _mm256_loadu_pd(self.im.add(at + k * LANES))),
+                };
+                let pixels = std::array::from_fn(|k| {
+                    _mm256_loadu_si256(self.pixel.add(at + k * LANES).cast())
+                });
+                (block, pixels)
+            }
+        }
+
+        /// Writes the lanes of `keep` (one bit each) at `at`, in order, and garbage after
+        /// them up to `at + 4`.
+        ///
+        /// # Safety
+        /// `at + 4` must be within the columns.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn store(self, at: usize, re: __m256d, im: __m256d, pixel: __m256i, keep: u32) {
+            let order = pack_order(keep);
+            let pack = |lanes: __m256d| {
+                _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(lanes), order))
+            };
+            // SAFETY: the caller's promise: each store writes 4 elements from `at`.
+            unsafe {
+                _mm256_storeu_pd(self.re.add(at), pack(re));
+                _mm256_storeu_pd(self.im.add(at), pack(im));
+                _mm256_storeu_si256(
+                    self.pixel.add(at).cast(),
+                    _mm256_permutevar8x32_epi32(pixel, order),
+                );
+            }
+        }
+
+        /// Writes the records of the lanes of `keep` at `at` of the ended pixels, as
+        /// [`Columns::store`] does.
+        ///
+        /// # Safety
+        /// `at + 4` must be within the columns.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn store_ended(self, at: usize, records: __m256i, keep: u32) {
+            let packed = _mm256_permutevar8x32_epi32(records, pack_order(keep));
+            // SAFETY: the caller's promise: writes 4 elements from `at`.
+            unsafe { _mm256_storeu_si256(self.ended.add(at).cast(), packed) };
+        }
+    }
+
+    /// The permutation of 32-bit halves that moves the 64-bit lanes of `keep` (one bit
+    /// each) to the front, in order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn pack_order(keep: u32) -> __m256i {
+        const ORDERS: [[i32; 8]; 16] = {
+            let mut table = [[0; 8]; 16];
+            let mut keep = 0;
+            while keep < 16 {
+                let (mut to, mut lane) = (0, 0);
+                while lane < LANES {
+                    if keep & (1 << lane) != 0 {
+                        table[keep][2 * to] = 2 * lane as i32;
+                        table[keep][2 * to + 1] = 2 * lane as i32 + 1;
+                        to += 1;
+                    }
+                    lane += 1;
+                }
+                keep += 1;
+            }
+            table
+        };
+        // SAFETY: reads 8 i32 from an 8-element row of the table.
+        unsafe { _mm256_loadu_si256(ORDERS[keep as usize & 0xF].as_ptr().cast()) }
+    }
+
+    /// `c`.
+    #[derive(Clone, Copy)]
+    struct Constant {
         re: f64,
         im: f64,
     }
 
-    /// Lanes the survivor loop iterates at once.
-    const ALL_LANES: usize = SLOTS * LANES;
-
-    /// The index of each lane of each register: lane `l` of register `k` is `k * 4 + l`.
-    const LANE_IDS: [[i64; LANES]; SLOTS] = {
-        let mut ids = [[0; LANES]; SLOTS];
-        let mut index = 0;
-        while index < ALL_LANES {
-            ids[index / LANES][index % LANES] = index as i64;
-            index += 1;
+    impl Constant {
+        /// Whether a `z` past |z| = 2 stays past it under `z -> z*z + c`: when |c| <= 1.97,
+        /// |z*z + c| >= |z|^2 - |c| > 4 - 1.97, with a margin that rounding cannot
+        /// cross, and |z| only grows (or becomes infinite, then NaN, both outside).
+        fn keeps_escaped_outside(&self) -> bool {
+            self.re * self.re + self.im * self.im <= 1.97 * 1.97
         }
-        ids
-    };
-
-    /// Iterates the survivors of the pre-pass from step `done` to the end.
-    ///
-    /// Four registers of four lanes iterate sixteen pixels (four independent chains
-    /// hide the latency of an iteration). A lane whose pixel escapes or makes its last
-    /// update takes the next survivor at once, so no lane waits for a slower neighbour.
-    /// The loop itself only iterates and tests whether any lane may have passed |z| = 2;
-    /// everything per pixel happens off it, once per escape. Idle lanes hold NaN, which
-    /// never passes.
-    #[target_feature(enable = "avx2,fma")]
-    fn iterate_survivors(
-        survivors: &[Survivor],
-        cr: f64,
-        ci: f64,
-        done: u32,
-        iterations: u32,
-        out: &mut [u8],
-    ) -> u64 {
-        let c = (_mm256_set1_pd(cr), _mm256_set1_pd(ci));
-        // A lane whose |z|^2 passes 4 - BAND may have escaped; the scalar rule decides.
-        let minus_near_four = _mm256_set1_pd(-(4.0 - BAND));
-        let mut lanes = Lanes {
-            queue: survivors.iter(),
-            pixel: [0; ALL_LANES],
-            start: [IDLE; ALL_LANES],
-            deadline: IDLE,
-            done,
-            iterations,
-            out,
-            work: 0,
-        };
-        let mut z = lanes.fill(Registers::idle(), (1 << ALL_LANES) - 1, 0);
-        lanes.deadline = lanes.earliest_deadline();
-        // The step every lane counts from: a lane's pixel is at step `done + step - start`.
-        let mut step: u64 = 0;
-        while lanes.deadline != IDLE {
-            // The hot loop: nothing but the arithmetic and one test per step.
-            let deadline = lanes.deadline;
-            while step != deadline && !z.may_have_escaped(minus_near_four) {
-                z = z.advance(c);
-                step += 1;
-            }
-            if step == deadline {
-                z = lanes.retire(z, step);
-            } else {
-                z = lanes.escape(z, c, step);
-                step += 1;
-            }
-        }
-        lanes.work
     }
 
-    /// The `z` of the sixteen lanes.
+    /// `z` of a block's sixteen lanes.
     #[derive(Clone, Copy)]
-    struct Registers {
+    struct Block {
         re: [__m256d; SLOTS],
         im: [__m256d; SLOTS],
     }
 
-    impl Registers {
-        #[target_feature(enable = "avx2")]
-        fn idle() -> Self {
-            let nan = _mm256_set1_pd(f64::NAN);
-            Registers {
-                re: [nan; SLOTS],
-                im: [nan; SLOTS],
-            }
-        }
-
-        /// Whether any lane's |z|^2 may exceed 4 - BAND: fused multiply-adds, a few ulps
-        /// from the exact value and computed apart from the squares of [`advance`], so
-        /// none of those stay alive across the branch on this.
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        fn may_have_escaped(&self, minus_near_four: __m256d) -> bool {
-            let mut near = _mm256_setzero_pd();
-            unrolled!(k in [0, 1, 2, 3] {
-                let beyond = _mm256_fmadd_pd(self.re[k], self.re[k], _mm256_fmadd_pd(self.im[k], self.im[k], minus_near_four));
-                near = _mm256_or_pd(near, _mm256_cmp_pd::<_CMP_GT_OQ>(beyond, _mm256_setzero_pd()));
-            });
-            _mm256_movemask_pd(near) != 0
-        }
-
-        /// The lanes that have escaped (`|z| > 2` by the scalar rule), one bit each.
-        /// `re*re + im*im` is the scalar kernel's `|z|^2` bit for bit, so only lanes
-        /// within the band around 4 need the exact test.
-        #[target_feature(enable = "avx2")]
-        fn escaped(&self) -> u32 {
-            let (above, below) = (_mm256_set1_pd(4.0 + BAND), _mm256_set1_pd(4.0 - BAND));
-            let (mut escaped, mut undecided) = (0, 0);
-            unrolled!(k in [0, 1, 2, 3] {
-                let squared = _mm256_add_pd(_mm256_mul_pd(self.re[k], self.re[k]), _mm256_mul_pd(self.im[k], self.im[k]));
-                let beyond = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, above)) as u32;
-                let near = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(squared, below)) as u32;
-                escaped |= beyond << (k * LANES);
-                undecided |= (near & !beyond) << (k * LANES);
-            });
-            if undecided != 0 {
-                let (re, im) = self.lanes();
-                while undecided != 0 {
-                    let index = undecided.trailing_zeros() as usize;
-                    undecided &= undecided - 1;
-                    if magnitude_exceeds_two(re[index], im[index]) {
-                        escaped |= 1 << index;
-                    }
-                }
-            }
-            escaped
-        }
-
-        /// One step of `z -> z*z + c` on every lane, exactly as the scalar kernel:
-        /// re*im + im*re is ri + ri, bit for bit.
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        fn advance(self, (c_re, c_im): (__m256d, __m256d)) -> Self {
-            let mut next = self;
-            unrolled!(k in [0, 1, 2, 3] {
-                let rr = _mm256_mul_pd(self.re[k], self.re[k]);
-                let ii = _mm256_mul_pd(self.im[k], self.im[k]);
-                let ri = _mm256_mul_pd(self.re[k], self.im[k]);
-                next.re[k] = _mm256_add_pd(_mm256_sub_pd(rr, ii), c_re);
-                next.im[k] = _mm256_add_pd(_mm256_add_pd(ri, ri), c_im);
-            });
-            next
-        }
-
-        /// Every lane's real and imaginary part, lane `k * 4 + l` being lane `l` of
-        /// register `k`.
-        #[target_feature(enable = "avx2")]
-        fn lanes(&self) -> ([f64; ALL_LANES], [f64; ALL_LANES]) {
-            let (mut re, mut im) = ([0.0; ALL_LANES], [0.0; ALL_LANES]);
-            unrolled!(k in [0, 1, 2, 3] {
-                // SAFETY: each store writes 4 f64 inside a 16-element array.
-                unsafe {
-                    _mm256_storeu_pd(re.as_mut_ptr().add(k * LANES), self.re[k]);
-                    _mm256_storeu_pd(im.as_mut_ptr().add(k * LANES), self.im[k]);
-                }
-            });
-            (re, im)
-        }
+    /// What a round's steps left in a block.
+    struct Counted {
+        /// Per lane, the steps at which it was outside |z| = 2: 0 for a lane still
+        /// iterating, else the steps from its escape to the round's end.
+        outside: [__m256i; SLOTS],
+        /// Whether some lane came within [`BAND`] of |z|^2 = 4 while inside, where only
+        /// the exact rule decides.
+        near: bool,
     }
 
-    /// Which pixel each lane carries, the survivors still to come, and the output.
-    struct Lanes<'a> {
-        queue: std::slice::Iter<'a, Survivor>,
-        /// Where each lane's pixel is in the output.
-        pixel: [usize; ALL_LANES],
-        /// The step each lane's pixel started at, or `IDLE`.
-        start: [u64; ALL_LANES],
-        /// A step no later than the one at which the oldest busy lane makes its last
-        /// update, or `IDLE` once every lane is idle.
-        deadline: u64,
-        /// The pre-pass steps every survivor has made.
-        done: u32,
-        iterations: u32,
-        out: &'a mut [u8],
-        /// `z` updates of the pixels written so far.
-        work: u64,
-    }
-
-    impl Lanes<'_> {
-        /// Some lane may have escaped at `step`: decides exactly which have, writes
-        /// their pixels, makes the step, and puts the next survivors into their lanes.
+    impl Block {
+        /// Takes `steps` steps on every lane, counting for each the steps at which it is
+        /// outside |z| = 2. A lane's count is its steps since its escape only if it stays
+        /// outside once it is: with `POISON`, a lane found outside becomes NaN, which
+        /// stays outside; without, `c` must be [`Constant::keeps_escaped_outside`] (a
+        /// step is an operation shorter).
         #[inline]
         #[target_feature(enable = "avx2")]
-        fn escape(&mut self, z: Registers, c: (__m256d, __m256d), step: u64) -> Registers {
-            let escaped = z.escaped();
-            let mut lanes = escaped;
-            while lanes != 0 {
-                let index = lanes.trailing_zeros() as usize;
-                lanes &= lanes - 1;
-                let at = self.done + (step - self.start[index]) as u32;
-                self.out[self.pixel[index]] = palette_index(at);
-                self.work += u64::from(at);
-            }
-            let next = z.advance(c);
-            if escaped == 0 {
-                return next;
-            }
-            self.fill(next, escaped, step + 1)
-        }
-
-        /// Writes the pixels of the lanes that make their last update at `step` without
-        /// escaping, puts the next survivors into their lanes, and finds the next
-        /// deadline.
-        #[cold]
-        #[inline(never)]
-        #[target_feature(enable = "avx2")]
-        fn retire(&mut self, z: Registers, step: u64) -> Registers {
-            let remaining = u64::from(self.iterations - self.done);
-            let mut due = 0;
-            for (index, &start) in self.start.iter().enumerate() {
-                if start != IDLE && start + remaining == step {
-                    self.out[self.pixel[index]] = palette_index(self.iterations - 1);
-                    self.work += u64::from(self.iterations);
-                    due |= 1 << index;
-                }
-            }
-            let z = self.fill(z, due, step);
-            self.deadline = self.earliest_deadline();
-            z
-        }
-
-        /// Puts the next survivors into the `free` lanes (one bit each), starting at
-        /// `step`; lanes left without one become idle, and then the deadline is found
-        /// again, as it may have been theirs.
-        #[target_feature(enable = "avx2")]
-        fn fill(&mut self, mut z: Registers, free: u32, step: u64) -> Registers {
-            let mut lanes = free;
-            let mut emptied = false;
-            while lanes != 0 {
-                let index = lanes.trailing_zeros() as usize;
-                lanes &= lanes - 1;
-                let (re, im) = match self.queue.next() {
-                    Some(survivor) => {
-                        self.pixel[index] = survivor.pixel;
-                        self.start[index] = step;
-                        (survivor.re, survivor.im)
-                    }
-                    None => {
-                        self.start[index] = IDLE;
-                        emptied = true;
-                        (f64::NAN, f64::NAN)
-                    }
-                };
-                let (re, im) = (_mm256_set1_pd(re), _mm256_set1_pd(im));
-                let wanted = _mm256_set1_epi64x(index as i64);
-                // Every register is blended, the lane's own with a mask of one lane and
-                // the others with none: which register it is varies from one escape to
-                // the next, and a branch on it was mispredicted about as often.
-                // (Registers indexed by constants only, or they would be kept in memory.)
+        fn run<const POISON: bool>(&mut self, steps: u32, c: Constant) -> Counted {
+            let (c_re, c_im) = (_mm256_set1_pd(c.re), _mm256_set1_pd(c.im));
+            let above = _mm256_set1_pd(4.0 + BAND);
+            let mut outside = [_mm256_setzero_si256(); SLOTS];
+            // The largest |z|^2 of a lane while inside: past 4 - BAND only the exact
+            // rule decides. (A maximum takes two operations a step, where comparing
+            // with 4 - BAND took three and ran a fifth slower.)
+            let mut inside_highest = _mm256_setzero_pd();
+            for _ in 0..steps {
                 unrolled!(k in [0, 1, 2, 3] {
-                    // SAFETY: reads 4 i64 from a 4-element array.
-                    let ids = unsafe { _mm256_loadu_si256(LANE_IDS[k].as_ptr().cast()) };
-                    let this_lane = _mm256_castsi256_pd(_mm256_cmpeq_epi64(ids, wanted));
-                    z.re[k] = _mm256_blendv_pd(z.re[k], re, this_lane);
-                    z.im[k] = _mm256_blendv_pd(z.im[k], im, this_lane);
+                    let (re, im) = (self.re[k], self.im[k]);
+                    let rr = _mm256_mul_pd(re, re);
+                    let ii = _mm256_mul_pd(im, im);
+                    let ri = _mm256_mul_pd(re, im);
+                    // The scalar kernel's |z|^2, bit for bit; NaN counts as outside.
+                    let squared = _mm256_add_pd(rr, ii);
+                    let out = _mm256_cmp_pd::<_CMP_NLE_UQ>(squared, above);
+                    inside_highest =
+                        _mm256_max_pd(_mm256_andnot_pd(out, squared), inside_highest);
+                    // Subtracting -1 counts a step for each lane outside.
+                    outside[k] = _mm256_sub_epi64(outside[k], _mm256_castpd_si256(out));
+                    let next_re = _mm256_add_pd(_mm256_sub_pd(rr, ii), c_re);
+                    self.re[k] = if POISON { _mm256_or_pd(next_re, out) } else { next_re };
+                    // re*im + im*re is ri + ri, bit for bit.
+                    self.im[k] = _mm256_add_pd(_mm256_add_pd(ri, ri), c_im);
+                    let next = (k + 1) % SLOTS;
+                    in_order!(self.re[k], self.im[k], self.re[next], self.im[next]);
                 });
             }
-            if emptied {
-                self.deadline = self.earliest_deadline();
+            let below = _mm256_set1_pd(4.0 - BAND);
+            Counted {
+                outside,
+                near: _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(inside_highest, below)) != 0,
             }
-            z
+        }
+    }
+
+    /// The `z` updates of a round's vector lanes, added up as they go: each lane made one
+    /// per step at which it was inside.
+    struct Work {
+        /// Lanes run (blocks of lanes sent to the scalar rule are not).
+        lanes: u64,
+        /// Their steps outside, summed lane by lane.
+        outside: __m256i,
+        /// The updates of pixels finished by the scalar rule.
+        exact: u64,
+    }
+
+    impl Default for Work {
+        fn default() -> Self {
+            Work {
+                lanes: 0,
+                // SAFETY: SSE2, part of x86-64, suffices.
+                outside: unsafe { _mm256_setzero_si256() },
+                exact: 0,
+            }
+        }
+    }
+
+    impl Work {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn add(&mut self, counted: &Counted) {
+            self.lanes += BLOCK as u64;
+            unrolled!(k in [0, 1, 2, 3] {
+                self.outside = _mm256_add_epi64(self.outside, counted.outside[k]);
+            });
         }
 
-        /// The step at which the oldest busy lane makes its last update, or `IDLE`.
-        fn earliest_deadline(&self) -> u64 {
-            match self.start.iter().min() {
-                Some(&start) if start != IDLE => start + u64::from(self.iterations - self.done),
-                _ => IDLE,
+        /// The updates made in a round of `steps` steps.
+        #[target_feature(enable = "avx2")]
+        fn total(&self, steps: u32) -> u64 {
+            let mut each = [0u64; LANES];
+            // SAFETY: writes 4 u64 into a 4-element array.
+            unsafe { _mm256_storeu_si256(each.as_mut_ptr().cast(), self.outside) };
+            self.lanes * u64::from(steps) - each.iter().sum::<u64>() + self.exact
+        }
+    }
+
+    /// One round: `steps` steps from `step`, for pixels that have made `step` updates.
+    #[derive(Clone, Copy)]
+    struct Round {
+        c: Constant,
+        step: u32,
+        steps: u32,
+        iterations: u32,
+    }
+
+    /// A register's lanes as a round ends them.
+    struct Ended {
+        /// The palette index of each lane: of its escape step, or of the last step if it
+        /// has not escaped (right only at the last round; any other round writes it
+        /// again later).
+        colour: __m256i,
+        /// The lanes still iterating, one bit each (none after the last round).
+        going_on: u32,
+    }
+
+    impl Round {
+        /// How a register's lanes end this round, from their `outside` counts.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn end(&self, outside: __m256i) -> Ended {
+            // A lane that escaped at step s of this round is outside from s on: its
+            // escape step is the round's end minus that count. A lane still inside is
+            // at the round's end minus one, the last step if this round is the last.
+            let end = self.step + self.steps;
+            let at_least_one = _mm256_set1_epi64x(1);
+            // The counts fit in 32 bits, so the unsigned 32-bit maximum is theirs.
+            let step = _mm256_sub_epi64(
+                _mm256_set1_epi64x(i64::from(end)),
+                _mm256_max_epu32(outside, at_least_one),
+            );
+            // `step % 32`, as `palette_index` has it.
+            let colour = _mm256_and_si256(step, _mm256_set1_epi64x(31));
+            let inside = _mm256_cmpeq_epi64(outside, _mm256_setzero_si256());
+            let may_go_on = if end == self.iterations { 0 } else { 0xF };
+            Ended {
+                colour,
+                going_on: _mm256_movemask_pd(_mm256_castsi256_pd(inside)) as u32 & may_go_on,
             }
         }
+
+        /// The pixel at step `self.step` with this `z`, finished by the scalar rule: its
+        /// palette index and the updates it makes from now on.
+        fn exactly(&self, re: f64, im: f64) -> (u8, u64) {
+            let escape = escape_from(re, im, self.c.re, self.c.im, self.step, self.iterations);
+            let (step, updates) = step_and_updates(escape, self.iterations);
+            (palette_index(step), u64::from(updates - self.step))
+        }
+
+        /// The first round of consecutive pixels of a row, from their coordinates:
+        /// writes their palette indices into `colours` (those going on are written
+        /// again when they end) and queues those going on.
+        #[target_feature(enable = "avx2")]
+        fn first<const POISON: bool>(
+            &self,
+            pixels: &Pixels,
+            colours: &mut [u8],
+            queue: &mut Queue,
+            work: &mut Work,
+        ) {
+            let columns = pixels.re;
+            for first in (0..columns.len()).step_by(BLOCK) {
+                let count = (columns.len() - first).min(BLOCK);
+                let block_re: [f64; BLOCK] = match columns[first..].first_chunk() {
+                    Some(whole) => *whole,
+                    // The row's last pixels: spare lanes hold NaN, which escapes at once.
+                    None => std::array::from_fn(|lane| {
+                        columns.get(first + lane).copied().unwrap_or(f64::NAN)
+                    }),
+                };
+                // SAFETY: reads 4 f64 at each of 0, 4, 8 and 12 of a 16-element array.
+                let mut block = Block {
+                    re: std::array::from_fn(|k| unsafe {
+                        _mm256_loadu_pd(block_re.as_ptr().add(k * LANES))
+                    }),
+                    im: [_mm256_set1_pd(pixels.im); SLOTS],
+                };
+                let counted = block.run::<POISON>(self.steps, self.c);
+                let colours = &mut colours[first..first + count];
+                if counted.near {
+                    for (colour, &re) in colours.iter_mut().zip(&columns[first..]) {
+                        let updates;
+                        (*colour, updates) = self.exactly(re, pixels.im);
+                        work.exact += updates;
+                    }
+                    continue;
+                }
+                work.add(&counted);
+                let mut block_colours = [0u8; BLOCK];
+                unrolled!(k in [0, 1, 2, 3] {
+                    let ended = self.end(counted.outside[k]);
+                    block_colours[k * LANES..(k + 1) * LANES].copy_from_slice(&low_bytes(ended.colour));
+                    let indices = _mm256_add_epi64(
+                        _mm256_set1_epi64x((pixels.first + first + k * LANES) as i64),
+                        _mm256_setr_epi64x(0, 1, 2, 3),
+                    );
+                    queue.push(block.re[k], block.im[k], indices, ended.going_on);
+                });
+                colours.copy_from_slice(&block_colours[..count]);
+            }
+        }
+
+        /// A round of the queued pixels: writes those that end, and packs the others at
+        /// the queue's front for the next round. Returns the `z` updates made.
+        #[target_feature(enable = "avx2")]
+        fn queued<const POISON: bool>(&self, queue: &mut Queue, out: &mut [u8]) -> u64 {
+            let lanes = queue.pad_to_blocks();
+            let columns = queue.columns();
+            let mut work = Work::default();
+            let (mut kept, mut ended) = (0, 0);
+            for first in (0..lanes).step_by(BLOCK) {
+                // SAFETY: the queue is padded to `lanes`, a whole number of blocks.
+                let (mut block, pixels) = unsafe { columns.block(first) };
+                let counted = block.run::<POISON>(self.steps, self.c);
+                if counted.near {
+                    // Packing so far wrote below `first`, so the block's `z` from before
+                    // the round is still in the queue.
+                    for lane in first..first + BLOCK {
+                        if let Some(pixel) = out.get_mut(queue.pixel[lane] as usize) {
+                            let updates;
+                            (*pixel, updates) = self.exactly(queue.re[lane], queue.im[lane]);
+                            work.exact += updates;
+                        }
+                    }
+                    continue;
+                }
+                work.add(&counted);
+                unrolled!(k in [0, 1, 2, 3] {
+                    let lanes = self.end(counted.outside[k]);
+                    let ending = !lanes.going_on & 0xF;
+                    let records = _mm256_or_si256(_mm256_slli_epi64::<8>(pixels[k]), lanes.colour);
+                    // SAFETY: `kept` and `ended` are at most this register's place in the
+                    // queue, whose lanes are read already, and the columns have room
+                    // for a register past the padded queue.
+                    unsafe {
+                        columns.store(kept, block.re[k], block.im[k], pixels[k], lanes.going_on);
+                        columns.store_ended(ended, records, ending);
+                    }
+                    kept += lanes.going_on.count_ones() as usize;
+                    ended += ending.count_ones() as usize;
+                });
+            }
+            queue.len = kept;
+            for &record in &queue.ended[..ended] {
+                if let Some(pixel) = out.get_mut((record >> 8) as usize) {
+                    *pixel = record as u8;
+                }
+            }
+            work.total(self.steps)
+        }
+    }
+
+    /// The palette index of each lane, as bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn low_bytes(colour: __m256i) -> [u8; LANES] {
+        let low_halves =
+            _mm256_permutevar8x32_epi32(colour, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0));
+        let bytes = _mm_shuffle_epi8(
+            _mm256_castsi256_si128(low_halves),
+            _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1),
+        );
+        _mm_cvtsi128_si32(bytes).to_le_bytes()
     }
 }

@@ -91,6 +91,52 @@ proptest! {
         let params = JuliaParams { width: 19, height: 3, iterations, xa: re, xb: re + 1e-9, ya: im, yb: im + 1e-9, cx: 0.0, cy: 0.0 };
         prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
     }
+
+    #[test]
+    fn simd_equals_scalar_where_a_later_step_lands_on_the_circle(
+        // With c = 0, |z0| = 2^(1/2^k) puts |z| within a few ulps of 2 at step k: the
+        // exact rule decides in whichever round of the SIMD kernel that step falls.
+        halvings in 0u32..7,
+        radius_ulps in -16i64..16,
+        angle in 0.0f64..std::f64::consts::TAU,
+        iterations in 1u32..80,
+    ) {
+        let radius = 2f64.powf(0.5f64.powi(halvings as i32));
+        let r = f64::from_bits((radius.to_bits() as i64 + radius_ulps) as u64);
+        let (re, im) = (r * angle.cos(), r * angle.sin());
+        let params = JuliaParams { width: 37, height: 2, iterations, xa: re, xb: re + 1e-12, ya: im, yb: im + 1e-12, cx: 0.0, cy: 0.0 };
+        prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+    }
+
+    #[test]
+    fn simd_equals_scalar_for_constants_far_outside_the_set(
+        // |c| > 1.97: past |z| = 2 a point may come back (z*z + c can be small), so the
+        // SIMD kernel marks an escaped lane instead of trusting |z| to keep growing.
+        (xa, xb, ya, yb) in window(),
+        radius in 1.9f64..4.0,
+        angle in 0.0f64..std::f64::consts::TAU,
+        width in 1u32..40,
+        height in 1u32..6,
+        iterations in 1u32..300,
+    ) {
+        let (cx, cy) = (radius * angle.cos(), radius * angle.sin());
+        let params = JuliaParams { width, height, iterations, xa, xb, ya, yb, cx, cy };
+        prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+    }
+
+    #[test]
+    fn simd_equals_scalar_on_windows_read_right_to_left_or_bottom_to_top(
+        (xa, xb, ya, yb) in window(),
+        cx in -1.5f64..1.0,
+        cy in -1.0f64..1.0,
+        width in 1u32..50,
+        height in 1u32..6,
+        iterations in 1u32..300,
+    ) {
+        // xa > xb and ya > yb: columns fall from left to right, rows from top to bottom.
+        let params = JuliaParams { width, height, iterations, xa: xb, xb: xa, ya: yb, yb: ya, cx, cy };
+        prop_assert_eq!(render(&params, simd()), render(&params, Kernel::Scalar));
+    }
 }
 
 #[test]
