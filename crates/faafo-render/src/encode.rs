@@ -276,6 +276,50 @@ fn render_band(
     Ok(work)
 }
 
+/// An indexed image as a PNG holds it, one palette index per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedImage {
+    pub width: u32,
+    pub height: u32,
+    /// Red, green and blue of each entry.
+    pub palette: Vec<u8>,
+    /// Row after row.
+    pub indices: Vec<u8>,
+}
+
+/// Why bytes are not an image as this renderer makes them.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a readable PNG")]
+    Png(#[from] png::DecodingError),
+    #[error("not an 8-bit PNG with a palette but {color:?} of depth {depth:?}")]
+    NotIndexed {
+        color: png::ColorType,
+        depth: png::BitDepth,
+    },
+}
+
+/// Decodes an 8-bit indexed PNG to its palette indices; any other kind of PNG is an
+/// error. Unlike its bytes, which the encoder's settings shape, this is what a render
+/// must reproduce.
+pub fn decode_indexed(bytes: &[u8]) -> Result<IndexedImage, DecodeError> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;
+    let info = reader.info();
+    let (width, height) = (info.width, info.height);
+    let palette = match (info.color_type, info.bit_depth, &info.palette) {
+        (png::ColorType::Indexed, png::BitDepth::Eight, Some(palette)) => palette.to_vec(),
+        (color, depth, _) => return Err(DecodeError::NotIndexed { color, depth }),
+    };
+    let mut indices = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    reader.next_frame(&mut indices)?;
+    Ok(IndexedImage {
+        width,
+        height,
+        palette,
+        indices,
+    })
+}
+
 /// The width and height a PNG declares, read from its header only.
 pub fn png_dimensions(bytes: &[u8]) -> Result<(u32, u32), png::DecodingError> {
     let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;

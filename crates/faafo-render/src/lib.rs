@@ -16,7 +16,8 @@ mod simd;
 
 pub use constant::{ConstantChoice, choose_constant};
 pub use encode::{
-    PALETTE, RenderError, RenderStats, RenderedPng, png_dimensions, render_png, render_png_to,
+    DecodeError, IndexedImage, PALETTE, RenderError, RenderStats, RenderedPng, decode_indexed,
+    png_dimensions, render_png, render_png_to,
 };
 pub use kernel::{
     Engine, EngineUnavailable, Kernel, column_coordinates, escape_step, palette_index, render_rows,

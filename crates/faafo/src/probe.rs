@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -20,7 +19,7 @@ use faafo_client::Client;
 use faafo_core::FractalState;
 use faafo_core::node::{ProbeOutcome, ProbeReports};
 use faafo_core::wire::{CreateFractal, FractalView};
-use faafo_render::{Engine, JuliaParams, render_png};
+use faafo_render::{JuliaParams, Kernel, PALETTE, column_coordinates, decode_indexed, render_rows};
 use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -361,8 +360,10 @@ impl Timer<'_> {
     }
 }
 
-/// The image must match the record's checksum and be, byte for byte, what the reference
-/// renderer makes of the record.
+/// The image must match the record's checksum and hold, pixel for pixel, what the
+/// reference renderer makes of the record. (Pixels, not bytes: another release's encoder
+/// may write the same pixels differently, and the probe must not fail while the workers
+/// and it run different releases.)
 fn check_image(view: &FractalView, image: &[u8]) -> anyhow::Result<()> {
     let checksum = hex::encode(Sha256::digest(image));
     let recorded = view
@@ -383,15 +384,37 @@ fn check_image(view: &FractalView, image: &[u8]) -> anyhow::Result<()> {
         cx: view.cx,
         cy: view.cy,
     };
-    let reference = render_png(&params, Engine::Scalar, &AtomicBool::new(false))
-        .context("rendering the reference locally")?;
-    if reference.bytes != image {
+    let decoded = decode_indexed(image).context("decoding the image")?;
+    if (decoded.width, decoded.height) != (params.width, params.height) {
         bail!(
-            "the image differs from the reference render of its record (sha256 {}, {} bytes; reference {}, {} bytes)",
-            checksum,
-            image.len(),
-            reference.checksum,
-            reference.bytes.len()
+            "the image is {}x{}, its record {}x{}",
+            decoded.width,
+            decoded.height,
+            params.width,
+            params.height
+        );
+    }
+    if decoded.palette != PALETTE {
+        bail!("the image's palette is not faafo's 32 colours");
+    }
+    let mut reference = vec![0; decoded.indices.len()];
+    render_rows(
+        &params,
+        Kernel::Scalar,
+        &column_coordinates(&params),
+        0,
+        &mut reference,
+    );
+    if let Some(pixel) = reference
+        .iter()
+        .zip(&decoded.indices)
+        .position(|(a, b)| a != b)
+    {
+        let width = params.width as usize;
+        bail!(
+            "the image differs from the reference render of its record, first at pixel ({}, {}) (sha256 {checksum})",
+            pixel % width,
+            pixel / width
         );
     }
     Ok(())
@@ -520,6 +543,10 @@ async fn metrics_text(State(metrics): State<Arc<ProbeMetrics>>) -> impl IntoResp
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use faafo_render::{Engine, render_png};
+
     use super::*;
 
     fn view_of(params: &JuliaParams, checksum: &str) -> FractalView {
@@ -561,6 +588,21 @@ mod tests {
         }
     }
 
+    /// The same pixels as faafo renders them, written with another PNG filter.
+    fn encoded_otherwise(params: &JuliaParams) -> Vec<u8> {
+        let pixels = decode_indexed(&rendered(params).bytes).unwrap().indices;
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, params.width, params.height);
+        encoder.set_color(png::ColorType::Indexed);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_palette(&PALETTE[..]);
+        encoder.set_filter(png::Filter::Paeth);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&pixels).unwrap();
+        writer.finish().unwrap();
+        bytes
+    }
+
     fn rendered(params: &JuliaParams) -> faafo_render::RenderedPng {
         render_png(params, Engine::Auto, &AtomicBool::new(false)).unwrap()
     }
@@ -578,6 +620,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("the record says 000"), "{error}");
+    }
+
+    /// Another release of the workers may encode the same pixels into other bytes.
+    #[test]
+    fn the_pixels_of_the_record_in_other_bytes_pass() {
+        let otherwise = encoded_otherwise(&params(64));
+        assert_ne!(otherwise, rendered(&params(64)).bytes);
+        let checksum = hex::encode(Sha256::digest(&otherwise));
+        check_image(&view_of(&params(64), &checksum), &otherwise).unwrap();
+    }
+
+    #[test]
+    fn an_image_that_is_not_an_indexed_png_fails() {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, 40, 30);
+        encoder.set_color(png::ColorType::Grayscale);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[0; 40 * 30]).unwrap();
+        writer.finish().unwrap();
+        let checksum = hex::encode(Sha256::digest(&bytes));
+        let error = format!(
+            "{:#}",
+            check_image(&view_of(&params(64), &checksum), &bytes).unwrap_err()
+        );
+        assert!(error.contains("not an 8-bit PNG with a palette"), "{error}");
     }
 
     /// The checksum matches the bytes, but the bytes are not this record's fractal: what
