@@ -101,18 +101,27 @@ pub(crate) mod avx2 {
         out: &mut [u8],
     ) -> u64 {
         assert_eq!(out.len(), columns.len() * ims.len(), "output is whole rows");
-        let rows = Rows {
-            columns,
-            ims,
-            c: Constant { re: cr, im: ci },
-            iterations,
-        };
+        let c = Constant { re: cr, im: ci };
+        // At most QUEUE_PIXELS pixels at a time (whole rows, one at least), so that the
+        // queue stays small whatever a caller asks for at once.
+        let rows_at_once = (QUEUE_PIXELS / columns.len().max(1)).max(1);
+        let chunks = out.chunks_mut((rows_at_once * columns.len()).max(1));
         QUEUE.with_borrow_mut(|queue| {
-            if rows.c.keeps_escaped_outside() {
-                rows.render::<false>(queue, out)
-            } else {
-                rows.render::<true>(queue, out)
+            let mut work = 0;
+            for (out, ims) in chunks.zip(ims.chunks(rows_at_once)) {
+                let rows = Rows {
+                    columns,
+                    ims,
+                    c,
+                    iterations,
+                };
+                work += if c.keeps_escaped_outside() {
+                    rows.render::<false>(queue, out)
+                } else {
+                    rows.render::<true>(queue, out)
+                };
             }
+            work
         })
     }
 
@@ -122,6 +131,10 @@ pub(crate) mod avx2 {
         /// tenth of that.
         static QUEUE: RefCell<Queue> = RefCell::new(Queue::default());
     }
+
+    /// The most pixels rendered together (a queue holds 32 bytes for each): the pieces
+    /// `encode` renders, 16k pixels, fit.
+    const QUEUE_PIXELS: usize = 1 << 16;
 
     /// The rows to render, with the fractal's constant and iteration count.
     struct Rows<'a> {
