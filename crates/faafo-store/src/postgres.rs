@@ -30,6 +30,9 @@ use crate::{
     CreateOutcome, Deletions, ExpiredLeases, Lease, ListOrder, ListStart, NewFractal, NodeRecord,
     PROBE_HISTORY, Page, QueueStats, Store, StoreError, WorkHints, list_clauses, node_record,
 };
+use create_batches::CreateBatches;
+
+mod create_batches;
 
 /// Schema versions in order; `faafo_schema` records how many have been applied.
 const MIGRATIONS: &[&str] = &[
@@ -372,6 +375,8 @@ pub struct PostgresStore {
     /// Heard through the LISTEN connection, and bumped by this store's own deletes.
     deletions: Arc<Deletions>,
     stop_listening: CancellationToken,
+    /// Creates outside any quota go to the database in batches.
+    creates: CreateBatches,
 }
 
 /// The connection pools of one server (or one URL).
@@ -587,8 +592,10 @@ impl PostgresStore {
                 current: Mutex::new(None),
             }
         };
+        let target = Arc::new(Target { route, tls });
         let store = PostgresStore {
-            target: Arc::new(Target { route, tls }),
+            creates: CreateBatches::start(Arc::clone(&target)),
+            target,
             wakeups: options.wakeups,
             hints: Arc::default(),
             announcements: Arc::default(),
@@ -632,20 +639,30 @@ impl PostgresStore {
         }
     }
 
+    /// Runs `operation` with a durable connection; see [`Target::run_on`].
+    async fn run<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
+    {
+        self.target.run(operation).await
+    }
+
+    /// Runs `operation` with a lease-bookkeeping connection; see [`Target::run_on`].
+    async fn run_lease<T, F>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
+    {
+        self.target.run_on(|pools| &pools.lease, operation).await
+    }
+}
+
+impl Target {
     /// Runs `operation` with a durable connection; see [`Self::run_on`].
     async fn run<T, F>(&self, operation: F) -> Result<T, StoreError>
     where
         F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     {
         self.run_on(|pools| &pools.durable, operation).await
-    }
-
-    /// Runs `operation` with a lease-bookkeeping connection; see [`Self::run_on`].
-    async fn run_lease<T, F>(&self, operation: F) -> Result<T, StoreError>
-    where
-        F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
-    {
-        self.run_on(|pools| &pools.lease, operation).await
     }
 
     /// Runs `operation` with a connection from the chosen pool and a time limit. A
@@ -661,7 +678,7 @@ impl PostgresStore {
     where
         F: for<'c> FnOnce(&'c mut Object) -> futures::future::BoxFuture<'c, Result<T, StoreError>>,
     {
-        let checkout = self.target.checkout()?;
+        let checkout = self.checkout()?;
         let result = tokio::select! {
             result = tokio::time::timeout(OPERATION_TIMEOUT, async {
                 let mut client = pool(&checkout.pools).get().await.map_err(unavailable)?;
@@ -678,6 +695,91 @@ impl PostgresStore {
             _ = checkout.ended() => Err(unavailable(LeaderLost)),
         };
         result
+    }
+
+    /// Inserts one fractal in a statement of its own: under a quota, or when its batch
+    /// could not tell what became of it.
+    async fn create_one(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
+        self.run(move |client| {
+            Box::pin(async move {
+                let spec = &new.spec;
+                let window = spec.window();
+                let insert = client
+                    .prepare_cached(&create_statement(new.max_queued_work.is_some()))
+                    .await
+                    .map_err(unavailable)?;
+                let (width, height, iterations, max_attempts) = (
+                    spec.width() as i32,
+                    spec.height() as i32,
+                    spec.iterations() as i32,
+                    new.max_attempts as i32,
+                );
+                let seed = spec.seed().map(|s| s as i64);
+                let work = new.spec.work();
+                let quota: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                    [&new.max_queued_work, &work];
+                let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+                    &new.uuid,
+                    &width,
+                    &height,
+                    &iterations,
+                    &window.xa,
+                    &window.xb,
+                    &window.ya,
+                    &window.yb,
+                    &spec.cx(),
+                    &spec.cy(),
+                    &seed,
+                    &max_attempts,
+                    &new.client,
+                ];
+                // Under a quota, creates of one client take turns (an advisory lock on the
+                // client), so that concurrent ones cannot all fit in the same room.
+                let inserted = if new.max_queued_work.is_some() {
+                    let parameters = [parameters.as_slice(), &quota].concat();
+                    let tx = client.transaction().await.map_err(unavailable)?;
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        &[&new.client],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                    let inserted = tx
+                        .query_opt(&insert, &parameters)
+                        .await
+                        .map_err(unavailable)?;
+                    tx.commit().await.map_err(unavailable)?;
+                    inserted
+                } else {
+                    client
+                        .query_opt(&insert, &parameters)
+                        .await
+                        .map_err(unavailable)?
+                };
+                if let Some(row) = inserted {
+                    return Ok(CreateOutcome::Created(fractal_from_row(&row)?));
+                }
+                let existing = client
+                    .query_opt(
+                        &format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"),
+                        &[&new.uuid],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                match existing {
+                    Some(row) => Ok(CreateOutcome::Existing(fractal_from_row(&row)?)),
+                    None => {
+                        let queued_work: f64 = client
+                            .query_one(&unfinished_work("$1"), &[&new.client])
+                            .await
+                            .map_err(unavailable)?
+                            .get(0);
+                        Ok(CreateOutcome::OverQuota { queued_work })
+                    }
+                }
+            })
+        })
+        .await
     }
 }
 
@@ -917,87 +1019,12 @@ fn millis(duration: Duration) -> i64 {
 #[async_trait]
 impl Store for PostgresStore {
     async fn create(&self, new: NewFractal) -> Result<CreateOutcome, StoreError> {
-        let outcome = self
-            .run(move |client| {
-                Box::pin(async move {
-                    let spec = &new.spec;
-                    let window = spec.window();
-                    let insert = client
-                        .prepare_cached(&create_statement(new.max_queued_work.is_some()))
-                        .await
-                        .map_err(unavailable)?;
-                    let (width, height, iterations, max_attempts) = (
-                        spec.width() as i32,
-                        spec.height() as i32,
-                        spec.iterations() as i32,
-                        new.max_attempts as i32,
-                    );
-                    let seed = spec.seed().map(|s| s as i64);
-                    let work = new.spec.work();
-                    let quota: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                        [&new.max_queued_work, &work];
-                    let parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
-                        &new.uuid,
-                        &width,
-                        &height,
-                        &iterations,
-                        &window.xa,
-                        &window.xb,
-                        &window.ya,
-                        &window.yb,
-                        &spec.cx(),
-                        &spec.cy(),
-                        &seed,
-                        &max_attempts,
-                        &new.client,
-                    ];
-                    // Under a quota, creates of one client take turns (an advisory lock on the
-                    // client), so that concurrent ones cannot all fit in the same room.
-                    let inserted = if new.max_queued_work.is_some() {
-                        let parameters = [parameters.as_slice(), &quota].concat();
-                        let tx = client.transaction().await.map_err(unavailable)?;
-                        tx.execute(
-                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                            &[&new.client],
-                        )
-                        .await
-                        .map_err(unavailable)?;
-                        let inserted = tx
-                            .query_opt(&insert, &parameters)
-                            .await
-                            .map_err(unavailable)?;
-                        tx.commit().await.map_err(unavailable)?;
-                        inserted
-                    } else {
-                        client
-                            .query_opt(&insert, &parameters)
-                            .await
-                            .map_err(unavailable)?
-                    };
-                    if let Some(row) = inserted {
-                        return Ok(CreateOutcome::Created(fractal_from_row(&row)?));
-                    }
-                    let existing = client
-                        .query_opt(
-                            &format!("SELECT {COLUMNS} FROM fractals WHERE uuid = $1"),
-                            &[&new.uuid],
-                        )
-                        .await
-                        .map_err(unavailable)?;
-                    match existing {
-                        Some(row) => Ok(CreateOutcome::Existing(fractal_from_row(&row)?)),
-                        None => {
-                            let queued_work: f64 = client
-                                .query_one(&unfinished_work("$1"), &[&new.client])
-                                .await
-                                .map_err(unavailable)?
-                                .get(0);
-                            Ok(CreateOutcome::OverQuota { queued_work })
-                        }
-                    }
-                })
-            })
-            .await?;
+        let outcome = if new.max_queued_work.is_some() {
+            // A quota is checked in the insert's own statement, one client at a time.
+            self.target.create_one(new).await?
+        } else {
+            self.creates.create(new).await?
+        };
         if let CreateOutcome::Created(_) = outcome {
             self.announce(1);
         }

@@ -809,7 +809,92 @@ async fn deletions_through_any_handle_are_heard(t: TestStore) {
     assert!(t.store.get(kept).await.unwrap().is_some());
 }
 
+/// Creates sent at once, some of them twice with the same uuid (a client retrying while
+/// its first attempt is still in flight): each uuid is created exactly once, and every
+/// other attempt gets that same fractal back.
+async fn creates_at_once_are_each_created_once(t: TestStore) {
+    let store = &t.store;
+    let news: Vec<NewFractal> = (0..48)
+        .map(|i| fractal_of(&format!("key:{}", i % 4), None))
+        .collect();
+    // Every sixth is sent a second time, beside the first.
+    let attempts: Vec<NewFractal> = news.iter().chain(news.iter().step_by(6)).cloned().collect();
+    let outcomes = futures::future::join_all(attempts.iter().map(|new| {
+        let store = Arc::clone(store);
+        let new = new.clone();
+        async move { store.create(new).await.unwrap() }
+    }))
+    .await;
+    let mut created = std::collections::HashMap::new();
+    for outcome in &outcomes {
+        if let CreateOutcome::Created(fractal) = outcome {
+            assert!(
+                created.insert(fractal.uuid, fractal.clone()).is_none(),
+                "{} created twice",
+                fractal.uuid
+            );
+        }
+    }
+    assert_eq!(created.len(), news.len(), "every uuid created once");
+    for (attempt, outcome) in attempts.iter().zip(&outcomes) {
+        let fractal = match outcome {
+            CreateOutcome::Created(fractal) | CreateOutcome::Existing(fractal) => fractal,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(fractal.uuid, attempt.uuid);
+        assert_eq!(fractal, &created[&attempt.uuid]);
+        assert_eq!(fractal.spec, attempt.spec);
+    }
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.count(FractalState::Queued), news.len() as u64);
+    let page = store
+        .list(ListOrder::OldestFirst, ListStart::Offset(0), 100)
+        .await
+        .unwrap();
+    assert_eq!(page.total, news.len() as u64);
+}
+
+/// Creates that arrive at once are queued as if they had come one after another, in
+/// the order they were sent: each client's next create takes the turn after its last
+/// queued task, and a newcomer's the turn at the queue's head.
+async fn creates_that_arrive_at_once_take_turns_as_one_after_another(t: TestStore) {
+    let store = &t.store;
+    let mut client_of = std::collections::HashMap::new();
+    for _ in 0..3 {
+        client_of.insert(create_for(&**store, "many").await, "many");
+    }
+    // The head of the queue moves to the third turn.
+    for _ in 0..2 {
+        store.claim("w", LEASE).await.unwrap().unwrap();
+    }
+    let news: Vec<NewFractal> = [("many", 3), ("some", 3), ("one", 1)]
+        .iter()
+        .flat_map(|&(client, count)| (0..count).map(move |_| fractal_of(client, None)))
+        .collect();
+    futures::future::join_all(news.iter().map(|new| {
+        let store = Arc::clone(store);
+        let new = new.clone();
+        async move { store.create(new).await.unwrap() }
+    }))
+    .await;
+    client_of.extend(news.iter().map(|new| (new.uuid, new.client.as_str())));
+    let mut order = Vec::new();
+    while let Some(lease) = store.claim("w", LEASE).await.unwrap() {
+        order.push(client_of[&lease.fractal.uuid]);
+    }
+    // Turn 3: the third of "many", the first of "some" and "one" (newcomers join at the
+    // head); then a turn for each of the others' next, in the order they were created.
+    assert_eq!(
+        order,
+        [
+            "many", "some", "one", "many", "some", "many", "some", "many"
+        ]
+    );
+}
+
 on_every_store!(
+    creates_at_once_are_each_created_once,
+    creates_that_arrive_at_once_take_turns_as_one_after_another,
     deletions_through_any_handle_are_heard,
     probe_rounds_are_kept_once_in_order_for_a_day,
     claims_take_turns_between_clients,
@@ -910,5 +995,68 @@ async fn postgres_announces_new_tasks_to_the_other_processes_only() {
             .await
             .is_err(),
         "a store's own announcements woke it"
+    );
+}
+
+/// PostgreSQL: creates sent at once go to the database together, several in one
+/// statement and commit (the rows of one statement share their inserting transaction).
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_inserts_creates_sent_at_once_together() {
+    let t = TestStore::postgres().await;
+    let creates = 64;
+    futures::future::join_all((0..creates).map(|_| {
+        let store = Arc::clone(&t.store);
+        async move { store.create(new_fractal(5)).await.unwrap() }
+    }))
+    .await;
+    let Backend::Postgres { url, .. } = &t.backend else {
+        unreachable!()
+    };
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT xmin::text) FROM fractals",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (rows, transactions): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(rows, creates);
+    assert!(
+        transactions <= creates / 4,
+        "{creates} creates sent at once took {transactions} transactions"
+    );
+}
+
+/// PostgreSQL: a create the server refuses (here a client name PostgreSQL cannot store)
+/// fails alone; the creates that went in its batch are stored as if it had not been there.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_refused_create_does_not_fail_its_batch() {
+    let t = TestStore::postgres().await;
+    let refused = fractal_of("key:\0", None);
+    let good: Vec<NewFractal> = (0..31).map(|_| new_fractal(5)).collect();
+    let outcomes = futures::future::join_all(std::iter::once(&refused).chain(&good).map(|new| {
+        let store = Arc::clone(&t.store);
+        let new = new.clone();
+        async move { store.create(new).await }
+    }))
+    .await;
+    assert!(
+        matches!(outcomes[0], Err(StoreError::Unavailable(_))),
+        "{:?}",
+        outcomes[0]
+    );
+    for (new, outcome) in good.iter().zip(&outcomes[1..]) {
+        match outcome {
+            Ok(CreateOutcome::Created(fractal)) => assert_eq!(fractal.uuid, new.uuid),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        t.store.stats().await.unwrap().count(FractalState::Queued),
+        good.len() as u64
     );
 }
