@@ -892,7 +892,129 @@ async fn creates_that_arrive_at_once_take_turns_as_one_after_another(t: TestStor
     );
 }
 
+/// Completions sent at once, each asking for its worker's next task: every one holds,
+/// and the next tasks they get are the oldest queued ones, each given to one worker only.
+async fn completions_at_once_each_hold_and_claim_distinct_next_tasks(t: TestStore) {
+    let store = &t.store;
+    let mut queued = Vec::new();
+    for _ in 0..20 {
+        queued.push(create(&**store, 5).await);
+    }
+    let mut leases = Vec::new();
+    for _ in 0..8 {
+        leases.push(store.claim("w", LEASE).await.unwrap().unwrap());
+    }
+    let mut done = HashSet::new();
+    let mut given = HashSet::new();
+    let mut rounds = Vec::new();
+    while !leases.is_empty() {
+        let outcomes = futures::future::join_all(leases.drain(..).enumerate().map(|(i, lease)| {
+            let store = Arc::clone(store);
+            async move {
+                let worker = format!("w{i}");
+                let outcome = store
+                    .complete_and_claim(
+                        lease.fractal.uuid,
+                        lease.token,
+                        result(),
+                        Some((&worker, LEASE)),
+                    )
+                    .await
+                    .unwrap();
+                (lease.fractal.uuid, outcome)
+            }
+        }))
+        .await;
+        let mut round = HashSet::new();
+        for (uuid, (fractal, next)) in outcomes {
+            assert_eq!((fractal.uuid, fractal.state), (uuid, FractalState::Done));
+            assert!(done.insert(uuid), "{uuid} completed twice");
+            if let Some(next) = next {
+                assert_eq!(next.fractal.state, FractalState::Running);
+                assert!(
+                    given.insert(next.fractal.uuid),
+                    "{} given twice",
+                    next.fractal.uuid
+                );
+                round.insert(next.fractal.uuid);
+                leases.push(next);
+            }
+        }
+        rounds.push(round);
+    }
+    assert_eq!(done.len(), queued.len(), "every task done");
+    // The first eight were claimed alone; each round of completions then took the
+    // oldest queued tasks: eight, then the last four.
+    let oldest = |range: std::ops::Range<usize>| queued[range].iter().copied().collect();
+    assert_eq!(rounds, [oldest(8..16), oldest(16..20), HashSet::new()]);
+    assert_eq!(store.stats().await.unwrap().count(FractalState::Done), 20);
+}
+
+/// A completion whose lease moved on is refused, alone, when others go with it.
+async fn a_stale_completion_sent_with_others_is_refused_alone(t: TestStore) {
+    let store = &t.store;
+    let mut leases = Vec::new();
+    for _ in 0..6 {
+        create(&**store, 5).await;
+        leases.push(store.claim("w", LEASE).await.unwrap().unwrap());
+    }
+    for _ in 0..6 {
+        create(&**store, 5).await;
+    }
+    let stale = leases[2].fractal.uuid;
+    let outcomes = futures::future::join_all(leases.iter().enumerate().map(|(i, lease)| {
+        let store = Arc::clone(store);
+        let token = if i == 2 {
+            LeaseToken::generate()
+        } else {
+            lease.token
+        };
+        let uuid = lease.fractal.uuid;
+        async move {
+            let worker = format!("w{i}");
+            let outcome = store
+                .complete_and_claim(uuid, token, result(), Some((&worker, LEASE)))
+                .await;
+            (uuid, outcome)
+        }
+    }))
+    .await;
+    for (uuid, outcome) in outcomes {
+        if uuid == stale {
+            assert!(
+                matches!(
+                    outcome,
+                    Err(StoreError::LeaseLost {
+                        state: FractalState::Running,
+                        ..
+                    })
+                ),
+                "{outcome:?}"
+            );
+        } else {
+            let (done, next) = outcome.unwrap();
+            assert_eq!(done.state, FractalState::Done);
+            assert!(next.is_some(), "the queue had a task for each");
+        }
+    }
+    assert_eq!(
+        store.get(stale).await.unwrap().unwrap().state,
+        FractalState::Running
+    );
+    // The refused completion claimed nothing: one of the six is still queued.
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        [
+            stats.count(FractalState::Queued),
+            stats.count(FractalState::Running)
+        ],
+        [1, 6]
+    );
+}
+
 on_every_store!(
+    completions_at_once_each_hold_and_claim_distinct_next_tasks,
+    a_stale_completion_sent_with_others_is_refused_alone,
     creates_at_once_are_each_created_once,
     creates_that_arrive_at_once_take_turns_as_one_after_another,
     deletions_through_any_handle_are_heard,
