@@ -889,14 +889,10 @@ fn describe(error: &reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    let mut text = kind.to_owned();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{kind}: {}", faafo_core::error_chain(cause)),
+        None => kind.to_owned(),
     }
-    text
 }
 
 fn error_message(body: &[u8]) -> String {

@@ -38,3 +38,16 @@ impl std::fmt::Debug for WorkerToken {
         f.write_str("WorkerToken(***)")
     }
 }
+
+/// `error` and its sources, as one line ("outer: inner: innermost"), for logs and for
+/// answers that carry a failure's whole story.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,10 +1,8 @@
 //! TLS to PostgreSQL as libpq's `sslmode` and `sslrootcert` ask for it, against a real
 //! server that serves a certificate from the test's CA.
 
-use std::error::Error;
-
 use faafo_core::wire::CreateFractal;
-use faafo_core::{FractalSpec, Limits};
+use faafo_core::{FractalSpec, Limits, error_chain};
 use faafo_store::{NewFractal, PostgresOptions, PostgresStore, Store, StoreError, Wakeups};
 use faafo_testkit::{PostgresServer, TestCa};
 use uuid::Uuid;
@@ -44,18 +42,6 @@ async fn open(url: &str, ca_pem: Option<&str>) -> Result<PostgresStore, StoreErr
     let mut options = PostgresOptions::new(Wakeups::ListenNotify);
     options.ca_pem = ca_pem.map(|pem| pem.as_bytes().to_vec());
     PostgresStore::connect_with(url, options).await
-}
-
-/// Every cause of `error`, outermost first, in one line.
-fn chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The store works, and every connection it opened (pools and LISTEN) is encrypted.
@@ -127,9 +113,9 @@ async fn verify_full_checks_the_chain_and_the_name() {
     assert_serves_over_tls(&store, &setup.server).await;
     let refused = open(&url, None).await.unwrap_err();
     assert!(
-        chain(&refused).contains("UnknownIssuer"),
+        error_chain(&refused).contains("UnknownIssuer"),
         "{}",
-        chain(&refused)
+        error_chain(&refused)
     );
 }
 
@@ -140,9 +126,9 @@ async fn a_certificate_for_another_name_passes_verify_ca_only() {
     let full = setup.url(&format!("sslmode=verify-full&{roots}")).await;
     let refused = open(&full, None).await.unwrap_err();
     assert!(
-        chain(&refused).contains("not valid for name"),
+        error_chain(&refused).contains("not valid for name"),
         "{}",
-        chain(&refused)
+        error_chain(&refused)
     );
 
     let ca_only = setup.url(&format!("sslmode=verify-ca&{roots}")).await;
@@ -170,9 +156,9 @@ async fn require_encrypts_and_checks_roots_only_when_named() {
         .await;
     let refused = open(&url, None).await.unwrap_err();
     assert!(
-        chain(&refused).contains("UnknownIssuer"),
+        error_chain(&refused).contains("UnknownIssuer"),
         "{}",
-        chain(&refused)
+        error_chain(&refused)
     );
 }
 
@@ -186,9 +172,9 @@ async fn a_missing_root_file_is_a_clear_error() {
     .unwrap_err();
     assert!(matches!(error, StoreError::InvalidUrl(_)), "{error:?}");
     assert!(
-        chain(&error).contains("sslrootcert /nowhere/ca.pem: "),
+        error_chain(&error).contains("sslrootcert /nowhere/ca.pem: "),
         "{}",
-        chain(&error)
+        error_chain(&error)
     );
 }
 

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use faafo_core::error_chain;
 use serde_json::json;
 
 use crate::AppState;
@@ -81,17 +82,6 @@ pub async fn watch_object_store(state: Arc<AppState>) {
             changed
         });
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Prometheus text format. The queue gauges are read from the store at scrape time.

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use faafo_core::Fractal;
+use faafo_core::{Fractal, error_chain};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -199,18 +199,6 @@ fn refused_by_the_server(error: &StoreError) -> bool {
             .is_some_and(|error| error.as_db_error().is_some()),
         _ => false,
     }
-}
-
-/// `error` and its sources, as one line.
-fn error_chain(error: &StoreError) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn by_uuid(rows: &[Row]) -> Result<HashMap<Uuid, Fractal>, StoreError> {
