@@ -37,6 +37,10 @@ pub struct RenderBenchArgs {
     /// Skip the 9999x9999 case (it takes a few seconds per engine).
     #[arg(long)]
     skip_large: bool,
+    /// Rounds: each measures the ceiling and every case once, and the figures are the
+    /// rounds' medians (on a shared machine one run's share of the ceiling moved by half).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +172,7 @@ impl From<RenderBenchArgs> for crate::render_bench::Options {
             tasks: args.tasks,
             seed: args.seed,
             large: !args.skip_large,
+            rounds: args.rounds,
         }
     }
 }

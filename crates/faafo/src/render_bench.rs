@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use faafo_render::{Engine, JuliaParams, choose_constant, render_png};
 
 use crate::bench::OriginalWindows;
-use crate::bench_report::Report;
+use crate::bench_report::{Report, median};
 use crate::render_cli::in_pool;
 
 /// The bound the issue states for one core of the reference machine (Zen 3, ~3 GHz,
@@ -20,6 +20,9 @@ pub struct Options {
     pub tasks: u32,
     pub seed: u64,
     pub large: bool,
+    /// Each round measures the ceiling and then every case on every engine once; the
+    /// figures are the rounds' medians, each share against its own round's ceiling.
+    pub rounds: u32,
 }
 
 /// Renders (and encodes) a set of images on one thread.
@@ -30,6 +33,8 @@ struct Figures {
     wall: Duration,
     encode: Duration,
     bytes: u64,
+    /// The ceiling measured in the same round, if this CPU has AVX2.
+    ceiling: Option<f64>,
 }
 
 impl Figures {
@@ -38,6 +43,12 @@ impl Figures {
     }
     fn iterations_per_second(&self) -> f64 {
         self.iterations as f64 / self.wall.as_secs_f64()
+    }
+    fn share_of_ceiling(&self) -> Option<f64> {
+        Some(self.iterations_per_second() / self.ceiling?)
+    }
+    fn encode_ms_per_mpixel(&self) -> f64 {
+        self.encode.as_secs_f64() * 1e3 / (self.pixels as f64 / 1e6)
     }
 }
 
@@ -92,31 +103,11 @@ pub fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     if simd == Engine::Scalar {
         report.say("note: this CPU has no AVX2; the SIMD rows below are the scalar kernel");
     }
-    let ceiling = arithmetic_ceiling();
     report.say(
         "faafo bench render (one core unless stated; lane-iterations are the original algorithm's z updates)",
     );
     report.figure("reference_bound_lane_iterations_per_s", REFERENCE_BOUND);
-    match ceiling {
-        Some(ceiling) => {
-            report.say(format!(
-                "this core's ceiling: a bare AVX2 loop of the same arithmetic runs {:.2} G lane-iterations/s ({:.0}% of the reference bound of {:.1} G/s)",
-                ceiling / 1e9,
-                ceiling / REFERENCE_BOUND * 100.0,
-                REFERENCE_BOUND / 1e9
-            ));
-            report.figure("ceiling_lane_iterations_per_s", ceiling);
-        }
-        None => report.say("this core's ceiling: not measured (no AVX2)"),
-    }
-    let fraction = |rate: f64| match ceiling {
-        Some(ceiling) => format!(
-            "{:>5.1}% of bound, {:>5.1}% of ceiling",
-            rate / REFERENCE_BOUND * 100.0,
-            rate / ceiling * 100.0
-        ),
-        None => format!("{:>5.1}% of bound", rate / REFERENCE_BOUND * 100.0),
-    };
+    report.figure("rounds", options.rounds);
 
     let mix = typical_mix(options.tasks, options.seed);
     let heavy = [JuliaParams {
@@ -130,7 +121,7 @@ pub fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
         cx: -0.8,
         cy: 0.156,
     }];
-    for (key, name, images) in [
+    let cases = [
         (
             "typical",
             format!(
@@ -144,39 +135,83 @@ pub fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
             "heavy (c = -0.8+0.156i, 1024x1024, 512 iterations)".to_owned(),
             &heavy[..],
         ),
-    ] {
-        report.say(format!("\n{name}"));
-        let scalar = measure(images, Engine::Scalar, 1)?;
-        let vector = measure(images, simd, 1)?;
-        for (label, figures) in [("scalar", scalar), ("simd", vector)] {
-            let encode_ms_per_mpixel =
-                figures.encode.as_secs_f64() * 1e3 / (figures.pixels as f64 / 1e6);
+    ];
+    // Shared machines change speed from one minute to the next: each round measures
+    // the ceiling beside the cases, and each share is against its own round's ceiling.
+    let mut ceilings = Vec::new();
+    let mut rounds: Vec<[Vec<Figures>; 2]> = vec![Default::default(); cases.len()];
+    for _ in 0..options.rounds {
+        let ceiling = arithmetic_ceiling();
+        ceilings.extend(ceiling);
+        for ((_, _, images), measured) in cases.iter().zip(&mut rounds) {
+            for (engine, figures) in [Engine::Scalar, simd].into_iter().zip(measured.iter_mut()) {
+                let mut round = measure(images, engine, 1)?;
+                round.ceiling = ceiling;
+                figures.push(round);
+            }
+        }
+    }
+    match ceilings.is_empty() {
+        false => {
+            let ceiling = median(&ceilings);
             report.say(format!(
-                "  {label:<6}  {:>7.1} Mpixel/s  {:>5.2} G lane-it/s ({})  encode {:.2} ms/Mpixel  {:.1} iterations/pixel",
-                figures.megapixels_per_second(),
-                figures.iterations_per_second() / 1e9,
-                fraction(figures.iterations_per_second()),
-                encode_ms_per_mpixel,
-                figures.iterations as f64 / figures.pixels as f64,
+                "this core's ceiling: a bare AVX2 loop of the same arithmetic runs {:.2} G lane-iterations/s ({:.0}% of the reference bound of {:.1} G/s; median of {} rounds)",
+                ceiling / 1e9,
+                ceiling / REFERENCE_BOUND * 100.0,
+                REFERENCE_BOUND / 1e9,
+                options.rounds
+            ));
+            report.figure("ceiling_lane_iterations_per_s", ceiling);
+        }
+        true => report.say("this core's ceiling: not measured (no AVX2)"),
+    }
+    for ((key, name, _), [scalar, vector]) in cases.iter().zip(&rounds) {
+        report.say(format!("\n{name}"));
+        for (label, each) in [("scalar", scalar), ("simd", vector)] {
+            let figure = |pick: fn(&Figures) -> Option<f64>| {
+                median(&each.iter().filter_map(pick).collect::<Vec<_>>())
+            };
+            let mpixel = figure(|round| Some(round.megapixels_per_second()));
+            let lane_iterations = figure(|round| Some(round.iterations_per_second()));
+            let share = figure(Figures::share_of_ceiling);
+            let encode = figure(|round| Some(round.encode_ms_per_mpixel()));
+            let shares: Vec<String> = each
+                .iter()
+                .filter_map(Figures::share_of_ceiling)
+                .map(|share| format!("{:.1}%", share * 100.0))
+                .collect();
+            let against_ceiling = match shares.is_empty() {
+                false => format!(
+                    ", {:>5.1}% of ceiling (rounds {})",
+                    share * 100.0,
+                    shares.join(" ")
+                ),
+                true => String::new(),
+            };
+            report.say(format!(
+                "  {label:<6}  {mpixel:>7.1} Mpixel/s  {:>5.2} G lane-it/s ({:>5.1}% of bound{against_ceiling})  encode {encode:.2} ms/Mpixel  {:.1} iterations/pixel",
+                lane_iterations / 1e9,
+                lane_iterations / REFERENCE_BOUND * 100.0,
+                each[0].iterations as f64 / each[0].pixels as f64,
             ));
             let at = |figure: &str| format!("{key}.{label}.{figure}");
-            report.figure(&at("mpixel_per_s"), figures.megapixels_per_second());
-            report.figure(
-                &at("lane_iterations_per_s"),
-                figures.iterations_per_second(),
-            );
-            if let Some(ceiling) = ceiling {
-                report.figure(
-                    &at("share_of_ceiling"),
-                    figures.iterations_per_second() / ceiling,
-                );
+            report.figure(&at("mpixel_per_s"), mpixel);
+            report.figure(&at("lane_iterations_per_s"), lane_iterations);
+            if !shares.is_empty() {
+                report.figure(&at("share_of_ceiling"), share);
             }
-            report.figure(&at("encode_ms_per_mpixel"), encode_ms_per_mpixel);
+            report.figure(&at("encode_ms_per_mpixel"), encode);
         }
-        let speedup = scalar.wall.as_secs_f64() / vector.wall.as_secs_f64();
+        let speedup = median(
+            &scalar
+                .iter()
+                .zip(vector)
+                .map(|(scalar, vector)| scalar.wall.as_secs_f64() / vector.wall.as_secs_f64())
+                .collect::<Vec<_>>(),
+        );
         report.say(format!(
             "  speed-up of simd over scalar: {speedup:.2}x; PNG bytes {}",
-            vector.bytes
+            vector[0].bytes
         ));
         report.figure(&format!("{key}.simd_speedup"), speedup);
     }
