@@ -117,11 +117,13 @@ async fn create_batch(
                     .prepare_cached(&batch_statement())
                     .await
                     .map_err(unavailable)?;
-                let created = client
-                    .query(&insert, &columns.parameters())
-                    .await
-                    .map_err(unavailable)?;
-                let created = by_uuid(&created)?;
+                let created = match client.query(&insert, &columns.parameters()).await {
+                    Ok(rows) => by_uuid(&rows)?,
+                    // The server refused the insert and rolled it back: one create may
+                    // be at fault.
+                    Err(error) if error.as_db_error().is_some() => return Ok(None),
+                    Err(error) => return Err(unavailable(error)),
+                };
                 // The others found their uuid taken: their callers compare the fractal.
                 let taken: Vec<Uuid> = (columns.uuid.iter())
                     .filter(|uuid| !created.contains_key(uuid))
@@ -139,17 +141,16 @@ async fn create_batch(
                         .map_err(unavailable)?;
                     by_uuid(&rows)?
                 };
-                Ok((created, existing))
+                Ok(Some((created, existing)))
             })
         })
         .await;
     let (mut created, mut existing) = match stored {
-        Ok(stored) => stored,
-        // The server refused the statement and rolled it back: one create may be at
-        // fault, so each goes again on its own rather than fail its batch-mates.
-        Err(error) if refused_by_the_server(&error) => {
-            return one_by_one(target, batch).await;
-        }
+        Ok(Some(stored)) => stored,
+        // Each create goes again on its own rather than fail its batch-mates.
+        Ok(None) => return one_by_one(target, batch).await,
+        // A connection or a time limit failed, or the insert committed and what followed
+        // failed: each create reports it, as it would on its own.
         Err(error) => {
             let cause = error_chain(&error);
             return batch
@@ -188,17 +189,6 @@ async fn one_by_one(
         outcomes.push(target.create_one((*new).clone()).await);
     }
     outcomes
-}
-
-/// Whether the server answered the statement with an error (and so rolled it back), as
-/// opposed to a connection or a time limit failing, after which its outcome is unknown.
-fn refused_by_the_server(error: &StoreError) -> bool {
-    match error {
-        StoreError::Unavailable(source) => source
-            .downcast_ref::<tokio_postgres::Error>()
-            .is_some_and(|error| error.as_db_error().is_some()),
-        _ => false,
-    }
 }
 
 fn by_uuid(rows: &[Row]) -> Result<HashMap<Uuid, Fractal>, StoreError> {
