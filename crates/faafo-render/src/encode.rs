@@ -390,12 +390,10 @@ mod tests {
             0,
             &mut indices,
         );
-        let mut decoded = png::Decoder::new(std::io::Cursor::new(banded.bytes))
-            .read_info()
-            .unwrap();
-        let mut pixels = vec![0; decoded.output_buffer_size().unwrap()];
-        decoded.next_frame(&mut pixels).unwrap();
-        assert_eq!(pixels, indices);
+        let decoded = decode_indexed(&banded.bytes).unwrap();
+        assert_eq!((decoded.width, decoded.height), (4096, 300));
+        assert_eq!(decoded.palette, PALETTE);
+        assert_eq!(decoded.indices, indices);
     }
 
     #[test]
