@@ -1706,6 +1706,54 @@ mod tests {
         );
     }
 
+    /// A batch of creates runs the plan PostgreSQL keeps for the statement, whatever the
+    /// batch's length, rather than one planned for its values each time.
+    #[tokio::test]
+    async fn the_batch_insert_is_planned_once() {
+        let (_server, _store, client) = migrated_database().await;
+        client
+            .batch_execute(&format!(
+                "PREPARE batch AS {}",
+                create_batches::batch_statement()
+            ))
+            .await
+            .unwrap();
+        for rows in 1..=10usize {
+            let column = |value: &str| format!("ARRAY[{}]", vec![value; rows].join(", "));
+            let arguments = [
+                "gen_random_uuid()",
+                "8",
+                "8",
+                "1",
+                "-2",
+                "2",
+                "-2",
+                "2",
+                "0",
+                "0",
+                "NULL::int8",
+                "3",
+                "'client'",
+            ]
+            .map(column)
+            .join(", ");
+            client
+                .batch_execute(&format!("EXECUTE batch({arguments})"))
+                .await
+                .unwrap();
+        }
+        let plans = client
+            .query_one(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'batch'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (generic, custom): (i64, i64) = (plans.get(0), plans.get(1));
+        // PostgreSQL plans the first five executions for their values, to compare.
+        assert_eq!((generic, custom), (5, 5));
+    }
+
     /// Autovacuum analyzes a table whenever enough of it changed, often while nothing is
     /// queued; the statistics then say that no row is queued. Creates, claims and the
     /// state counts must still read the queue in its order rather than sort every queued

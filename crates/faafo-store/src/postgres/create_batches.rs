@@ -261,12 +261,22 @@ impl Columns {
 /// client's k-th create of the batch goes k turns after its last queued task, and never
 /// before the queue's head), and in the batch's order, so that ids follow it. A uuid
 /// already taken inserts nothing and returns no row.
-fn batch_statement() -> String {
+///
+/// The arrays are unnested from a materialized row, not from the parameters themselves:
+/// a plan made for the values sees how long the arrays are, and so always looks cheaper
+/// than the plan kept for any values, which PostgreSQL then never uses. Planning each
+/// batch anew cost 0.2 ms, about half of what running it cost.
+pub(super) fn batch_statement() -> String {
     format!(
-        "WITH input AS (\
-           SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::int4[], \
-             $5::float8[], $6::float8[], $7::float8[], $8::float8[], $9::float8[], \
-             $10::float8[], $11::int8[], $12::int4[], $13::text[]) WITH ORDINALITY \
+        "WITH arrays AS MATERIALIZED (\
+           SELECT $1::uuid[] AS uuid, $2::int4[] AS width, $3::int4[] AS height, \
+             $4::int4[] AS iterations, $5::float8[] AS xa, $6::float8[] AS xb, \
+             $7::float8[] AS ya, $8::float8[] AS yb, $9::float8[] AS cx, $10::float8[] AS cy, \
+             $11::int8[] AS seed, $12::int4[] AS max_attempts, $13::text[] AS client), \
+         input AS (\
+           SELECT input.* FROM arrays, unnest(arrays.uuid, arrays.width, arrays.height, \
+             arrays.iterations, arrays.xa, arrays.xb, arrays.ya, arrays.yb, arrays.cx, \
+             arrays.cy, arrays.seed, arrays.max_attempts, arrays.client) WITH ORDINALITY \
              AS input(uuid, width, height, iterations, xa, xb, ya, yb, cx, cy, seed, \
                       max_attempts, client, position)), \
          turns AS (\
