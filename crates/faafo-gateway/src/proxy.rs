@@ -210,10 +210,17 @@ impl Gateway {
     }
 }
 
-/// The gateway's routes for one serving thread, whose backend connections are `upstream`.
+/// Whether `path` is one of the gateway's own pages rather than a backend's.
+pub(crate) fn is_own_path(path: &str) -> bool {
+    path.starts_with("/__") || path == "/metrics"
+}
+
+/// The gateway's own pages ([`is_own_path`]) for one serving thread, whose backend
+/// connections are `upstream`; other paths are forwarded.
 pub(crate) fn router(gateway: Arc<Gateway>, upstream: Arc<Upstream>) -> Router {
-    let forward =
-        move |gateway, peer, request| forward(gateway, Arc::clone(&upstream), peer, request);
+    let forward = move |State(gateway), ConnectInfo(peer), request: Request| {
+        forward(gateway, Arc::clone(&upstream), peer, request)
+    };
     Router::new()
         .route("/__stats", get(stats::page))
         .route("/__stats.json", get(stats::json))
@@ -246,24 +253,29 @@ impl Peer {
 }
 
 /// Forwards a request to a backend, trying others when that is safe.
-async fn forward(
-    State(gateway): State<Arc<Gateway>>,
+pub(crate) async fn forward<B>(
+    gateway: Arc<Gateway>,
     upstream: Arc<Upstream>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    request: Request,
-) -> Response {
+    peer: Peer,
+    request: axum::http::Request<B>,
+) -> Response
+where
+    B: hyper::body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     gateway.metrics.requests.inc();
     let (mut parts, body) = request.into_parts();
     let limit = gateway.config.max_body_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(body) => body,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {limit} bytes, or broken"),
-            );
-        }
-    };
+    let body =
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {limit} bytes, or broken"),
+                );
+            }
+        };
     let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     outgoing(&mut parts, &peer);
     // The backends that failed this request; empty (and unallocated) on the usual path.
