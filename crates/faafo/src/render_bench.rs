@@ -151,19 +151,18 @@ pub fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
             }
         }
     }
-    match ceilings.is_empty() {
-        false => {
-            let ceiling = median(&ceilings);
-            report.say(format!(
-                "this core's ceiling: a bare AVX2 loop of the same arithmetic runs {:.2} G lane-iterations/s ({:.0}% of the reference bound of {:.1} G/s; median of {} rounds)",
-                ceiling / 1e9,
-                ceiling / REFERENCE_BOUND * 100.0,
-                REFERENCE_BOUND / 1e9,
-                options.rounds
-            ));
-            report.figure("ceiling_lane_iterations_per_s", ceiling);
-        }
-        true => report.say("this core's ceiling: not measured (no AVX2)"),
+    if ceilings.is_empty() {
+        report.say("this core's ceiling: not measured (no AVX2)");
+    } else {
+        let ceiling = median(&ceilings);
+        report.say(format!(
+            "this core's ceiling: a bare AVX2 loop of the same arithmetic runs {:.2} G lane-iterations/s ({:.0}% of the reference bound of {:.1} G/s; median of {} rounds)",
+            ceiling / 1e9,
+            ceiling / REFERENCE_BOUND * 100.0,
+            REFERENCE_BOUND / 1e9,
+            options.rounds
+        ));
+        report.figure("ceiling_lane_iterations_per_s", ceiling);
     }
     for ((key, name, _), [scalar, vector]) in cases.iter().zip(&rounds) {
         report.say(format!("\n{name}"));
@@ -180,13 +179,14 @@ pub fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
                 .filter_map(Figures::share_of_ceiling)
                 .map(|share| format!("{:.1}%", share * 100.0))
                 .collect();
-            let against_ceiling = match shares.is_empty() {
-                false => format!(
+            let against_ceiling = if shares.is_empty() {
+                String::new()
+            } else {
+                format!(
                     ", {:>5.1}% of ceiling (rounds {})",
                     share * 100.0,
                     shares.join(" ")
-                ),
-                true => String::new(),
+                )
             };
             report.say(format!(
                 "  {label:<6}  {mpixel:>7.1} Mpixel/s  {:>5.2} G lane-it/s ({:>5.1}% of bound{against_ceiling})  encode {encode:.2} ms/Mpixel  {:.1} iterations/pixel",
