@@ -37,10 +37,16 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
 }
 
+/// A failover of the database's leader takes up to about 30 s (Patroni's leader key
+/// lives 20 s, then an election, and perhaps a pg_rewind before a synchronous standby is
+/// back): a call started when it began still succeeds within [`RetryPolicy::default`]'s
+/// total.
+pub const DEFAULT_TOTAL: Duration = Duration::from_secs(60);
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            total: Duration::from_secs(30),
+            total: DEFAULT_TOTAL,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             initial_backoff: Duration::from_millis(50),

@@ -27,10 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 /// How often every Patroni endpoint is asked who leads.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// How long one confirmation of the leader is trusted. With the timings `faafo cluster`
-/// gives Patroni (ttl 8 s, loop_wait 1 s, retry_timeout 3 s), the old leader's key
-/// cannot pass to another member sooner than ttl - loop_wait - retry_timeout = 4 s after
-/// it last answered 200.
+/// How long one confirmation of the leader is trusted. The old leader's key cannot pass
+/// to another member sooner than ttl - loop_wait - retry_timeout after it last answered
+/// 200: 16 s with the timings `faafo cluster` gives Patroni (ttl 20 s, loop_wait 1 s,
+/// retry_timeout 3 s). 4 s leaves that margin to a stalled process, and an API cut off
+/// from the members stops taking writes, and says so with 503, within 4 s.
 pub const FENCE_WINDOW: Duration = Duration::from_secs(4);
 /// Patroni's REST API can take over a second to answer while PostgreSQL recovers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);

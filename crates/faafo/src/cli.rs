@@ -30,8 +30,9 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = CLIENT_HEADING)]
     pub json: bool,
 
-    /// Give up on a request after trying every endpoint for this many seconds.
-    #[arg(long, global = true, env = "FAAFO_TIMEOUT", default_value_t = 30.0, value_parser = positive_seconds, help_heading = CLIENT_HEADING)]
+    /// Give up on a request after trying every endpoint for this many seconds (the
+    /// default outlasts a failover of the database's leader).
+    #[arg(long, global = true, env = "FAAFO_TIMEOUT", default_value_t = faafo_client::DEFAULT_TOTAL.as_secs_f64(), value_parser = positive_seconds, help_heading = CLIENT_HEADING)]
     pub timeout: f64,
 
     /// Trust the certificates in this PEM file (a CA, or a server's own certificate)

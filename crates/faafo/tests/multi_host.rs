@@ -223,7 +223,12 @@ impl Deployment {
 
     /// Starts `program ARGS` on host `index`, logging to the host's directory.
     fn spawn(&mut self, index: usize, name: &str, mut command: Command) {
-        let log = File::create(self.host_dir(index).join(format!("{name}.log"))).unwrap();
+        // Appended to, as a host's logs are: a reboot keeps what came before it.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.host_dir(index).join(format!("{name}.log")))
+            .unwrap();
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -449,6 +454,32 @@ impl Deployment {
 
     async fn answers(&self, url: &str) -> bool {
         matches!(self.http.get(url).send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// etcd's raft term as host `index`'s member reports it: it grows with every etcd
+    /// election.
+    async fn etcd_term(&self, index: usize) -> u64 {
+        #[derive(serde::Deserialize)]
+        struct Status {
+            header: Header,
+        }
+        #[derive(serde::Deserialize)]
+        struct Header {
+            raft_term: String,
+        }
+        let url = format!("http://{}/v3/maintenance/status", self.etcd[index].client);
+        let status: Status = self
+            .http
+            .post(&url)
+            .body("{}")
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        status.header.raft_term.parse().expect("a raft term")
     }
 
     /// The index of the host whose Patroni member leads.
@@ -787,9 +818,23 @@ async fn three_hosts_survive_a_crashed_host_an_isolated_host_and_a_rolling_resta
     );
     load.wait_for_creates(30).await;
     let gap = load.load.write_gap(fault);
+    let term = deployment.etcd_term(next).await;
     deployment.hosts.heal(leader);
     deployment.await_ready(leader).await;
     load.wait_for_creates(20).await;
+    // The host rejoined without deposing anyone. Without pre-vote, its etcd member comes
+    // back with the term its lone elections raised and deposes etcd's leader; Patroni's
+    // leader, without etcd meanwhile, may then demote itself.
+    assert_eq!(
+        deployment.etcd_term(next).await,
+        term,
+        "etcd held an election when the cut-off host came back"
+    );
+    assert_eq!(
+        deployment.leader().await,
+        next,
+        "the leader changed again after the heal"
+    );
     report("host isolation", load, gap, &mut everything).await;
 
     // Rolling restart of everything, host by host (seed 004: restart everything, often).

@@ -18,7 +18,12 @@ pub struct Peer {
 }
 
 /// The command line of the etcd member `me` of `peers`, with its data in `data_dir`.
-/// Heartbeat and election timeouts are etcd's own advice for a local network.
+/// Heartbeat and election timeouts are etcd's own advice for a local network. Pre-vote
+/// (etcd 3.5's default, off in Debian 12's 3.4): a member cut off from the others keeps
+/// calling elections it cannot win, and without pre-vote each one raises its term; when
+/// it is back, that term deposes the working leader and etcd has none for seconds, at
+/// times longer than Patroni's retry_timeout: Patroni's leader then demotes itself, a
+/// second failover for nothing (the multi-host test saw both).
 pub fn arguments(me: &Peer, peers: &[Peer], data_dir: &Path) -> Vec<String> {
     let initial_cluster: Vec<String> = peers
         .iter()
@@ -37,6 +42,7 @@ pub fn arguments(me: &Peer, peers: &[Peer], data_dir: &Path) -> Vec<String> {
         "--initial-cluster-token=faafo".into(),
         "--heartbeat-interval=100".into(),
         "--election-timeout=1000".into(),
+        "--pre-vote=true".into(),
     ]
 }
 

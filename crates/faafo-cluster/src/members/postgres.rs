@@ -13,12 +13,13 @@ use serde_json::{Value, json};
 
 use super::{Health, Tls, etcd};
 
-/// Patroni's timings. With ttl 8 s a dead leader's key expires within 8 s and a
+/// Patroni's timings. ttl 20 s is the least Patroni accepts (the releases faafo allows
+/// raise a smaller one to 20): a dead or cut-off leader's key expires within 20 s and a
 /// standby takes over; loop_wait 1 s renews it every second; a leader that cannot reach
 /// etcd for retry_timeout 3 s demotes itself (Patroni asks loop_wait + 2 x retry_timeout
-/// <= ttl). faafo's fence trusts a confirmation of the leader for
-/// ttl - loop_wait - retry_timeout = 4 s ([`faafo_store::patroni::FENCE_WINDOW`]).
-pub const TTL_S: u64 = 8;
+/// <= ttl). faafo's fence trusts a confirmation of the leader for 4 s
+/// ([`faafo_store::patroni::FENCE_WINDOW`]), well inside ttl - loop_wait - retry_timeout.
+pub const TTL_S: u64 = 20;
 pub const LOOP_WAIT_S: u64 = 1;
 pub const RETRY_TIMEOUT_S: u64 = 3;
 const _: () =

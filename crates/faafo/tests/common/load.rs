@@ -122,12 +122,8 @@ impl LoadRun {
     /// Like [`LoadRun::start_paced`], trusting the certificates `ca` (PEM) for `https://`
     /// endpoints.
     pub fn start_with(endpoints: &str, pause: Duration, ca: Option<&[u8]>) -> LoadRun {
-        // Long enough never to give up within the test's time, and to cover a failover.
-        let policy = RetryPolicy {
-            total: Duration::from_secs(30),
-            ..RetryPolicy::default()
-        };
-        let mut client = Client::new(endpoints, policy).unwrap();
+        // The default policy outlasts a failover of the database's leader.
+        let mut client = Client::new(endpoints, RetryPolicy::default()).unwrap();
         if let Some(pem) = ca {
             client = client.with_root_certificates(pem).unwrap();
         }
